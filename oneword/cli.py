@@ -1,0 +1,193 @@
+"""``ti``: the command line. Thin: it parses arguments, calls library functions, prints progress.
+
+Options of ``ti invert`` are generated from :class:`InversionConfig`'s fields, so the dataclass's
+field docstrings *are* the ``--help`` text and the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import logging
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from oneword.errors import OneWordError
+
+logger = logging.getLogger("oneword")
+
+# Command-line names that differ from the field names (the contract of `ti invert`).
+_RENAMES = {"num_vectors": "vectors"}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after an annotated field) of a dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def add_dataclass_options(
+    parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset(),
+    required: frozenset[str] = frozenset(),
+) -> None:
+    """One ``--option`` per field, typed, with the field's docstring and default as help."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        name = _RENAMES.get(f.name, f.name)
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kind = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default}
+        if f.name in required:
+            kwargs = {"dest": f.name, "required": True}
+        args = [a for a in get_args(kind) if a is not type(None)]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            kwargs["choices"] = list(get_args(kind))
+        elif get_origin(kind) is list:
+            kwargs.update(nargs="+", type=get_args(kind)[0])
+        elif get_origin(kind) is tuple:
+            kwargs.update(nargs=len(get_args(kind)), type=get_args(kind)[0])
+        else:
+            kwargs["type"] = args[0] if args else kind
+        suffix = " (required)" if f.name in required else f" (default: {default})"
+        kwargs["help"] = f"{docs.get(f.name, '')}{suffix}".replace("%", "%%")
+        parser.add_argument(*flags, **kwargs)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="sd15, sd21, sdxl, toy, tiny-sd1/tiny-sd2/tiny-sdxl, a diffusers folder, "
+                        "a .safetensors checkpoint or a Hugging Face hub id")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from oneword.inversion.config import InversionConfig
+
+    parser = argparse.ArgumentParser(prog="ti", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("invert", help="learn a pseudo-word from 3-5 images of a concept",
+                       description="Textual inversion (Gal et al. 2022) of the images in IMAGES_DIR.")
+    p.add_argument("images", metavar="IMAGES_DIR", help="folder with the concept's reference images")
+    _model_options(p)
+    p.add_argument("--out", default=None, help="run folder (default: runs/<token>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_options(p, InversionConfig, required=frozenset({"token", "init"}))
+
+    g = sub.add_parser("generate", help="render prompts that use learned pseudo-words")
+    _model_options(g)
+    g.add_argument("--embedding", nargs="+", required=True, metavar="FILE",
+                   help="embedding files (diffusers, A1111/ComfyUI/kohya .safetensors or .pt) or run folders")
+    g.add_argument("--prompt", nargs="+", required=True, help="prompts; each becomes a row of the grid")
+    g.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default: 4)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; the others use seed+1, ...")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="weights' precision (default: fp16 on CUDA, else fp32)")
+    g.add_argument("--out", required=True, help="PNG file for the grid")
+
+    i = sub.add_parser("info", help="load a model and print what oneword sees in it")
+    _model_options(i)
+    return parser
+
+
+def _cmd_invert(args: argparse.Namespace) -> int:
+    from oneword.data.images import load_folder
+    from oneword.inversion.config import InversionConfig
+    from oneword.inversion.train import run_inversion, safe_file_stem
+    from oneword.models import load_model
+
+    names = {f.name for f in dataclasses.fields(InversionConfig)}
+    try:
+        cfg = InversionConfig(**{k: v for k, v in vars(args).items() if k in names})
+    except ValueError as err:
+        raise OneWordError(f"invalid setting: {err}") from err
+    out = Path(args.out or f"runs/{safe_file_stem(cfg.token)}")
+    images = load_folder(args.images, max_pixels=cfg.max_pixels)
+    dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
+    model = load_model(args.model, device=args.device, dtype=dtype)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    print(f"{model.describe()}\n{len(images)} images from {args.images}; lr {cfg.lr:g}", file=sys.stderr)
+    t0 = time.perf_counter()
+    res = run_inversion(model, images, cfg, out, resume=args.resume, progress=not args.no_progress)
+    took = time.perf_counter() - t0
+    state = "interrupted at" if res.interrupted else "finished"
+    print(f"{state} step {res.step}/{cfg.steps} in {took:.0f}s; wrote:", file=sys.stderr)
+    for f in res.files:
+        print(f"  {f}")
+    if res.interrupted:
+        print(f"resume with the same command plus --resume (--out {out})", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from oneword.generate import SampleSettings, add_embeddings, render_grid
+    from oneword.models import load_model
+
+    if not args.out.lower().endswith(".png"):
+        raise OneWordError(f"--out must be a .png file, got {args.out}")
+    if args.num_images < 1:
+        raise OneWordError("-n must be at least 1")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    embs = add_embeddings(model, args.embedding)
+    tokens = [e.token for e in embs]
+    for prompt in args.prompt:
+        if not any(t in prompt for t in tokens):
+            logger.warning("prompt %r uses none of the loaded tokens (%s)", prompt, ", ".join(tokens))
+    settings = SampleSettings(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative,
+                              resolution=args.resolution,
+                              seeds=list(range(args.seed, args.seed + args.num_images)))
+    path = render_grid(model, args.prompt, settings, args.out,
+                       {"embeddings": ",".join(str(e) for e in args.embedding), "tokens": ",".join(tokens)})
+    print(path)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from oneword.models import load_model
+
+    print(load_model(args.model, device=args.device).describe())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info}
+    try:
+        return commands[args.command](args)
+    except OneWordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Render prompts that use learned pseudo-words (``ti generate``, preview grids, evaluation).
+
+Prompts are encoded by :meth:`FrozenLDM.encode_text` (placeholders expanded, vectors injected) and
+handed to the diffusers pipeline as ``prompt_embeds``: generation conditions on exactly what the
+training saw, whatever the pipeline's own prompt handling would do with added tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from oneword.imagegrid import image_grid, save_png
+from oneword.inversion.embedding_io import Embedding, check_widths, load_embedding
+from oneword.models import FrozenLDM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleSettings:
+    """How images are sampled."""
+
+    steps: int = 50
+    """Denoising steps of the model's own scheduler."""
+    guidance: float = 7.5
+    """Classifier-free guidance scale."""
+    negative_prompt: str = ""
+    """What the guidance steers away from."""
+    resolution: int | None = None
+    """Image side in pixels; default: the model's native resolution."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """One image per seed and prompt."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+
+
+def add_embeddings(model: FrozenLDM, paths: Sequence[str | Path]) -> list[Embedding]:
+    """Load embedding files into ``model``; widths are checked against its text encoders."""
+    loaded = []
+    for path in paths:
+        emb = load_embedding(path)
+        check_widths(emb, model.widths, path=path)
+        model.add_placeholder(emb.token, [v.to(torch.float32) for v in emb.vectors])
+        loaded.append(emb)
+    return loaded
+
+
+@torch.no_grad()
+def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings) -> list[Image.Image]:
+    """One image per (prompt, seed), prompt-major. CPU generators make seeds portable across devices."""
+    pipe = model.pipeline
+    size = settings.resolution or model.resolution
+    images: list[Image.Image] = []
+    for prompt in prompts:
+        n = len(settings.seeds)
+        cond = model.encode_text([prompt] * n)
+        uncond = model.encode_text([settings.negative_prompt] * n)
+        kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=uncond.hidden_states)
+        if cond.pooled is not None:
+            kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in settings.seeds]
+        out = pipe(
+            num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+            height=size, width=size, generator=generators, output_type="pil", **kwargs,
+        )
+        images.extend(out.images)
+    return images
+
+
+def render_grid(
+    model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings, out: str | Path,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Generate and save a grid (a row per prompt, a column per seed) with its settings in the PNG."""
+    images = generate_images(model, prompts, settings)
+    grid = image_grid(images, cols=len(settings.seeds))
+    meta = {
+        "prompts": json.dumps(list(prompts)), "seeds": json.dumps(settings.seeds),
+        "steps": str(settings.steps), "guidance": str(settings.guidance),
+        "negative_prompt": settings.negative_prompt, "model": model.source,
+        **(extra_metadata or {}),
+    }
+    return save_png(grid, out, meta)

@@ -1,0 +1,1 @@
+"""Textual inversion: learned pseudo-word embeddings, their training and their file formats."""

@@ -1,0 +1,76 @@
+"""The denoising objective: the one loss every optimizer of oneword calls.
+
+Textual inversion from scratch, refinement from an encoder prediction, batched multi-concept
+inversion and the encoder's training step all compute ``denoising_loss``; none re-implements noise
+sampling, v-targets or SDXL's extra conditioning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from oneword.models import FrozenLDM, TextConditioning
+
+
+def sdxl_time_ids(resolution: int, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's size/crop conditioning: original size, crop top-left (0, 0), target size.
+
+    The reference views are square and already at ``resolution``; (0, 0) crops ask for centred,
+    uncropped objects, which is also what generation asks for.
+    """
+    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype)
+    return ids.to(device).expand(batch, 6)
+
+
+def denoising_loss(
+    model: FrozenLDM,
+    latents: torch.Tensor,
+    cond: TextConditioning,
+    generator: torch.Generator,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample MSE between the UNet's prediction and its target (``[batch]``, fp32).
+
+    Noise and timesteps come from ``generator`` (a CPU generator, so a run is reproducible on any
+    device and resumable). The target is the noise for epsilon models and the velocity for
+    v-prediction models (SD 2.x 768). Take ``.mean()`` for the usual scalar loss.
+    """
+    scheduler = model.pipeline.scheduler
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = _add_noise(scheduler, latents, noise, timesteps)
+    if model.prediction_type == "v_prediction":
+        target = _velocity(scheduler, latents, noise, timesteps)
+    elif model.prediction_type == "epsilon":
+        target = noise
+    else:
+        raise ValueError(f"unsupported prediction type {model.prediction_type!r}")
+    extra = {}
+    if cond.pooled is not None:
+        time_ids = sdxl_time_ids(model.resolution, b, latents.device, cond.pooled.dtype)
+        extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+    pred = model.unet(
+        noisy.to(model.dtype), timesteps, encoder_hidden_states=cond.hidden_states, **extra
+    ).sample
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def _alphas(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    acp = scheduler.alphas_cumprod.to(like.device, torch.float32)[timesteps]
+    shape = (-1,) + (1,) * (like.dim() - 1)
+    return acp.sqrt().view(shape), (1 - acp).sqrt().view(shape)
+
+
+def _add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_0) of the DDPM forward process (the training schedule of every SD scheduler)."""
+    a, s = _alphas(scheduler, t, x0)
+    return a * x0 + s * noise
+
+
+def _velocity(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a, s = _alphas(scheduler, t, x0)
+    return a * noise - s * x0

@@ -1,0 +1,46 @@
+"""Shared fixtures: miniature models (built from configs, never downloaded) and concept folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+# Keep the tests' tokenizer and miniature models out of the user's cache, and never touch the hub.
+_CACHE = Path(os.environ.get("ONEWORD_TEST_CACHE", "/tmp/oneword-test-cache"))
+os.environ["ONEWORD_CACHE"] = str(_CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_concept_images(folder: Path, n: int = 3, size: tuple[int, int] = (48, 40)) -> Path:
+    """``n`` small pictures of "one object" (a red disc with a yellow bar) in varied positions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", size, (30 + 40 * i, 90, 160))
+        d = ImageDraw.Draw(img)
+        x, y = 6 + 5 * i, 5 + 3 * i
+        d.ellipse([x, y, x + 22, y + 22], fill=(220, 30, 30))
+        d.rectangle([x + 4, y + 9, x + 18, y + 13], fill=(250, 220, 0))
+        img.save(folder / f"img_{i}.png")
+    return folder
+
+
+@pytest.fixture
+def concept_dir(tmp_path: Path) -> Path:
+    return make_concept_images(tmp_path / "concept")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs() -> dict[str, Path]:
+    """Folders of the three miniature families (built once per cache)."""
+    from oneword.tiny import tiny_model_dir
+
+    return {fam: tiny_model_dir(fam) for fam in ("sd1", "sd2", "sdxl")}
+
+
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
+def family(request) -> str:
+    return request.param

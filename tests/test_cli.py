@@ -1,0 +1,93 @@
+"""`ti` end to end on the miniature models, and its one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from oneword.cli import main
+
+INVERT = ["--model", "tiny-sd1", "--token", "<red-disc>", "--init", "disc", "--steps", "2",
+          "--batch_size", "1", "--resolution", "32", "--views_per_image", "1", "--no-progress"]
+
+
+def test_invert_then_generate(tiny_dirs, concept_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["invert", str(concept_dir), *INVERT, "--out", str(out)]) == 0
+    for name in ("learned_embeds.safetensors", "red-disc.safetensors", "config.yaml", "loss.csv", "loss.png"):
+        assert (out / name).is_file(), name
+    png = tmp_path / "grid.png"
+    code = main(["generate", "--model", "tiny-sd1", "--embedding", str(out / "learned_embeds.safetensors"),
+                 "--prompt", "a photo of <red-disc>", "<red-disc> on the beach", "-n", "2", "--steps", "2",
+                 "--seed", "5", "--out", str(png)])
+    assert code == 0
+    grid = Image.open(png)
+    assert grid.text["seeds"] == "[5, 6]" and "<red-disc> on the beach" in grid.text["prompts"]
+
+
+def test_generate_two_concepts_in_one_prompt(tiny_dirs, concept_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["invert", str(concept_dir), *INVERT, "--out", str(a)]) == 0
+    args = [*INVERT]
+    args[args.index("<red-disc>")] = "<blue-box>"
+    assert main(["invert", str(concept_dir), *args, "--out", str(b)]) == 0
+    png = tmp_path / "two.png"
+    assert main(["generate", "--model", "tiny-sd1", "--embedding", str(a / "red-disc.safetensors"),
+                 str(b / "blue-box.safetensors"), "--prompt", "<red-disc> next to <blue-box>",
+                 "-n", "1", "--steps", "2", "--out", str(png)]) == 0
+    assert Image.open(png).text["tokens"] == "<red-disc>,<blue-box>"
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    ("setup", "expect"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "no images"),
+        ("corrupt", "cannot be used"),
+    ],
+)
+def test_bad_image_folders(tiny_dirs, tmp_path, capsys, setup, expect):
+    folder = tmp_path / "imgs"
+    if setup != "missing":
+        folder.mkdir()
+    if setup == "corrupt":
+        Image.new("RGB", (8, 8)).save(folder / "good.png")
+        (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "out"
+    assert main(["invert", str(folder), *INVERT, "--out", str(out)]) == 2
+    assert expect in _one_line_error(capsys).lower()
+    assert not out.exists()  # nothing partial left behind
+
+
+def test_token_that_exists_in_vocabulary(tiny_dirs, concept_dir, tmp_path, capsys):
+    args = [*INVERT]
+    args[args.index("<red-disc>")] = "cat"
+    out = tmp_path / "out"
+    assert main(["invert", str(concept_dir), *args, "--out", str(out)]) == 2
+    assert "already a word" in _one_line_error(capsys)
+
+
+def test_embedding_of_wrong_width(tiny_dirs, concept_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["invert", str(concept_dir), *INVERT, "--out", str(out)]) == 0
+    code = main(["generate", "--model", "tiny-sdxl", "--embedding", str(out / "red-disc.safetensors"),
+                 "--prompt", "<red-disc>", "-n", "1", "--steps", "1", "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    assert "width" in _one_line_error(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "oneword.cli", "invert", "--help"], capture_output=True,
+                         text=True, check=True)
+    assert "--base_lr" in res.stdout and "embedding_reg_weight" in res.stdout

@@ -1,0 +1,166 @@
+"""Textual inversion end to end on the miniature models: learning, frozen weights, files that
+diffusers loads, resume, divergence and interruption."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from oneword.data.images import load_folder
+from oneword.errors import InputError, TrainingDivergedError
+from oneword.inversion.config import InversionConfig
+from oneword.inversion.loss import denoising_loss
+from oneword.inversion.train import Inversion, run_inversion
+from oneword.models import load_model
+
+
+def small_cfg(**kw) -> InversionConfig:
+    base = dict(token="<red-disc>", init="disc", steps=4, batch_size=2, resolution=32,
+                views_per_image=2, save_every=2, preview_every=0, preview_steps=2, seed=3)
+    base.update(kw)
+    return InversionConfig(**base)
+
+
+def fixed_eval_loss(inv: Inversion) -> float:
+    """The objective on one fixed batch (same views, noise, timesteps every call)."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        latents = inv.bank.sample(8, g)
+        cond = inv.model.encode_text(["a photo of <red-disc>"] * 8)
+        ts = torch.linspace(50, 950, 8).long()
+        return denoising_loss(inv.model, latents, cond, g, timesteps=ts).mean().item()
+
+
+def test_loss_falls_and_frozen_weights_are_untouched(tiny_dirs, concept_dir):
+    model = load_model("tiny-sd1")
+    frozen = {
+        name: {k: v.clone() for k, v in mod.state_dict().items()}
+        for name, mod in [("unet", model.unet), ("vae", model.vae), ("te", model.text_encoders[0])]
+    }
+    inv = Inversion(model, load_folder(concept_dir), small_cfg(base_lr=5e-2, steps=40))
+    start = inv.model.vectors_of("<red-disc>")[0].clone()
+    before = fixed_eval_loss(inv)
+    for _ in range(40):
+        inv.train_step()
+    after = fixed_eval_loss(inv)
+    assert after < before * 0.97, (before, after)
+    assert not torch.equal(inv.model.vectors_of("<red-disc>")[0], start)
+    now = {"unet": model.unet, "vae": model.vae, "te": model.text_encoders[0]}
+    for name, mod in now.items():
+        state = mod.state_dict()
+        for key, value in frozen[name].items():
+            key2 = key.replace("token_embedding.weight", "token_embedding.base.weight")
+            assert torch.equal(state[key2], value), f"{name}.{key} changed"
+    # Only the new vectors are parameters of the optimizer.
+    assert [p.shape for g in inv.optimizer.param_groups for p in g["params"]] == [torch.Size([1, 32])]
+
+
+def _diffusers_prompt_embeds(folder: Path, run: Path, family: str, prompt: str, single_file: bool):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    token = "<red-disc>"
+    if family == "sdxl":
+        if single_file:
+            sd = load_file(str(run / "red-disc.safetensors"))
+            l_vecs, g_vecs = sd["clip_l"], sd["clip_g"]
+        else:
+            l_vecs = load_file(str(run / "learned_embeds.safetensors"))[token]
+            g_vecs = load_file(str(run / "learned_embeds_2.safetensors"))[token]
+        pipe.load_textual_inversion(l_vecs, token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(g_vecs, token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        pe, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+        return pe, pooled
+    path = run / ("red-disc.safetensors" if single_file else "learned_embeds.safetensors")
+    pipe.load_textual_inversion(str(path), token=token)
+    pe, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    return pe, None
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_files_load_in_diffusers_with_same_text_encoding(tiny_dirs, concept_dir, tmp_path, family, single_file):
+    model = load_model(f"tiny-{family}")
+    run = tmp_path / "run"
+    res = run_inversion(model, load_folder(concept_dir), small_cfg(steps=2, num_vectors=2), run, progress=False)
+    names = {p.name for p in res.files}
+    assert {"learned_embeds.safetensors", "red-disc.safetensors"} <= names
+    assert ("learned_embeds_2.safetensors" in names) == (family == "sdxl")
+    prompt = "a painting of <red-disc> on the beach"
+    ours = model.encode_text([prompt])
+    theirs, pooled = _diffusers_prompt_embeds(tiny_dirs[family], run, family, prompt, single_file)
+    torch.testing.assert_close(theirs, ours.hidden_states, rtol=1e-5, atol=1e-5)
+    if family == "sdxl":
+        torch.testing.assert_close(pooled, ours.pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_run_folder_and_resume_matches_uninterrupted(tiny_dirs, concept_dir, tmp_path):
+    images = load_folder(concept_dir)
+    full = run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=6), tmp_path / "a", progress=False)
+    half = run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=3), tmp_path / "b", progress=False)
+    assert half.step == 3
+    with pytest.raises(InputError, match="already holds files"):
+        run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=6), tmp_path / "b", progress=False)
+    resumed = run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=6), tmp_path / "b",
+                            resume=True, progress=False)
+    assert resumed.step == 6
+    torch.testing.assert_close(resumed.embedding.vectors[0], full.embedding.vectors[0], rtol=0, atol=1e-6)
+    rows_a = list(csv.reader(open(tmp_path / "a" / "loss.csv")))
+    rows_b = list(csv.reader(open(tmp_path / "b" / "loss.csv")))
+    assert [r[:2] for r in rows_a] == [r[:2] for r in rows_b] and len(rows_a) == 7
+    for name in ("config.yaml", "loss.png", "checkpoints/last.safetensors"):
+        assert (tmp_path / "b" / name).is_file()
+    assert InversionConfig.from_yaml((tmp_path / "b" / "config.yaml").read_text()).steps == 6
+    with pytest.raises(InputError, match="settings differ"):
+        run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=8, base_lr=1.0), tmp_path / "b",
+                      resume=True, progress=False)
+
+
+def test_previews_are_written(tiny_dirs, concept_dir, tmp_path):
+    from PIL import Image
+
+    cfg = small_cfg(steps=2, preview_every=2, preview_prompts=["a photo of {}"], preview_seeds=[0, 1])
+    run_inversion(load_model("tiny-sdxl"), load_folder(concept_dir), cfg, tmp_path / "r", progress=False)
+    grid = Image.open(tmp_path / "r" / "previews" / "step_000002.png")
+    assert grid.size[0] > 2 * 32 and "<red-disc>" in grid.text["prompts"]
+
+
+def test_nan_loss_stops_and_keeps_finite_vectors(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = Inversion.loss_on_batch
+
+    def flaky(self):
+        calls["n"] += 1
+        loss = real(self)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(Inversion, "loss_on_batch", flaky)
+    with pytest.raises(TrainingDivergedError, match="step 3"):
+        run_inversion(load_model("tiny-sd1"), load_folder(concept_dir), small_cfg(steps=5), tmp_path / "r",
+                      progress=False)
+    from oneword.inversion.embedding_io import load_embedding
+
+    emb = load_embedding(tmp_path / "r" / "learned_embeds.safetensors")
+    assert torch.isfinite(emb.vectors[0]).all() and emb.metadata["oneword.steps"] == "2"
+
+
+def test_interrupt_saves_a_checkpoint_that_resumes(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+    real = Inversion.train_step
+
+    def interrupting(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Inversion, "train_step", interrupting)
+    images = load_folder(concept_dir)
+    res = run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=4), tmp_path / "r", progress=False)
+    assert res.interrupted and res.step == 2
+    monkeypatch.setattr(Inversion, "train_step", real)
+    res = run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=4), tmp_path / "r", resume=True,
+                        progress=False)
+    assert not res.interrupted and res.step == 4
