@@ -124,8 +124,7 @@ def run_reference(model_dir: str, steps: int, resolution: int, batch: int, warmu
     unet.requires_grad_(False)
     te.requires_grad_(False)
     emb.weight.requires_grad_(True)
-    te.train()
-    unet.train()
+    te.train()  # as the script does; the UNet stays in eval mode
     opt = torch.optim.AdamW(emb.parameters(), lr=5e-3 * batch, weight_decay=1e-2)
     orig = emb.weight.detach().clone()
     keep = torch.ones(len(tok), dtype=torch.bool)

@@ -128,8 +128,6 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     images = load_folder(args.images, max_pixels=cfg.max_pixels)
     dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
     model = load_model(args.model, device=args.device, dtype=dtype)
-    if cfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
     print(f"{model.describe()}\n{len(images)} images from {args.images}; lr {cfg.lr:g}", file=sys.stderr)
     t0 = time.perf_counter()
     res = run_inversion(model, images, cfg, out, resume=args.resume, progress=not args.no_progress)

@@ -164,10 +164,14 @@ class FrozenLDM:
         return len(self.text_encoders) == 2
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along a side (8 for Stable Diffusion)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def resolution(self) -> int:
         """Native image size: UNet sample size times the VAE's downsampling factor."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return int(self.unet.config.sample_size) * factor
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     def describe(self) -> str:
         widths = "+".join(str(w) for w in self.widths)
@@ -324,6 +328,9 @@ def _quiet_libraries() -> None:
     import diffusers
     import transformers
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -353,7 +360,8 @@ def _not_available(name: str, repo: str, err: Exception) -> ModelLoadError:
 def _from_pretrained(where: str, dtype: torch.dtype, local_only: bool):
     from diffusers import DiffusionPipeline
 
-    kwargs = {"dtype": dtype, "local_files_only": local_only}
+    # ``torch_dtype`` works on every supported diffusers release (newer ones prefer ``dtype``).
+    kwargs = {"torch_dtype": dtype, "local_files_only": local_only}
     if dtype == torch.float16 and not Path(where).exists():
         kwargs["variant"] = "fp16"
         try:
@@ -388,7 +396,7 @@ def _load_single_file(path: Path, dtype: torch.dtype):
     family = _single_file_family(path)
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     try:
-        pipe = cls.from_single_file(str(path), dtype=dtype)
+        pipe = cls.from_single_file(str(path), torch_dtype=dtype)
     except Exception as err:  # diffusers fetches component configs from the hub
         raise ModelLoadError(
             f"could not load {path} as a single-file {family} checkpoint ({type(err).__name__}: "

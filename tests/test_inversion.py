@@ -170,3 +170,22 @@ def test_interrupt_saves_a_checkpoint_that_resumes(tiny_dirs, concept_dir, tmp_p
     res = run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=4), tmp_path / "r", resume=True,
                         progress=False)
     assert not res.interrupted and res.step == 4
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny_dirs, concept_dir):
+    images = load_folder(concept_dir)
+    results = []
+    for ckpt in (False, True):
+        inv = Inversion(load_model("tiny-sd1"), images, small_cfg(gradient_checkpointing=ckpt))
+        losses = [inv.train_step() for _ in range(2)]
+        results.append((losses, inv.model.vectors_of("<red-disc>")[0]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_weights_train_fp32_vectors(tiny_dirs, concept_dir):
+    model = load_model("tiny-sdxl", dtype="bf16")
+    inv = Inversion(model, load_folder(concept_dir), small_cfg(mixed_precision="bf16"))
+    loss = inv.train_step()
+    assert loss == loss and all(p.dtype == torch.float32 for p in inv.params)
+    assert model.unet.dtype == torch.bfloat16

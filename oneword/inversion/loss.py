@@ -51,7 +51,8 @@ def denoising_loss(
         raise ValueError(f"unsupported prediction type {model.prediction_type!r}")
     extra = {}
     if cond.pooled is not None:
-        time_ids = sdxl_time_ids(model.resolution, b, latents.device, cond.pooled.dtype)
+        pixels = latents.shape[-1] * model.vae_scale_factor
+        time_ids = sdxl_time_ids(pixels, b, latents.device, cond.pooled.dtype)
         extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
     pred = model.unet(
         noisy.to(model.dtype), timesteps, encoder_hidden_states=cond.hidden_states, **extra

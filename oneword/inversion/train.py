@@ -65,6 +65,8 @@ class Inversion:
             random_crop=cfg.random_crop, views_per_image=cfg.views_per_image,
         )
         self.bank = build_bank(model, [im.image for im in self.images], aug, cfg.seed)
+        if cfg.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
         self.params = model.trainable_vectors()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         use_scaler = model.dtype == torch.float16 and model.device.type == "cuda"
