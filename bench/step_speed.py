@@ -31,7 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 def build_bench_model(out: Path) -> Path:
     """An SD-1.x-shaped model: real-size CLIP-L token table (768 x 49,408), a slimmer UNet/VAE."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from oneword.tokenizer import clip_tokenizer_dir
@@ -204,7 +209,7 @@ def main() -> None:
                    "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--resolution", str(args.resolution), "--batch", str(args.batch)]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=True).stdout
-            results[method] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+            results[method] = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
     ref, ours = results["reference"], results["oneword"]
     t_ref, t_ours = _median(ref["step_s"]), _median(ours["step_s"])
     n = max(1, len(ref["loss"]) // 3)

@@ -110,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="load a model and print what oneword sees in it")
     _model_options(i)
+
+    toy = sub.add_parser("toy", help="the toy world: render example concepts, (re)train its models")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    r = toy_sub.add_parser("render", help="write concept folders and a contact sheet")
+    r.add_argument("--out", default="runs/toy-concepts", help="output folder")
+    r.add_argument("--concepts", type=int, default=4, help="number of concepts (default: 4)")
+    r.add_argument("--images", type=int, default=5, help="reference images per concept (default: 5)")
+    r.add_argument("--seed", type=int, default=0, help="seed of poses and backgrounds")
+    r.add_argument("--train-split", action="store_true",
+                   help="draw concepts from the training split instead of the held-out one")
+    t = toy_sub.add_parser("train", help="train the toy diffusion model from scratch (resumable)")
+    t.add_argument("--work", default="runs/toy-train", help="checkpoints and logs; re-run to resume")
+    t.add_argument("--out", default=None, help="export folder (default: the package's toy weights)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     return parser
 
 
@@ -172,11 +186,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toy(args: argparse.Namespace) -> int:
+    if args.toy_command == "render":
+        from oneword.toy.concepts import write_concepts
+
+        if args.concepts < 1 or args.images < 1:
+            raise OneWordError("--concepts and --images must be at least 1")
+        folders, sheet = write_concepts(Path(args.out), args.concepts, args.images, args.seed,
+                                        held_out=not args.train_split)
+        for folder in folders:
+            print(folder)
+        print(sheet)
+        return 0
+    import torch
+
+    from oneword.toy import WEIGHTS
+    from oneword.toy.ldm import train_toy_ldm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = train_toy_ldm(Path(args.work), Path(args.out) if args.out else WEIGHTS / "ldm")
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info}
+    commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info, "toy": _cmd_toy}
     try:
         return commands[args.command](args)
     except OneWordError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,24 +13,55 @@ from oneword.fileio import atomic_path
 
 
 def image_grid(
-    images: Sequence[Image.Image], cols: int, labels: Sequence[str] | None = None, pad: int = 2
+    images: Sequence[Image.Image],
+    cols: int,
+    labels: Sequence[str] | None = None,
+    pad: int = 2,
+    zoom: int = 1,
 ) -> Image.Image:
-    """Tile equally sized images row-major into a grid, optionally with a caption strip under each."""
+    """Tile equally sized images row-major into a grid (enlarged ``zoom`` times, nearest
+    neighbour), with an optional label under each; long labels wrap at ``-`` or spaces."""
     if not images:
         raise ValueError("image_grid needs at least one image")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    if cols < 1 or zoom < 1:
+        raise ValueError("cols and zoom must be positive")
     w, h = images[0].size
-    cols = max(1, min(cols, len(images)))
+    w, h = w * zoom, h * zoom
+    cols = min(cols, len(images))
     rows = (len(images) + cols - 1) // cols
-    label_h = 12 if labels else 0
+    chars = max(4, w // 6)
+    wrapped = [_wrap(str(t), chars) for t in labels] if labels is not None else None
+    line_h = 11
+    label_h = line_h * max(len(lines) for lines in wrapped) if wrapped else 0
     sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for i, img in enumerate(images):
         x = pad + (i % cols) * (w + pad)
         y = pad + (i // cols) * (h + label_h + pad)
-        sheet.paste(img.convert("RGB").resize((w, h)), (x, y))
-        if labels:
-            draw.text((x + 1, y + h), str(labels[i])[: max(4, w // 6)], fill="black")
+        tile = img.convert("RGB")
+        if tile.size != (w, h):
+            tile = tile.resize((w, h), Image.Resampling.NEAREST)
+        sheet.paste(tile, (x, y))
+        if wrapped:
+            for k, line in enumerate(wrapped[i]):
+                draw.text((x + 1, y + h + k * line_h), line, fill="black")
     return sheet
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Greedy wrap at ``-`` and spaces (kept at line ends); over-long pieces are cut."""
+    lines: list[str] = []
+    current = ""
+    for piece in re.findall(r"[^- ]+[- ]*|[- ]+", text):
+        if current and len((current + piece).rstrip()) > width:
+            lines.append(current.rstrip())
+            current = ""
+        current += piece
+    if current.strip() or not lines:
+        lines.append(current.rstrip())
+    return [line[:width] for line in lines]
 
 
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:

@@ -325,10 +325,10 @@ def validate_token(token: str, tokenizer, existing: dict[str, int] | None = None
 # --------------------------------------------------------------------- loading
 def _quiet_libraries() -> None:
     """diffusers and transformers print per-component loading bars and config nags; we log instead."""
+    import warnings
+
     import diffusers
     import transformers
-
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
     diffusers.utils.logging.set_verbosity_error()

@@ -41,8 +41,12 @@ def _text_encoder(width: int, with_projection: bool, act: str):
 def build_tiny_pipeline(family: str, seed: int = 0):
     """A fresh miniature pipeline of ``family`` (``sd1``, ``sd2`` or ``sdxl``), seeded."""
     from diffusers import (
-        AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-        StableDiffusionXLPipeline, UNet2DConditionModel,
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
     )
     from transformers import CLIPTokenizer
 

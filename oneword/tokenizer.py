@@ -54,7 +54,8 @@ def bpe_file() -> Path:
 
 def build_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """Vocabulary (token -> id) and merge lines, exactly as the Hugging Face CLIP tokenizer has them."""
-    lines = gzip.open(bpe_file()).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_file()) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
     merges = lines[1 : _NUM_MERGES + 1]
     byte_tokens = list(_bytes_to_unicode().values())
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens]

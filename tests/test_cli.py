@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -91,3 +90,33 @@ def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "oneword.cli", "invert", "--help"], capture_output=True,
                          text=True, check=True)
     assert "--base_lr" in res.stdout and "embedding_reg_weight" in res.stdout
+
+
+def test_sigterm_saves_a_checkpoint(tiny_dirs, concept_dir, tmp_path):
+    """A killed job (SIGTERM) exits 130 after saving a checkpoint and the embedding files."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [*INVERT]
+    args[args.index("--steps") + 1] = "100000"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "oneword.cli", "invert", str(concept_dir), *args,
+                             "--out", str(out), "--save_every", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "loss.csv").is_file():
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert (out / "checkpoints" / "last.safetensors").is_file()
+    assert (out / "learned_embeds.safetensors").is_file()
+    assert "--resume" in err
+
+
+def test_info(tiny_dirs, capsys):
+    assert main(["info", "--model", "tiny-sdxl"]) == 0
+    assert "family=sdxl" in capsys.readouterr().out

@@ -198,7 +198,7 @@ def _sniff(path: Path) -> str:
         with open(path, "rb") as fh:
             head = fh.read(9)
     except OSError as err:
-        raise _fail(name, f"cannot be read ({err.strerror or err})", "check its permissions")
+        raise _fail(name, f"cannot be read ({err.strerror or err})", "check its permissions") from err
     if size == 0:
         raise _fail(name, "is empty (0 bytes)")
     if head.startswith(b"PK\x03\x04"):

@@ -23,7 +23,7 @@ class LossLog:
                 rows = [r for r in list(csv.reader(fh))[1:] if r and int(r[0]) <= keep_until]
         lines = [",".join(HEADER)] + [",".join(r) for r in rows]
         atomic_write_text(path, "\n".join(lines) + "\n")
-        self._fh = open(path, "a", newline="")
+        self._fh = open(path, "a", newline="")  # noqa: SIM115  (kept open for the run; see close())
         self._writer = csv.writer(self._fh)
         self._pending = 0
         self.flush_every = flush_every

@@ -28,7 +28,12 @@ from oneword.fileio import atomic_write_text
 from oneword.inversion.bank import AugmentConfig, build_bank
 from oneword.inversion.checkpoint import TrainState, load_state, restore_prompt_rng, save_state
 from oneword.inversion.config import InversionConfig
-from oneword.inversion.embedding_io import Embedding, build_metadata, save_diffusers, save_single_file
+from oneword.inversion.embedding_io import (
+    Embedding,
+    build_metadata,
+    save_diffusers,
+    save_single_file,
+)
 from oneword.inversion.loss import denoising_loss
 from oneword.inversion.runlog import LossLog, plot_losses
 from oneword.inversion.templates import sample_prompts
@@ -162,7 +167,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)

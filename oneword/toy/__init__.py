@@ -5,3 +5,22 @@ It makes textual inversion measurable on a CPU: every concept is known exactly, 
 word captured (or leaked) an attribute can be checked. See :mod:`oneword.toy.render` and
 :mod:`oneword.toy.captions`.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).parent / "weights"
+
+
+def weights_dir() -> Path:
+    """The shipped toy diffusion pipeline (a diffusers folder inside the package)."""
+    from oneword.errors import ModelLoadError
+
+    folder = WEIGHTS / "ldm"
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the toy model is not in this installation ({folder} is missing); build it with "
+            "`ti toy train` or use --model tiny-sd1 for a miniature random model"
+        )
+    return folder

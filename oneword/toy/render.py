@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +24,8 @@ from itertools import product
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from oneword.imagegrid import image_grid as contact_sheet  # noqa: F401  (re-exported)
 
 SHAPES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "heart", "cross", "diamond", "moon",
@@ -474,55 +475,3 @@ def split_concepts(
 
 # --------------------------------------------------------------------------------------------------
 # Contact sheets
-
-
-def contact_sheet(
-    images: Sequence[Image.Image],
-    cols: int,
-    labels: Sequence[str] | None = None,
-    pad: int = 2,
-    zoom: int = 1,
-) -> Image.Image:
-    """Tile equally sized images row-major into a grid (enlarged ``zoom`` times, nearest
-    neighbour), with an optional label under each; long labels wrap at ``-`` or spaces."""
-    if not images:
-        raise ValueError("contact_sheet needs at least one image")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    if cols < 1 or zoom < 1:
-        raise ValueError("cols and zoom must be positive")
-    w, h = images[0].size
-    w, h = w * zoom, h * zoom
-    cols = min(cols, len(images))
-    rows = (len(images) + cols - 1) // cols
-    chars = max(4, w // 6)
-    wrapped = [_wrap(str(t), chars) for t in labels] if labels is not None else None
-    line_h = 11
-    label_h = line_h * max(len(lines) for lines in wrapped) if wrapped else 0
-    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + label_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, img in enumerate(images):
-        x = pad + (i % cols) * (w + pad)
-        y = pad + (i // cols) * (h + label_h + pad)
-        tile = img.convert("RGB")
-        if tile.size != (w, h):
-            tile = tile.resize((w, h), Image.Resampling.NEAREST)
-        sheet.paste(tile, (x, y))
-        if wrapped:
-            for k, line in enumerate(wrapped[i]):
-                draw.text((x + 1, y + h + k * line_h), line, fill="black")
-    return sheet
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    """Greedy wrap at ``-`` and spaces (kept at line ends); over-long pieces are cut."""
-    lines: list[str] = []
-    current = ""
-    for piece in re.findall(r"[^- ]+[- ]*|[- ]+", text):
-        if current and len((current + piece).rstrip()) > width:
-            lines.append(current.rstrip())
-            current = ""
-        current += piece
-    if current.strip() or not lines:
-        lines.append(current.rstrip())
-    return [line[:width] for line in lines]

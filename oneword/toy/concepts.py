@@ -1,0 +1,45 @@
+"""Concept folders of the toy world: what ``ti toy render`` writes and ``make demo`` inverts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from oneword.fileio import atomic_path, atomic_write_text
+from oneword.imagegrid import image_grid, save_png
+from oneword.toy.render import Concept, render_concept_images, split_concepts
+
+
+def pick_concepts(n: int, held_out: bool = True, seed: int = 0) -> list[Concept]:
+    """``n`` concepts from the held-out split (never seen by the toy model) or the training split."""
+    train, test = split_concepts()
+    pool = test if held_out else train
+    step = max(1, len(pool) // max(1, n))
+    start = seed % step
+    return pool[start::step][:n]
+
+
+def write_concept_folder(concept: Concept, out: Path, n_images: int = 5, seed: int = 0,
+                         size: int = 64) -> Path:
+    """``out/<slug>/`` with ``n_images`` reference PNGs and ``concept.json`` (its attributes)."""
+    folder = out / concept.slug
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (img, _bg) in enumerate(render_concept_images(concept, n_images, seed=seed, size=size)):
+        with atomic_path(folder / f"{concept.slug}-{i}.png") as tmp:
+            img.save(tmp, format="PNG")
+    atomic_write_text(folder / "concept.json", json.dumps(concept.attributes(), indent=1) + "\n")
+    return folder
+
+
+def write_concepts(out: Path, n_concepts: int, n_images: int = 5, seed: int = 0, held_out: bool = True,
+                   size: int = 64) -> tuple[list[Path], Path]:
+    """Concept folders plus ``contact_sheet.png`` (one row per concept)."""
+    concepts = pick_concepts(n_concepts, held_out=held_out, seed=seed)
+    folders = [write_concept_folder(c, out, n_images, seed, size) for c in concepts]
+    images, labels = [], []
+    for c in concepts:
+        for i, (img, bg) in enumerate(render_concept_images(c, n_images, seed=seed, size=size)):
+            images.append(img)
+            labels.append(c.slug if i == 0 else bg)
+    sheet = save_png(image_grid(images, cols=n_images, labels=labels, zoom=2), out / "contact_sheet.png")
+    return folders, sheet
