@@ -120,3 +120,14 @@ def test_sigterm_saves_a_checkpoint(tiny_dirs, concept_dir, tmp_path):
 def test_info(tiny_dirs, capsys):
     assert main(["info", "--model", "tiny-sdxl"]) == 0
     assert "family=sdxl" in capsys.readouterr().out
+
+
+def test_toy_render(tmp_path, capsys):
+    import json
+
+    assert main(["toy", "render", "--out", str(tmp_path), "--concepts", "2", "--images", "3"]) == 0
+    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(folders) == 2 and (tmp_path / "contact_sheet.png").is_file()
+    for folder in folders:
+        assert len(list(folder.glob("*.png"))) == 3
+        assert set(json.loads((folder / "concept.json").read_text())) == {"shape", "fill", "pattern", "outline"}

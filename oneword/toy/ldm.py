@@ -2,7 +2,7 @@
 
 Same classes as SD 1.x (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel`` with the real
 CLIP tokenizer, DDPM training / DDIM sampling), so the toy model runs through exactly the code
-paths real checkpoints do. 64 px images, an 8x VAE (8 latent channels, 8x8 latents) and a small
+paths real checkpoints do. 32 px images, a 4x VAE (8 latent channels, 8x8 latents) and a small
 UNet keep training within reach of two CPU cores.
 
 Training has two resumable stages, each checkpointed as safetensors (no pickle):
@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from oneword.data.images import image_to_tensor
-from oneword.fileio import atomic_path
+from oneword.fileio import atomic_path, atomic_write_text
 from oneword.toy.captions import caption
 from oneword.toy.render import backgrounds_for, render, sample_pose, split_concepts
 
@@ -45,21 +45,21 @@ logger = logging.getLogger(__name__)
 class ToyLDMConfig:
     """Architecture and training settings of the toy model."""
 
-    image_size: int = 64
+    image_size: int = 32
     """Side of the rendered images in pixels."""
     latent_channels: int = 8
     """VAE latent channels (SD uses 4; 8 keeps patterns at 8x8 latents)."""
-    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
-    """VAE block widths; 4 blocks = 8x downsampling as in SD."""
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    """VAE block widths; 3 blocks = 4x downsampling (SD: 4 blocks, 8x, on 8x larger images)."""
     text_width: int = 128
     """Text encoder width (the width of learned word embeddings)."""
     text_layers: int = 4
     """Text encoder transformer layers."""
     unet_channels: tuple[int, ...] = (64, 128, 128)
     """UNet block widths (cross-attention in the two lower-resolution levels)."""
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     """Optimizer steps of stage 1."""
-    vae_batch: int = 16
+    vae_batch: int = 32
     """Images per VAE step."""
     ldm_steps: int = 12000
     """Optimizer steps of stage 2."""
@@ -338,12 +338,14 @@ def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progre
     cfg = cfg or ToyLDMConfig()
     work.mkdir(parents=True, exist_ok=True)
     cfg_path = work / "toy_ldm_config.json"
-    if cfg_path.is_file():
+    now = json.loads(json.dumps(asdict(cfg)))
+    if cfg_path.is_file():  # step counts may grow (train longer); everything else must match
         saved = json.loads(cfg_path.read_text())
-        if saved != json.loads(json.dumps(asdict(cfg))):
-            raise ValueError(f"{work} was started with other settings; use another folder")
-    else:
-        cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+        free = {"vae_steps", "ldm_steps", "save_every"}
+        diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+        if diff:
+            raise ValueError(f"{work} was started with other settings ({', '.join(diff)}); use another folder")
+    atomic_write_text(cfg_path, json.dumps(now, indent=1))
     pipe = build_pipeline(cfg)
     pipe.set_progress_bar_config(disable=True)
     vae_done = work / "vae.safetensors"

@@ -1,0 +1,58 @@
+"""The toy-model trainer on a miniature configuration: both stages, export, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from oneword.models import load_model
+from oneword.toy.ldm import ToyLDMConfig, caption_token_ids, train_toy_ldm
+
+
+def tiny_cfg(**kw) -> ToyLDMConfig:
+    base = {"image_size": 32, "latent_channels": 4, "vae_channels": (16, 16), "text_width": 32,
+            "text_layers": 1, "unet_channels": (32, 32, 32), "vae_steps": 2, "vae_batch": 2,
+            "ldm_steps": 1, "ldm_batch": 2, "save_every": 1}
+    base.update(kw)
+    return ToyLDMConfig(**base)
+
+
+def test_train_export_and_resume(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "ldm"
+    train_toy_ldm(work, out, tiny_cfg(), progress=False)
+    model = load_model(str(out))
+    assert model.family == "toy" and model.widths == [32] and model.resolution == 32
+    assert json.loads((out / "oneword.json").read_text())["family"] == "toy"
+    # Longer training resumes from the checkpoint instead of starting over.
+    train_toy_ldm(work, out, tiny_cfg(ldm_steps=2), progress=False)
+    with safe_open(str(work / "ldm.ckpt.safetensors"), framework="pt") as f:
+        assert f.metadata()["step"] == "2"
+    assert len((work / "ldm_loss.csv").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="text_width"):
+        train_toy_ldm(work, out, tiny_cfg(text_width=64), progress=False)
+
+
+def test_export_keeps_caption_rows_and_zeroes_the_rest(tmp_path):
+    out = tmp_path / "ldm"
+    train_toy_ldm(tmp_path / "work", out, tiny_cfg(), progress=False)
+    model = load_model(str(out))
+    table = model.text_encoders[0].get_input_embeddings().weight
+    keep = caption_token_ids(model.tokenizers[0])
+    star = model.tokenizers[0]("star", add_special_tokens=False).input_ids[0]
+    assert star in keep and table[star].abs().sum() > 0
+    unused = model.tokenizers[0]("volcano", add_special_tokens=False).input_ids[0]
+    assert unused not in keep and table[unused].abs().sum() == 0
+
+
+def test_text_to_image_accuracy_runs_on_a_toy_model(tmp_path):
+    from oneword.toy.oracle import load_oracle
+    from oneword.toy.quality import QualitySettings, text_to_image_accuracy
+    from oneword.toy.render import ATTRIBUTES
+
+    out = tmp_path / "ldm"
+    train_toy_ldm(tmp_path / "work", out, tiny_cfg(), progress=False)
+    acc = text_to_image_accuracy(load_model(str(out)), load_oracle(),
+                                 QualitySettings(samples_per_value=1, steps=2))
+    assert set(acc) == set(ATTRIBUTES) and all(0.0 <= v <= 1.0 for v in acc.values())
