@@ -29,7 +29,7 @@ demo: $(STAMP)
 	@echo "demo done: see runs/demo/ (loss.png, previews/, generated.png)"
 
 bench: $(STAMP)
-	$(BIN)/python bench/step_speed.py
+	$(BIN)/python bench/step_speed.py --steps 20
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--work", default="runs/toy-train", help="checkpoints and logs; re-run to resume")
     t.add_argument("--out", default=None, help="export folder (default: the package's toy weights)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    t.add_argument("--vae-steps", type=int, default=None,
+                   help="autoencoder steps (default: ToyLDMConfig.vae_steps, 1500)")
+    t.add_argument("--ldm-steps", type=int, default=None,
+                   help="diffusion steps (default: ToyLDMConfig.ldm_steps); may grow on resume")
     return parser
 
 
@@ -201,11 +205,13 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     import torch
 
     from oneword.toy import WEIGHTS
-    from oneword.toy.ldm import train_toy_ldm
+    from oneword.toy.ldm import ToyLDMConfig, train_toy_ldm
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = train_toy_ldm(Path(args.work), Path(args.out) if args.out else WEIGHTS / "ldm")
+    steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps}
+    cfg = ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None})
+    out = train_toy_ldm(Path(args.work), Path(args.out) if args.out else WEIGHTS / "ldm", cfg)
     print(out)
     return 0
 

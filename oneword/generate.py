@@ -62,10 +62,10 @@ def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSe
     pipe = model.pipeline
     size = settings.resolution or model.resolution
     images: list[Image.Image] = []
+    n = len(settings.seeds)
+    uncond = model.encode_text([settings.negative_prompt] * n)
     for prompt in prompts:
-        n = len(settings.seeds)
         cond = model.encode_text([prompt] * n)
-        uncond = model.encode_text([settings.negative_prompt] * n)
         kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=uncond.hidden_states)
         if cond.pooled is not None:
             kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from oneword.fileio import atomic_dir
 from oneword.tokenizer import EOS, clip_tokenizer_dir, default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -100,16 +98,9 @@ def build_tiny_pipeline(family: str, seed: int = 0):
 def save_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a miniature pipeline as a diffusers folder (atomically: temp folder, then rename)."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         build_tiny_pipeline(family, seed).save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "oneword.json").write_text(json.dumps({"family": family, "tiny": True}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -38,6 +38,7 @@ from oneword.inversion.loss import denoising_loss
 from oneword.inversion.runlog import LossLog, plot_losses
 from oneword.inversion.templates import sample_prompts
 from oneword.models import FrozenLDM
+from oneword.trainstate import load_optimizer, optimizer_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,10 @@ class Inversion:
         return Embedding(self.cfg.token, self.model.vectors_of(self.cfg.token), metadata or {})
 
     def state(self) -> TrainState:
+        optim, groups = optimizer_tensors(self.optimizer)
         return TrainState(
-            step=self.step, vectors=[p.detach() for p in self.params],
-            optimizer=self.optimizer.state_dict(), generator_state=self.generator.get_state(),
+            step=self.step, vectors=[p.detach() for p in self.params], optimizer=optim,
+            param_groups=groups, generator_state=self.generator.get_state(),
             prompt_rng_state=self.prompt_rng.getstate(),
             scaler=self.scaler.state_dict() if self.scaler else None,
         )
@@ -142,7 +144,7 @@ class Inversion:
         with torch.no_grad():
             for p, v in zip(self.params, ts.vectors):
                 p.copy_(v.to(p.device))
-        self.optimizer.load_state_dict(ts.optimizer)
+        load_optimizer(self.optimizer, ts.optimizer, ts.param_groups)
         self.generator.set_state(ts.generator_state)
         self.prompt_rng = restore_prompt_rng(ts.prompt_rng_state)
         if self.scaler and ts.scaler:

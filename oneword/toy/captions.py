@@ -187,3 +187,16 @@ def prompt_for(named: Mapping[str, str], prefix: str = "a photo of") -> str:
 def full_caption(concept: Concept, background: str, prefix: str = "a photo of") -> str:
     """The canonical caption naming every attribute of ``concept`` and the ``background``."""
     return prompt_for({**concept.attributes(), "background": background}, prefix=prefix)
+
+
+def vocabulary_texts(n_captions: int = 2000) -> list[str]:
+    """Texts that together contain every word a toy caption can use: many random captions (of
+    every concept, so every template word appears), every surface word, prefix and generic noun.
+    Tokenize them to find the rows of a token table that toy training ever touches."""
+    from oneword.toy.render import BACKGROUNDS, all_concepts
+
+    rng = random.Random("caption-vocabulary")
+    concepts = all_concepts()
+    texts = sorted({caption(rng.choice(concepts), rng.choice(BACKGROUNDS), rng).text for _ in range(n_captions)})
+    texts += [w for forms in SURFACE_FORMS.values() for ws in forms.values() for w in ws]
+    return texts + [p for p in PREFIXES if p] + list(GENERIC_NOUNS)

@@ -24,15 +24,21 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
 from oneword.errors import InputError
-from oneword.fileio import atomic_write_bytes
-from oneword.toy.captions import GENERIC_NOUNS, PREFIXES, SURFACE_FORMS, caption
-from oneword.toy.render import BACKGROUNDS, backgrounds_for, render, sample_pose, split_concepts
+from oneword.toy.captions import caption, vocabulary_texts
+from oneword.toy.render import backgrounds_for, render, sample_pose, split_concepts
+from oneword.trainstate import (
+    load_module,
+    load_optimizer,
+    module_tensors,
+    optimizer_tensors,
+    read_safetensors,
+    warmup_cosine,
+    write_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +115,8 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> Tensor:
 
 @lru_cache(maxsize=1)
 def toy_token_ids() -> tuple[int, ...]:
-    """Sorted ids of every token toy captions can use: those of many random captions, every
-    surface word, prefix and generic noun, plus the start/end/padding ids."""
-    rng = random.Random("clip-token-ids")
-    concepts = [c for part in split_concepts() for c in part]
-    texts = sorted({caption(rng.choice(concepts), rng.choice(BACKGROUNDS), rng).text for _ in range(2000)})
-    texts += [w for forms in SURFACE_FORMS.values() for ws in forms.values() for w in ws]
-    texts += [p for p in PREFIXES if p] + list(GENERIC_NOUNS)
-    return tuple(sorted(set(tokenize(texts).flatten().tolist()) | {0}))
+    """Sorted ids of every token toy captions can use, plus the start/end/padding ids."""
+    return tuple(sorted(set(tokenize(vocabulary_texts()).flatten().tolist()) | {0}))
 
 
 def _to_tensor(images: Sequence[Image.Image], size: int) -> Tensor:
@@ -156,13 +156,6 @@ def _batch(step_rng: random.Random, n: int, cfg: ToyCLIPConfig) -> tuple[Tensor,
     return _to_tensor(images, cfg.image_size), tokenize(texts, cfg.context_length)
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over the first 5% of steps (at most 100), then cosine decay to 0."""
-    warm = max(1, min(100, steps // 20))
-    cosine = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-    return lr * (step + 1) / warm if step < warm else lr * cosine
-
-
 def _train_step(model: open_clip.CLIP, opt: torch.optim.Optimizer, rng: random.Random, batch_size: int,
                 lr: float) -> float:
     """One AdamW step of symmetric InfoNCE on a fresh batch drawn from ``rng``."""
@@ -181,21 +174,11 @@ def _train_step(model: open_clip.CLIP, opt: torch.optim.Optimizer, rng: random.R
 
 def _read(path: Path, fmt: str) -> tuple[dict[str, Tensor], dict[str, str], ToyCLIPConfig]:
     """Tensors, header and config of a safetensors file whose header says ``format == fmt``."""
+    tensors, meta = read_safetensors(path, fmt=fmt, missing="train the toy CLIP first")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != fmt:
-                raise InputError(f"{path} is not a {fmt} file (its header has no format={fmt})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        config = ToyCLIPConfig(**json.loads(meta["config"]))
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist; train the toy CLIP first") from None
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if isinstance(err, (SafetensorError, OSError)):
-            raise InputError(f"{path} cannot be read as a safetensors file ({msg})") from None
-        raise InputError(f"{path} has no valid toy CLIP config in its header ({msg})") from None
-    return tensors, meta, config
+        return tensors, meta, ToyCLIPConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path} has no valid toy CLIP config in its header ({err})") from None
 
 
 def save_toy_clip(model: open_clip.CLIP, path: Path, extra: dict[str, str] | None = None) -> Path:
@@ -206,8 +189,7 @@ def save_toy_clip(model: open_clip.CLIP, path: Path, extra: dict[str, str] | Non
     tensors[_ROWS] = tensors.pop(_TABLE)[ids].contiguous()
     tensors[_IDS] = ids
     meta = {"format": FORMAT, "config": json.dumps(asdict(cfg)), **(extra or {})}
-    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
-    return Path(path)
+    return write_safetensors(path, tensors, meta)
 
 
 def load_toy_clip(path: Path | None = None) -> tuple[open_clip.CLIP, ToyCLIPConfig]:
@@ -234,13 +216,10 @@ def load_toy_clip(path: Path | None = None) -> tuple[open_clip.CLIP, ToyCLIPConf
 
 
 def _save_checkpoint(path: Path, model: open_clip.CLIP, opt: torch.optim.Optimizer, step: int, hparams: dict) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for i, state in opt.state_dict()["state"].items():
-        for k, v in state.items():
-            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    optim, _ = optimizer_tensors(opt)
     meta = {"format": CKPT_FORMAT, "step": str(step), "hparams": json.dumps(hparams),
             "config": json.dumps(asdict(model.toy_config))}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    write_safetensors(path, {**module_tensors("model", model), **optim}, meta)
 
 
 def train_toy_clip(out: Path, *, steps: int, batch_size: int = 128, lr: float = 5e-4, seed: int = 0,
@@ -275,19 +254,14 @@ def train_toy_clip(out: Path, *, steps: int, batch_size: int = 128, lr: float = 
         old = json.loads(meta.get("hparams", "{}"))
         if old != hparams:
             logger.warning("resuming %s trained with %s using %s", ckpt, old, hparams)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict[str, Tensor]] = {}
-        for key, v in tensors.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-        opt.load_state_dict({**opt.state_dict(), "state": state})
+        load_module("model", model, tensors)
+        load_optimizer(opt, tensors)
         start = int(meta["step"])
         logger.info("resuming toy CLIP training from %s at step %d", ckpt, start)
     model.train()
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="toy clip", unit="step")
     for step in range(start, steps):
-        loss = _train_step(model, opt, random.Random(f"clip-{seed}-{step}"), batch_size, _lr_at(step, steps, lr))
+        loss = _train_step(model, opt, random.Random(f"clip-{seed}-{step}"), batch_size, warmup_cosine(step, steps, lr, warmup=max(1, min(100, steps // 20))))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from PIL import Image
+
 from oneword.fileio import atomic_path, atomic_write_text
 from oneword.imagegrid import image_grid, save_png
 from oneword.toy.render import Concept, render_concept_images, split_concepts
@@ -20,25 +22,28 @@ def pick_concepts(n: int, held_out: bool = True, seed: int = 0) -> list[Concept]
 
 
 def write_concept_folder(concept: Concept, out: Path, n_images: int = 5, seed: int = 0,
-                         size: int = 64) -> Path:
-    """``out/<slug>/`` with ``n_images`` reference PNGs and ``concept.json`` (its attributes)."""
+                         size: int = 64) -> tuple[Path, list[tuple[Image.Image, str]]]:
+    """``out/<slug>/`` with ``n_images`` reference PNGs and ``concept.json`` (its attributes);
+    returns the folder and the rendered ``(image, background)`` pairs."""
     folder = out / concept.slug
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (img, _bg) in enumerate(render_concept_images(concept, n_images, seed=seed, size=size)):
+    renders = render_concept_images(concept, n_images, seed=seed, size=size)
+    for i, (img, _bg) in enumerate(renders):
         with atomic_path(folder / f"{concept.slug}-{i}.png") as tmp:
             img.save(tmp, format="PNG")
     atomic_write_text(folder / "concept.json", json.dumps(concept.attributes(), indent=1) + "\n")
-    return folder
+    return folder, list(renders)
 
 
 def write_concepts(out: Path, n_concepts: int, n_images: int = 5, seed: int = 0, held_out: bool = True,
                    size: int = 64) -> tuple[list[Path], Path]:
     """Concept folders plus ``contact_sheet.png`` (one row per concept)."""
     concepts = pick_concepts(n_concepts, held_out=held_out, seed=seed)
-    folders = [write_concept_folder(c, out, n_images, seed, size) for c in concepts]
-    images, labels = [], []
+    folders, images, labels = [], [], []
     for c in concepts:
-        for i, (img, bg) in enumerate(render_concept_images(c, n_images, seed=seed, size=size)):
+        folder, renders = write_concept_folder(c, out, n_images, seed, size)
+        folders.append(folder)
+        for i, (img, bg) in enumerate(renders):
             images.append(img)
             labels.append(c.slug if i == 0 else bg)
     sheet = save_png(image_grid(images, cols=n_images, labels=labels, zoom=2), out / "contact_sheet.png")

@@ -21,22 +21,27 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from oneword.data.images import image_to_tensor
-from oneword.fileio import atomic_path, atomic_write_text
-from oneword.toy.captions import caption
+from oneword.fileio import atomic_dir, atomic_write_text
+from oneword.toy.captions import DEFAULT_NAME_PROB, caption, vocabulary_texts
 from oneword.toy.render import backgrounds_for, render, sample_pose, split_concepts
+from oneword.trainstate import (
+    load_module,
+    load_optimizer,
+    module_tensors,
+    optimizer_tensors,
+    read_safetensors,
+    warmup_cosine,
+    write_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,12 @@ class ToyLDMConfig:
     """Peak learning rate of stage 2 (stage 1 uses 1e-3); linear warm-up, cosine decay."""
     uncond_p: float = 0.1
     """Probability that a caption is dropped (classifier-free guidance)."""
+    name_background: float = 0.8
+    """Probability that a training caption names the background (the other attributes keep
+    :data:`oneword.toy.captions.DEFAULT_NAME_PROB`)."""
+    min_snr_gamma: float = 5.0
+    """Min-SNR-gamma loss weighting (Hang et al. 2023: min(SNR, gamma) / SNR); 0 turns it off.
+    It stops the many near-clean timesteps, which carry no text signal, from dominating the loss."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of stage-2 weights, exported as the model."""
     save_every: int = 250
@@ -86,6 +97,10 @@ class ToyLDMConfig:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.uncond_p < 1:
             raise ValueError("uncond_p must be in [0, 1)")
+        if not 0 <= self.name_background <= 1:
+            raise ValueError("name_background must be in [0, 1]")
+        if self.min_snr_gamma < 0:
+            raise ValueError("min_snr_gamma must be >= 0")
 
 
 def build_pipeline(cfg: ToyLDMConfig):
@@ -138,6 +153,7 @@ class DataStream:
         self.cfg = cfg
         self.train, _ = split_concepts(seed=cfg.split_seed)
         self.rng = random.Random(seed)
+        self.name_prob = {**DEFAULT_NAME_PROB, "background": cfg.name_background}
 
     def batch(self, n: int, with_captions: bool = True) -> tuple[torch.Tensor, list[str]]:
         images, texts = [], []
@@ -148,49 +164,28 @@ class DataStream:
             images.append(image_to_tensor(img))
             if with_captions:
                 drop = self.rng.random() < self.cfg.uncond_p
-                texts.append("" if drop else caption(concept, background, self.rng).text)
+                texts.append("" if drop else caption(concept, background, self.rng, self.name_prob).text)
         return torch.stack(images), texts
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
-
-
 def _save_ckpt(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
-               step: int, stream: DataStream, extra: dict[str, str] | None = None) -> None:
-    tensors = {}
+               step: int, stream: DataStream) -> None:
+    tensors: dict[str, torch.Tensor] = {}
     for prefix, mod in modules.items():
-        for k, v in mod.state_dict().items():
-            tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
-    opt_state = opt.state_dict()
-    for pid, entries in opt_state["state"].items():
-        for k, v in entries.items():
-            tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
+        tensors |= module_tensors(prefix, mod)
+    opt_tensors, groups = optimizer_tensors(opt, prefix="opt")
     version, internal, gauss = stream.rng.getstate()
-    meta = {"step": str(step), "param_groups": json.dumps(opt_state["param_groups"]),
-            "data_rng": json.dumps([version, list(internal), gauss]), **(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    meta = {"step": str(step), "param_groups": groups,
+            "data_rng": json.dumps([version, list(internal), gauss])}
+    write_safetensors(path, tensors | opt_tensors, meta)
 
 
 def _load_ckpt(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
                stream: DataStream) -> int:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(path)
     for prefix, mod in modules.items():
-        sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        mod.load_state_dict(sd)
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, key = k.split(".", 2)
-            state.setdefault(int(pid), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        load_module(prefix, mod, tensors)
+    load_optimizer(opt, tensors, meta["param_groups"], prefix="opt")
     version, internal, gauss = json.loads(meta["data_rng"])
     stream.rng.setstate((version, tuple(internal), gauss))
     return int(meta["step"])
@@ -207,7 +202,7 @@ def train_vae(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> Non
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="toy vae", disable=not progress)
     while step < cfg.vae_steps:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg.vae_steps, 1e-3)
+            group["lr"] = warmup_cosine(step, cfg.vae_steps, 1e-3, warmup=200, floor=0.1)
         x, _ = stream.batch(cfg.vae_batch, with_captions=False)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -264,11 +259,13 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
     t0, losses = time.perf_counter(), []
     while step < cfg.ldm_steps:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg.ldm_steps, cfg.lr)
+            group["lr"] = warmup_cosine(step, cfg.ldm_steps, cfg.lr, warmup=200, floor=0.1)
         x, texts = stream.batch(cfg.ldm_batch)
         with torch.no_grad():
             latents = pipe.vae.encode(x).latent_dist.sample(generator=gen) * scale
-        loss = denoising_loss(ldm, latents, ldm.encode_text(texts), gen).mean()
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x),), generator=gen)
+        per_sample = denoising_loss(ldm, latents, ldm.encode_text(texts), gen, timesteps=t)
+        loss = (per_sample * min_snr_weights(pipe.scheduler, t, cfg.min_snr_gamma)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -288,24 +285,20 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
     return ema_unet, ema_text
 
 
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma) / SNR for epsilon targets (all ones if gamma is 0)."""
+    if gamma <= 0:
+        return torch.ones(len(timesteps))
+    acp = scheduler.alphas_cumprod.float()[timesteps]
+    snr = acp / (1 - acp)
+    return snr.clamp(max=gamma) / snr
+
+
 def caption_token_ids(tokenizer) -> set[int]:
     """Every token id that a toy caption can contain (all words of all templates and values)."""
-    from oneword.toy import captions as cap
-    from oneword.toy.render import VOCAB
-
-    words = set(" ".join(cap.PREFIXES).split()) | set(cap.GENERIC_NOUNS)
-    words |= {w for values in cap.SURFACE_FORMS.values() for forms in values.values() for w in forms}
-    words |= {w for vals in VOCAB.values() for w in vals}
-    words |= {"a", "an", "the", "with", "and", "on", "in", "of", "front", "against", "background",
-              "outline", "outlined", "stripes", "dots", "checks", "shape", "object", "thing"}
-    rng = random.Random(0)
-    train, _ = split_concepts()
-    for _ in range(3000):  # and whatever the templates add
-        c = rng.choice(train)
-        words |= set(caption(c, rng.choice(backgrounds_for(c)), rng).text.split())
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id}
-    for w in words:
-        ids |= set(tokenizer(w, add_special_tokens=False).input_ids)
+    for text in vocabulary_texts():
+        ids |= set(tokenizer(text, add_special_tokens=False).input_ids)
     return ids
 
 
@@ -319,17 +312,10 @@ def export(pipe, ema_unet, ema_text, cfg: ToyLDMConfig, out: Path) -> Path:
         mask = torch.ones(table.shape[0], dtype=torch.bool)
         mask[keep] = False
         table[mask] = 0.0  # never trained; zero rows compress to almost nothing
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
         pipe.to(torch.float32)
         (tmp / "oneword.json").write_text(json.dumps({"family": "toy", "config": asdict(cfg)}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -350,13 +336,12 @@ def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progre
     pipe.set_progress_bar_config(disable=True)
     vae_done = work / "vae.safetensors"
     if vae_done.is_file():
-        with safe_open(str(vae_done), framework="pt") as f:
-            pipe.vae.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-            pipe.vae.register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
+        tensors, meta = read_safetensors(vae_done)
+        load_module("vae", pipe.vae, tensors)
+        pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
     else:
         train_vae(pipe, cfg, work, progress)
-        with atomic_path(vae_done) as tmp:
-            save_file({k: v.contiguous() for k, v in pipe.vae.state_dict().items()}, str(tmp),
-                      metadata={"scaling_factor": str(pipe.vae.config.scaling_factor)})
+        write_safetensors(vae_done, module_tensors("vae", pipe.vae),
+                          {"scaling_factor": str(pipe.vae.config.scaling_factor)})
     ema_unet, ema_text = train_ldm(pipe, cfg, work, progress)
     return export(pipe, ema_unet, ema_text, cfg, out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,14 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from oneword.errors import InputError
-from oneword.fileio import atomic_write_bytes
 from oneword.toy.render import ATTRIBUTES, BACKGROUNDS, VOCAB, all_concepts, render, sample_pose
+from oneword.trainstate import (
+    load_module,
+    load_optimizer,
+    module_tensors,
+    optimizer_tensors,
+    read_safetensors,
+    warmup_cosine,
+    write_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,14 +227,6 @@ def augment_images(x: Tensor, gen: torch.Generator) -> Tensor:
     return x.clamp(0, 1) * 2 - 1
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over the first 5% of steps (at most 100), then cosine decay to 0."""
-    warm = max(1, min(100, steps // 20))
-    if step < warm:
-        return lr * (step + 1) / warm
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
 def _train_step(model: AttributeOracle, opt: torch.optim.Optimizer, rng: random.Random,
                 batch_size: int, lr: float) -> float:
     """One AdamW step on a fresh augmented batch; renders, augmentation and dropout all draw from
@@ -250,32 +247,19 @@ def _train_step(model: AttributeOracle, opt: torch.optim.Optimizer, rng: random.
 
 def _save_checkpoint(path: Path, model: AttributeOracle, opt: torch.optim.Optimizer,
                      step: int, hparams: dict) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for i, state in opt.state_dict()["state"].items():
-        for k, v in state.items():
-            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    optim, _ = optimizer_tensors(opt)
     meta = {"format": CKPT_FORMAT, "step": str(step), "hparams": json.dumps(hparams),
             "config": json.dumps(asdict(model.config))}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    write_safetensors(path, {**module_tensors("model", model), **optim}, meta)
 
 
 def _read(path: Path, fmt: str) -> tuple[dict[str, Tensor], dict[str, str], OracleConfig]:
     """Tensors, header and config of a safetensors file whose header says ``format == fmt``."""
+    tensors, meta = read_safetensors(path, fmt=fmt, missing="train the oracle first")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != fmt:
-                raise InputError(f"{path} is not a {fmt} file (its header has no format={fmt})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        config = OracleConfig(**json.loads(meta["config"]))
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist; train the oracle first") from None
-    except (SafetensorError, OSError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"{path} cannot be read as a safetensors file ({msg})") from None
+        return tensors, meta, OracleConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path} has no valid oracle config in its header ({err})") from None
-    return tensors, meta, config
 
 
 def train_oracle(
@@ -320,22 +304,16 @@ def train_oracle(
         old = json.loads(meta.get("hparams", "{}"))
         if old != hparams:
             logger.warning("resuming %s trained with %s using %s", ckpt, old, hparams)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict[str, Tensor]] = {}
-        for key, v in tensors.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-        opt_sd = opt.state_dict()
-        opt_sd["state"] = state
-        opt.load_state_dict(opt_sd)
+        load_module("model", model, tensors)
+        load_optimizer(opt, tensors)
         start = int(meta["step"])
         logger.info("resuming oracle training from %s at step %d", ckpt, start)
     model.train()
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="oracle", unit="step")
     for step in range(start, steps):
         rng = random.Random(f"oracle-train-{seed}-{step}")  # str seeds: disjoint from evaluation
-        loss = _train_step(model, opt, rng, batch_size, _lr_at(step, steps, lr))
+        step_lr = warmup_cosine(step, steps, lr, warmup=max(1, min(100, steps // 20)))
+        loss = _train_step(model, opt, rng, batch_size, step_lr)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
@@ -344,7 +322,7 @@ def train_oracle(
     meta = {"format": FORMAT, "config": json.dumps(asdict(model.config)),
             "vocab": json.dumps(VOCAB), "trained": json.dumps(hparams)}
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out, save(weights, metadata=meta))  # (safetensors' save_file makes 0600)
+    write_safetensors(out, weights, meta)
     ckpt.unlink(missing_ok=True)
     logger.info("wrote attribute oracle to %s", out)
     return out
