@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="weights' precision (default: fp16 on CUDA, else fp32)")
     g.add_argument("--out", required=True, help="PNG file for the grid")
+    g.add_argument("--curate", type=int, default=1, metavar="N",
+                   help="draw N candidates per image and keep the one closest in CLIP space to --reference "
+                        "(paper, section 4.7; default: 1 = no curation)")
+    g.add_argument("--reference", default=None, metavar="DIR", help="the concept's images, for --curate")
+    g.add_argument("--clip", default=None,
+                   help="CLIP space for --curate: toy, ViT-B-32, ARCH:TAG, random (tests) "
+                        "(default: toy for the toy model, else ViT-B-32)")
 
     i = sub.add_parser("info", help="load a model and print what oneword sees in it")
     _model_options(i)
@@ -128,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoencoder steps (default: ToyLDMConfig.vae_steps, 1500)")
     t.add_argument("--ldm-steps", type=int, default=None,
                    help="diffusion steps (default: ToyLDMConfig.ldm_steps); may grow on resume")
+    from oneword.eval.cli import add_eval_parser
+
+    add_eval_parser(sub, _model_options)
     return parser
 
 
@@ -177,8 +187,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     settings = SampleSettings(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative,
                               resolution=args.resolution,
                               seeds=list(range(args.seed, args.seed + args.num_images)))
-    path = render_grid(model, args.prompt, settings, args.out,
-                       {"embeddings": ",".join(str(e) for e in args.embedding), "tokens": ",".join(tokens)})
+    meta = {"embeddings": ",".join(str(e) for e in args.embedding), "tokens": ",".join(tokens)}
+    images = None
+    if args.curate < 1:
+        raise OneWordError("--curate must be at least 1")
+    if args.curate > 1:
+        from oneword.data.images import load_folder
+        from oneword.eval.curate import curate
+        from oneword.eval.space import default_space_name, load_space
+
+        if not args.reference:
+            raise OneWordError("--curate needs --reference DIR (the concept's images)")
+        refs = [im.image for im in load_folder(args.reference)]
+        clip = args.clip or default_space_name(model.family)
+        picked = curate(model, args.prompt, settings, args.curate, load_space(clip, model.device), refs)
+        images = picked.images
+        meta.update(curate=str(args.curate), clip=clip, curated_seeds=",".join(map(str, picked.seeds)))
+    path = render_grid(model, args.prompt, settings, args.out, meta, images=images)
     print(path)
     return 0
 
@@ -220,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info, "toy": _cmd_toy}
+    from oneword.eval.cli import cmd_eval
+
+    commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info, "toy": _cmd_toy,
+                "eval": cmd_eval}
     try:
         return commands[args.command](args)
     except OneWordError as err:

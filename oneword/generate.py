@@ -80,10 +80,11 @@ def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSe
 
 def render_grid(
     model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings, out: str | Path,
-    extra_metadata: dict[str, str] | None = None,
+    extra_metadata: dict[str, str] | None = None, images: Sequence[Image.Image] | None = None,
 ) -> Path:
-    """Generate and save a grid (a row per prompt, a column per seed) with its settings in the PNG."""
-    images = generate_images(model, prompts, settings)
+    """Generate and save a grid (a row per prompt, a column per seed) with its settings in the PNG;
+    ``images`` (prompt-major, one per seed) are saved instead of generating (curated samples)."""
+    images = list(images) if images is not None else generate_images(model, prompts, settings)
     grid = image_grid(images, cols=len(settings.seeds))
     meta = {
         "prompts": json.dumps(list(prompts)), "seeds": json.dumps(settings.seeds),

@@ -1,0 +1,157 @@
+"""``ti eval score`` and ``ti eval curve``: the command-line side of :mod:`oneword.eval`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from oneword.errors import OneWordError
+
+logger = logging.getLogger("oneword")
+
+_CURVE_SKIP = frozenset({"token", "init", "steps", "save_every", "preview_every", "preview_prompts",
+                         "preview_seeds", "preview_steps"})
+
+
+def _scoring_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clip", default=None,
+                   help="CLIP space of the paper's metrics: toy, ViT-B-32, ViT-L-14, ARCH:TAG (open_clip), "
+                        "random (smoke tests only) or none (default: toy for the toy model, else ViT-B-32)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the toy world's attribute oracle")
+    p.add_argument("--preset", choices=["paper", "cpu"], default=None,
+                   help="sampling set-up: paper = 64 samples x 50 steps, cpu = 8 x 25 "
+                        "(default: cpu for toy/tiny models, paper otherwise)")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt (overrides the preset)")
+    p.add_argument("--sample-steps", type=int, default=None, help="denoising steps (overrides the preset)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (overrides the preset)")
+    p.add_argument("--edit-prompt", nargs="+", default=None, metavar="PROMPT",
+                   help="edit prompts with {} for the pseudo-word (default: the paper's kinds, or toy backgrounds)")
+    p.add_argument("--out", default=None, help="folder for results.json/.md and the plots")
+
+
+def add_eval_parser(sub, model_options) -> None:
+    from oneword.cli import add_dataclass_options
+    from oneword.inversion.config import InversionConfig
+
+    ev = sub.add_parser("eval", help="score embeddings the paper's way; quality-versus-steps curves")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    s = ev_sub.add_parser("score", help="score embedding files against their concepts' reference images",
+                          description="Reconstruction and editability (Gal et al. 2022, section 5) of each "
+                                      "embedding, with the initializer word and the real images as references.")
+    model_options(s)
+    s.add_argument("embeddings", nargs="+", metavar="EMBEDDING", help="embedding files or run folders")
+    s.add_argument("--concept", nargs="+", required=True, metavar="DIR",
+                   help="reference-image folder: one for all embeddings, or one per embedding")
+    s.add_argument("--init", default=None, help="initializer word of the baseline (default: from the file)")
+    _scoring_options(s)
+
+    c = ev_sub.add_parser("curve", help="quality versus optimization steps for one or more settings",
+                          description="Invert each concept to the largest budget, scoring at every budget; "
+                                      "writes results.json, results.md and PNG plots.")
+    model_options(c)
+    c.add_argument("concepts", nargs="+", metavar="CONCEPT_DIR", help="reference-image folders")
+    c.add_argument("--budgets", nargs="+", type=int, default=[0, 50, 100, 200, 500, 1000, 2000, 3000],
+                   help="step counts to score at (default: 0 50 100 200 500 1000 2000 3000)")
+    c.add_argument("--variant", nargs="+", default=None, metavar="NAME:KEY=VALUE,...",
+                   help="settings to compare, e.g. 'lr 1e-2:base_lr=0.01' '2 vectors:num_vectors=2' "
+                        "(default: one line with the base settings)")
+    c.add_argument("--init", default=None, help="initializer word (default: the toy concept's shape)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _scoring_options(c)
+    add_dataclass_options(c, InversionConfig, skip=_CURVE_SKIP)
+
+
+def _settings(args: argparse.Namespace, model):
+    from oneword.eval.protocol import PRESETS, default_preset
+
+    base = PRESETS[args.preset or default_preset(model)]
+    over = {"samples": args.samples, "steps": args.sample_steps, "guidance": args.guidance,
+            "edit_prompts": args.edit_prompt}
+    return dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
+
+
+def _scorer_factory(args: argparse.Namespace, probe):
+    """A function model -> Scorer, with the CLIP space and oracle loaded once."""
+    from oneword.eval.protocol import Scorer
+    from oneword.eval.space import default_space_name, load_space
+
+    settings = _settings(args, probe)
+    name = args.clip or default_space_name(probe.family)
+    space = None if name == "none" else load_space(name, device=probe.device)
+    oracle = None
+    if probe.family == "toy" and not args.no_oracle:
+        from oneword.toy.oracle import load_oracle
+
+        oracle = load_oracle()
+    if space is None and oracle is None:
+        raise OneWordError("nothing to score with: --clip none needs the toy model's oracle")
+    return settings, (lambda model: Scorer(model, settings, space, oracle)), name
+
+
+def _finish(rows, args, settings, clip_name) -> int:
+    from oneword.eval.report import markdown_table, summarize, write_report
+
+    print(markdown_table(summarize(rows)), end="")
+    if args.out:
+        meta = {"model": args.model, "clip": clip_name, **dataclasses.asdict(settings)}
+        for path in write_report(rows, Path(args.out), meta).values():
+            print(path)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from oneword.eval.protocol import load_concept
+    from oneword.models import load_model
+
+    def load():
+        return load_model(args.model, device=args.device)
+
+    if args.eval_command == "score":
+        return _score(args, load)
+    from oneword.eval.curves import Method, parse_variant, run_curve
+    from oneword.inversion.config import InversionConfig
+
+    concepts = [load_concept(d, args.init) for d in args.concepts]
+    fields = {f.name for f in dataclasses.fields(InversionConfig)} - _CURVE_SKIP
+    base = InversionConfig(**{k: getattr(args, k) for k in fields}, token="<eval>", init=concepts[0].init)
+    try:
+        methods = [parse_variant(v) for v in args.variant] if args.variant else [Method("textual inversion")]
+        for m in methods:
+            dataclasses.replace(base, **m.overrides)  # bad values fail before any sampling
+    except (TypeError, ValueError) as err:
+        raise OneWordError(str(err)) from None
+    settings, make_scorer, clip_name = _scorer_factory(args, load())
+    rows = run_curve(load, concepts, base, methods, args.budgets, make_scorer, progress=not args.no_progress)
+    return _finish(rows, args, settings, clip_name)
+
+
+def _score(args: argparse.Namespace, load) -> int:
+    from oneword.eval.protocol import load_concept
+    from oneword.generate import add_embeddings
+
+    if len(args.concept) not in (1, len(args.embeddings)):
+        raise OneWordError(f"give one --concept folder or one per embedding ({len(args.embeddings)})")
+    folders = args.concept * len(args.embeddings) if len(args.concept) == 1 else args.concept
+    model = load()
+    settings, make_scorer, clip_name = _scorer_factory(args, model)
+    embs = add_embeddings(model, args.embeddings)
+    scorer = make_scorer(model)
+    rows, seen = [], set()
+    for path, emb, folder in zip(args.embeddings, embs, folders):
+        init = args.init or emb.metadata.get("oneword.init") or None
+        concept = load_concept(folder, init)
+        if folder not in seen:  # references once per concept
+            seen.add(folder)
+            for name, scores in (("initializer word", scorer.score(concept.init, concept)),
+                                 ("real images", scorer.real_images(concept))):
+                rows.append({"method": name, "concept": concept.name, "steps": None, "seconds": 0.0,
+                             **scores.as_dict()})
+        steps = emb.metadata.get("oneword.steps")
+        rows.append({"method": Path(path).name, "concept": concept.name,
+                     "steps": int(steps) if steps and steps.isdigit() else None, "seconds": 0.0,
+                     **scorer.score(emb.token, concept).as_dict()})
+        logger.info("%s: %s", path, json.dumps(rows[-1]))
+    return _finish(rows, args, settings, clip_name)

@@ -1,0 +1,117 @@
+"""Quality versus optimization budget: the harness behind ``ti eval curve`` and ``make bench``.
+
+For every method (a setting of the inversion, or later an encoder that supplies the starting
+vectors) and every concept, one inversion runs to the largest budget and is scored each time it
+passes a budget (0 = the starting vectors). Beside them the harness scores two reference points per
+concept: the initializer word alone and the real images against each other (the paper's upper line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from oneword.eval.protocol import ConceptRef, Scorer
+from oneword.inversion.config import InversionConfig
+from oneword.inversion.train import Inversion
+from oneword.models import FrozenLDM
+
+logger = logging.getLogger(__name__)
+
+#: What the paper-scale curve scores (the issue's budgets).
+DEFAULT_BUDGETS: tuple[int, ...] = (0, 50, 100, 200, 500, 1000, 2000, 3000)
+
+InitFn = Callable[[FrozenLDM, ConceptRef], list[torch.Tensor]]
+
+
+@dataclass
+class Method:
+    """One line of the curve: inversion settings (``InversionConfig`` field overrides) and,
+    optionally, a function giving the starting vectors (an encoder); default: the initializer."""
+
+    name: str
+    overrides: dict[str, object] = field(default_factory=dict)
+    init_fn: InitFn | None = None
+
+
+def parse_variant(text: str) -> Method:
+    """``"NAME:key=value,key=value"`` -> :class:`Method` (values parsed as int, float or str).
+
+    ``"lr 1e-2:base_lr=0.01"``, ``"2 vectors:num_vectors=2"``, ``"reg:reg_weight=0.01"``.
+    """
+    name, _, spec = text.partition(":")
+    if not name.strip():
+        raise ValueError(f"variant {text!r} needs a name before ':'")
+    known = {f.name for f in dataclasses.fields(InversionConfig)}
+    overrides: dict[str, object] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or key.strip() not in known:
+            raise ValueError(f"variant {text!r}: {item!r} is not key=value with an inversion setting")
+        value: object = raw.strip()
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        overrides[key.strip()] = value
+    return Method(name.strip(), overrides)
+
+
+def run_curve(
+    load_model: Callable[[], FrozenLDM],
+    concepts: Sequence[ConceptRef],
+    base: InversionConfig,
+    methods: Sequence[Method],
+    budgets: Sequence[int],
+    make_scorer: Callable[[FrozenLDM], Scorer],
+    progress: bool = True,
+) -> list[dict]:
+    """Rows ``{method, concept, steps, seconds, <scores>}``; reference rows have ``steps=None``
+    and ``method`` ``"initializer word"`` or ``"real images"``. ``seconds`` is the optimization
+    time to reach the budget (scoring excluded), plus the ``init_fn`` time for encoder methods."""
+    budgets = sorted({int(b) for b in budgets})
+    if not budgets or budgets[0] < 0:
+        raise ValueError("budgets must be non-negative step counts")
+    if not concepts or not methods:
+        raise ValueError("need at least one concept and one method")
+    rows: list[dict] = []
+    total = len(concepts) * (len(methods) * budgets[-1])
+    bar = tqdm(total=total, disable=not progress, desc="curve", unit="step", dynamic_ncols=True)
+    for i, concept in enumerate(concepts):
+        model = load_model()
+        scorer = make_scorer(model)
+        for name, scores in (("initializer word", scorer.score(concept.init, concept)),
+                             ("real images", scorer.real_images(concept))):
+            rows.append({"method": name, "concept": concept.name, "steps": None, "seconds": 0.0,
+                         **scores.as_dict()})
+        for j, method in enumerate(methods):
+            if j:
+                model = load_model()  # every method starts from an untouched model
+                scorer = make_scorer(model)
+            token = f"<eval-{i}-{j}>"
+            cfg = dataclasses.replace(base, token=token, init=concept.init, steps=max(1, budgets[-1]),
+                                      save_every=0, preview_every=0, **method.overrides)
+            t0 = time.perf_counter()
+            start = method.init_fn(model, concept) if method.init_fn else None
+            inv = Inversion(model, concept.images, cfg, start)
+            elapsed = time.perf_counter() - t0
+            for budget in budgets:
+                t0 = time.perf_counter()
+                while inv.step < budget:
+                    inv.train_step()
+                    bar.update(1)
+                elapsed += time.perf_counter() - t0
+                scores = scorer.score(token, concept)
+                rows.append({"method": method.name, "concept": concept.name, "steps": budget,
+                             "seconds": round(elapsed, 3), **scores.as_dict()})
+                logger.info("%s %s @%d: %s", method.name, concept.name, budget, scores.as_dict())
+    bar.close()
+    return rows

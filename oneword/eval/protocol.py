@@ -1,0 +1,205 @@
+"""The evaluation protocol: which prompts are sampled, how, and how the samples are scored.
+
+Gal et al. (2022, section 5) generate 64 samples with 50 DDIM steps from "a photo of S*" for
+reconstruction, and 64 samples per edit prompt (new backgrounds, styles, compositions) for
+editability. :data:`PRESETS` holds that set-up (``paper``, the default for real checkpoints) and a
+smaller one for CPU runs (``cpu``: 8 samples, 25 steps; the default for the toy world and the
+miniature test models). Seeds are fixed, so every method is scored on the same noise.
+
+In the toy world the attribute oracle adds exact scores: ``recon_oracle`` is the share of the
+concept's four attributes (shape, fill, pattern, outline) found in "a photo of S*" samples,
+``edit_oracle`` the share of "a photo of S* on a <colour> background" samples showing that
+background, and ``identity_oracle`` the share of the concept's attributes kept in those edits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from oneword.data.images import LoadedImage, load_folder
+from oneword.errors import InputError
+from oneword.eval.metrics import (
+    attribute_share,
+    honoured_share,
+    mean_pairwise_similarity,
+    mean_similarity,
+    paired_similarity,
+)
+from oneword.eval.space import ClipSpace
+from oneword.generate import SampleSettings, generate_images
+from oneword.models import FrozenLDM
+
+RECONSTRUCTION_PROMPT = "a photo of {}"
+
+#: Edit prompts for real checkpoints, in the paper's three kinds.
+EDIT_PROMPTS: tuple[str, ...] = (
+    # new backgrounds
+    "a photo of {} on the beach", "a photo of {} in the jungle", "a photo of {} in the snow",
+    "a photo of {} with the Eiffel Tower in the background",
+    # styles
+    "an oil painting of {}", "a watercolor painting of {}", "a pencil sketch of {}",
+    "a painting of {} in the style of Van Gogh",
+    # compositions
+    "a photo of {} next to a cup of coffee", "a photo of {} on a wooden table with a plant",
+    "a photo of two {} side by side", "a photo of a cat playing with {}",
+)
+
+
+def toy_edit_prompts() -> list[tuple[str, dict[str, str]]]:
+    """The toy world's edits: the concept on each background, with the attribute that must show."""
+    from oneword.toy.render import BACKGROUNDS
+
+    return [(f"a photo of {{}} on a {bg} background", {"background": bg}) for bg in BACKGROUNDS]
+
+
+@dataclass
+class EvalSettings:
+    """How samples are drawn for scoring."""
+
+    samples: int = 64
+    """Samples per prompt (the paper: 64)."""
+    steps: int = 50
+    """Denoising steps (the paper: 50 DDIM steps)."""
+    guidance: float = 7.5
+    """Classifier-free guidance scale."""
+    seed: int = 0
+    """Sample ``i`` of every prompt uses seed ``seed + i``."""
+    edit_prompts: list[str] = field(default_factory=list)
+    """Edit prompts with ``{}`` for the pseudo-word; default: :data:`EDIT_PROMPTS` (real models)
+    or the toy backgrounds (toy model)."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.steps < 1:
+            raise ValueError("samples and steps must be at least 1")
+        bad = [p for p in self.edit_prompts if "{}" not in p]
+        if bad:
+            raise ValueError(f"edit prompts need {{}} where the pseudo-word goes: {bad[0]!r}")
+
+    def sampling(self) -> SampleSettings:
+        return SampleSettings(steps=self.steps, guidance=self.guidance,
+                              seeds=list(range(self.seed, self.seed + self.samples)))
+
+
+PRESETS: dict[str, EvalSettings] = {
+    "paper": EvalSettings(samples=64, steps=50, guidance=7.5),
+    "cpu": EvalSettings(samples=8, steps=25, guidance=5.0),
+}
+
+
+def default_preset(model: FrozenLDM) -> str:
+    """``cpu`` for the toy world and the miniature models, ``paper`` for real checkpoints."""
+    return "cpu" if model.family == "toy" or model.source.startswith("tiny-") else "paper"
+
+
+@dataclass
+class ConceptRef:
+    """A concept to score against: its reference images, its initializer word and, in the toy
+    world, its true attributes (``concept.json`` beside the images)."""
+
+    name: str
+    images: list[LoadedImage]
+    init: str
+    attributes: dict[str, str] | None = None
+
+
+def load_concept(folder: str | Path, init: str | None = None) -> ConceptRef:
+    """Images of ``folder`` and its ``concept.json`` if any; ``init`` defaults to the toy shape."""
+    folder = Path(folder)
+    images = load_folder(folder)
+    attributes = None
+    meta = folder / "concept.json"
+    if meta.is_file():
+        try:
+            attributes = {str(k): str(v) for k, v in json.loads(meta.read_text()).items()}
+        except (ValueError, AttributeError) as err:
+            raise InputError(f"{meta} is not a JSON object of attributes ({err})") from None
+    if init is None:
+        if not attributes or "shape" not in attributes:
+            raise InputError(f"{folder}: give the initializer word (--init), e.g. the object's class")
+        init = attributes["shape"]
+    return ConceptRef(folder.name, images, init, attributes)
+
+
+@dataclass
+class Scores:
+    """Scores of one pseudo-word (or reference point) on one concept; None where not measured."""
+
+    recon_clip: float | None = None
+    edit_clip: float | None = None
+    recon_oracle: float | None = None
+    edit_oracle: float | None = None
+    identity_oracle: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+    @staticmethod
+    def names() -> list[str]:
+        return [f.name for f in fields(Scores)]
+
+
+def edit_specs(model: FrozenLDM, settings: EvalSettings) -> list[tuple[str, dict[str, str]]]:
+    """``(prompt, expected attributes)`` per edit prompt (expectations only in the toy world)."""
+    if settings.edit_prompts:
+        return [(p, {}) for p in settings.edit_prompts]
+    if model.family == "toy":
+        return toy_edit_prompts()
+    return [(p, {}) for p in EDIT_PROMPTS]
+
+
+def without_word(prompt: str) -> str:
+    """The edit prompt's text with the pseudo-word removed (what editability compares against)."""
+    return " ".join(prompt.replace("{}", "").split())
+
+
+class Scorer:
+    """Scores words on concepts with fixed samples; caches the reference images' features."""
+
+    def __init__(self, model: FrozenLDM, settings: EvalSettings, space: ClipSpace | None = None,
+                 oracle=None) -> None:
+        if space is None and oracle is None:
+            raise ValueError("give a CLIP space, an oracle, or both")
+        self.model, self.settings, self.space, self.oracle = model, settings, space, oracle
+        self.edits = edit_specs(model, settings)
+        self._ref_cache: dict[int, object] = {}
+        self._text_cache = None
+
+    def _ref_features(self, concept: ConceptRef):
+        key = id(concept)
+        if key not in self._ref_cache:
+            self._ref_cache[key] = self.space.images([im.image for im in concept.images])
+        return self._ref_cache[key]
+
+    def score(self, word: str, concept: ConceptRef) -> Scores:
+        """Sample "a photo of <word>" and every edit prompt with ``word``, and score them."""
+        sampling = self.settings.sampling()
+        n = len(sampling.seeds)
+        recon = generate_images(self.model, [RECONSTRUCTION_PROMPT.format(word)], sampling)
+        edits = generate_images(self.model, [p.format(word) for p, _ in self.edits], sampling)
+        s = Scores()
+        if self.space is not None:
+            s.recon_clip = mean_similarity(self.space.images(recon), self._ref_features(concept))
+            if self._text_cache is None:
+                texts = self.space.texts([without_word(p) for p, _ in self.edits])
+                self._text_cache = texts.repeat_interleave(n, dim=0)
+            s.edit_clip = paired_similarity(self.space.images(edits), self._text_cache)
+        if self.oracle is not None and concept.attributes:
+            s.recon_oracle = attribute_share(self.oracle.predict(recon), concept.attributes)
+            expected = [want for _, want in self.edits for _ in range(n)]
+            if all(expected):
+                preds = self.oracle.predict(edits)
+                s.edit_oracle = honoured_share(preds, expected)
+                s.identity_oracle = attribute_share(preds, concept.attributes)
+        return s
+
+    def real_images(self, concept: ConceptRef) -> Scores:
+        """The upper line: the reference images scored as if they were samples."""
+        s = Scores()
+        if self.space is not None and len(concept.images) > 1:
+            s.recon_clip = mean_pairwise_similarity(self._ref_features(concept))
+        if self.oracle is not None and concept.attributes:
+            s.recon_oracle = attribute_share(self.oracle.predict([im.image for im in concept.images]),
+                                             concept.attributes)
+        return s

@@ -1,0 +1,147 @@
+"""Tables and plots of evaluation rows: ``results.json``, ``results.md``, ``quality_vs_steps.png``
+and ``recon_edit_plane.png`` (the paper's reconstruction-editability figure)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from oneword.eval.protocol import Scores
+from oneword.fileio import atomic_path, atomic_write_text
+
+REFERENCES = ("initializer word", "real images")
+#: (reconstruction metric, editability metric, label) pairs drawn when measured.
+PAIRS = (("recon_clip", "edit_clip", "CLIP"), ("recon_oracle", "edit_oracle", "oracle"))
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Mean of every score over concepts, per (method, steps); rows in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["steps"]), []).append(row)
+    out = []
+    for (method, steps), members in groups.items():
+        summary = {"method": method, "steps": steps, "concepts": len(members),
+                   "seconds": sum(r.get("seconds") or 0.0 for r in members) / len(members)}
+        for name in Scores.names():
+            vals = [r[name] for r in members if r.get(name) is not None]
+            summary[name] = sum(vals) / len(vals) if vals else None
+        out.append(summary)
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def markdown_table(summary: Sequence[dict]) -> str:
+    """A Markdown table with only the score columns that were measured."""
+    cols = [n for n in Scores.names() if any(r.get(n) is not None for r in summary)]
+    head = ["method", "steps", *cols, "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        steps = "–" if r["steps"] is None else str(r["steps"])
+        cells = [r["method"], steps, *(_fmt(r.get(c)) for c in cols), f"{r['seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_quality_vs_steps(summary: Sequence[dict], path: Path) -> Path | None:
+    """One panel per measured score, a line per method, references as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [n for n in Scores.names() if any(r.get(n) is not None for r in summary)]
+    if not cols:
+        return None
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.4), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in summary if r["steps"] is not None))
+    for ax, col in zip(axes[0], cols):
+        for m in methods:
+            pts = sorted((r["steps"], r[col]) for r in summary
+                         if r["method"] == m and r["steps"] is not None and r.get(col) is not None)
+            if pts:
+                xs = [max(x, 1) for x, _ in pts]  # log axis: budget 0 drawn at 1
+                ax.plot(xs, [y for _, y in pts], marker="o", label=m)
+        for ref, style in zip(REFERENCES, (":", "--")):
+            vals = [r[col] for r in summary if r["method"] == ref and r.get(col) is not None]
+            if vals:
+                ax.axhline(vals[0], color="gray", linestyle=style, label=ref)
+        ax.set_xscale("log")
+        ax.set_xlabel("optimization steps (0 drawn at 1)")
+        ax.set_title(col)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_plane(summary: Sequence[dict], path: Path) -> Path | None:
+    """Reconstruction (x) against editability (y), a curve per method labelled with its steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [p for p in PAIRS if any(r.get(p[0]) is not None and r.get(p[1]) is not None for r in summary)]
+    if not pairs:
+        return None
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    for ax, (rx, ry, label) in zip(axes[0], pairs):
+        for m in methods:
+            pts = sorted(((r["steps"] if r["steps"] is not None else -1), r[rx], r[ry]) for r in summary
+                         if r["method"] == m and r.get(rx) is not None and r.get(ry) is not None)
+            if not pts:
+                continue
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o" if pts[0][0] >= 0 else "*",
+                    markersize=6 if pts[0][0] >= 0 else 12, label=m)
+            for steps, x, y in pts:
+                if steps >= 0:
+                    ax.annotate(str(steps), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel(f"reconstruction ({label})")
+        ax.set_ylabel(f"editability ({label})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_report(rows: Sequence[dict], out: Path, settings: dict | None = None) -> dict[str, Path]:
+    """Write the JSON (rows, summary, settings), the Markdown table and both plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    doc = {"settings": settings or {}, "summary": summary,
+           "rows": [{k: _clean(v) for k, v in r.items()} for r in rows]}
+    files = {
+        "json": atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n"),
+        "markdown": atomic_write_text(out / "results.md", markdown_table(summary)),
+    }
+    for key, fn, name in (("curve", plot_quality_vs_steps, "quality_vs_steps.png"),
+                          ("plane", plot_plane, "recon_edit_plane.png")):
+        path = fn(summary, out / name)
+        if path is not None:
+            files[key] = path
+    return files

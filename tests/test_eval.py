@@ -1,0 +1,196 @@
+"""Evaluation: metric functions on known inputs, the oracle metrics on renders, the scorer, the
+curve harness and its report, curation, and `ti eval` / `ti generate --curate` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from oneword.cli import main
+from oneword.eval.curate import curate
+from oneword.eval.curves import Method, parse_variant, run_curve
+from oneword.eval.metrics import (
+    attribute_share,
+    cosine_matrix,
+    honoured_share,
+    mean_pairwise_similarity,
+    mean_similarity,
+    paired_similarity,
+)
+from oneword.eval.protocol import EvalSettings, Scorer, load_concept, without_word
+from oneword.eval.report import markdown_table, summarize, write_report
+from oneword.eval.space import ClipSpace, load_space
+from oneword.generate import SampleSettings
+from oneword.inversion.config import InversionConfig
+from oneword.models import load_model
+
+TINY_EVAL = ["--samples", "2", "--sample-steps", "2", "--clip", "random"]
+
+
+def test_identical_features_score_one_and_orthogonal_zero():
+    a = torch.randn(5, 16)
+    assert mean_similarity(a[:1], a[:1] * 3) == pytest.approx(1.0)
+    assert paired_similarity(a, 2 * a) == pytest.approx(1.0)
+    eye = torch.eye(4)
+    assert mean_similarity(eye[:2], eye[2:]) == pytest.approx(0.0)
+    assert mean_pairwise_similarity(eye) == pytest.approx(0.0)
+    same = torch.ones(3, 4)
+    assert mean_pairwise_similarity(same) == pytest.approx(1.0)
+    assert cosine_matrix(eye, eye).diagonal().tolist() == [1.0] * 4
+
+
+def test_metric_shape_errors():
+    with pytest.raises(ValueError):
+        cosine_matrix(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError):
+        paired_similarity(torch.zeros(2, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError):
+        mean_pairwise_similarity(torch.zeros(1, 3))
+
+
+def test_oracle_metrics_on_renders():
+    import random
+
+    from oneword.toy.oracle import load_oracle
+    from oneword.toy.render import Concept, render, sample_pose
+
+    concept = Concept("star", "red", "stripes", "black")
+    rng = random.Random(0)
+    images = [render(concept, bg, sample_pose(rng), size=64) for bg in ("teal", "navy", "gray")]
+    preds = load_oracle().predict(images)
+    attrs = concept.attributes()
+    assert attribute_share(preds, attrs) == 1.0
+    assert attribute_share(preds, {**attrs, "fill": "blue"}) == pytest.approx(0.75)
+    assert honoured_share(preds, [{"background": b} for b in ("teal", "navy", "gray")]) == 1.0
+    assert honoured_share(preds, [{"background": "teal"}] * 3) == pytest.approx(1 / 3)
+
+
+def test_without_word():
+    assert without_word("a photo of {} on the beach") == "a photo of on the beach"
+
+
+def test_scorer_is_deterministic_and_bounded(tiny_dirs, concept_dir):
+    model = load_model("tiny-sd1")
+    settings = EvalSettings(samples=2, steps=2, edit_prompts=["a photo of {} on the beach", "a sketch of {}"])
+    scorer = Scorer(model, settings, load_space("random"))
+    concept = load_concept(concept_dir, init="disc")
+    a, b = scorer.score("disc", concept), scorer.score("disc", concept)
+    assert a == b
+    assert -1 <= a.recon_clip <= 1 and -1 <= a.edit_clip <= 1 and a.recon_oracle is None
+    real = scorer.real_images(concept)
+    assert -1 <= real.recon_clip <= 1 and real.edit_clip is None
+
+
+def test_parse_variant():
+    m = parse_variant("lr 1e-2:base_lr=0.01,num_vectors=2,template=style")
+    assert m.name == "lr 1e-2" and m.overrides == {"base_lr": 0.01, "num_vectors": 2, "template": "style"}
+    assert parse_variant("plain").overrides == {}
+    for bad in (":base_lr=1", "x:nonsense=1", "x:base_lr"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+
+
+def test_curve_harness_and_report(tiny_dirs, concept_dir, tmp_path):
+    concept = load_concept(concept_dir, init="disc")
+    base = InversionConfig(token="<x>", init="disc", batch_size=1, resolution=32, views_per_image=1)
+    settings = EvalSettings(samples=2, steps=2, edit_prompts=["a sketch of {}"])
+    space = load_space("random")
+    methods = [Method("base"), Method("big lr", {"base_lr": 0.05})]
+    rows = run_curve(lambda: load_model("tiny-sd1"), [concept], base, methods, [0, 2],
+                     lambda m: Scorer(m, settings, space), progress=False)
+    assert [(r["method"], r["steps"]) for r in rows] == [
+        ("initializer word", None), ("real images", None),
+        ("base", 0), ("base", 2), ("big lr", 0), ("big lr", 2)]
+    assert rows[2]["recon_clip"] == rows[4]["recon_clip"]  # budget 0: both start from the initializer
+    assert rows[3]["recon_clip"] != rows[2]["recon_clip"]  # two steps moved the word
+    assert rows[3]["seconds"] > 0
+    files = write_report(rows, tmp_path / "report", {"note": "test"})
+    doc = json.loads(files["json"].read_text())
+    assert len(doc["rows"]) == 6 and doc["settings"] == {"note": "test"}
+    table = files["markdown"].read_text()
+    assert "| big lr | 2 |" in table and "recon_oracle" not in table
+    for key in ("curve", "plane"):
+        assert Image.open(files[key]).size[0] > 100
+
+
+def test_summarize_means_over_concepts():
+    rows = [{"method": "m", "steps": 5, "seconds": 1.0, "recon_clip": 0.2},
+            {"method": "m", "steps": 5, "seconds": 3.0, "recon_clip": 0.4}]
+    (s,) = summarize(rows)
+    assert s["recon_clip"] == pytest.approx(0.3) and s["seconds"] == 2.0 and s["edit_clip"] is None
+    assert "0.300" in markdown_table([s])
+
+
+def test_curate_keeps_the_closest_candidate(tiny_dirs):
+    model = load_model("tiny-sd1")
+
+    def mean_colour(images):
+        return torch.stack([torch.tensor(im.convert("RGB").resize((1, 1)).getpixel((0, 0)),
+                                         dtype=torch.float32) - 127.5 for im in images])
+
+    space = ClipSpace("colour", mean_colour, lambda t: torch.zeros(len(t), 3))
+    refs = [Image.new("RGB", (8, 8), (255, 0, 0))]
+    settings = SampleSettings(steps=2, seeds=[0, 1])
+    picked = curate(model, ["a photo"], settings, 3, space, refs)
+    assert len(picked.images) == 2 and picked.seeds[0] in (0, 1, 2) and picked.seeds[1] in (3, 4, 5)
+    target = torch.nn.functional.normalize(mean_colour(refs)[0], dim=0)
+    from oneword.generate import generate_images
+
+    for slot in range(2):
+        cands = generate_images(model, ["a photo"], SampleSettings(steps=2, seeds=[3 * slot + k for k in range(3)]))
+        sims = torch.nn.functional.normalize(mean_colour(cands), dim=-1) @ target
+        assert picked.scores[slot] == pytest.approx(float(sims.max()), abs=1e-5)
+
+
+def test_ti_eval_curve_and_score(tiny_dirs, concept_dir, tmp_path, capsys):
+    out = tmp_path / "curve"
+    code = main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", "--init", "disc", "--budgets", "0", "1",
+                 "--variant", "a", "b:base_lr=0.02", "--batch_size", "1", "--resolution", "32",
+                 "--views_per_image", "1", "--no-progress", *TINY_EVAL, "--edit-prompt", "a sketch of {}",
+                 "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| b | 1 |" in printed and "initializer word" in printed
+    assert (out / "quality_vs_steps.png").is_file() and (out / "recon_edit_plane.png").is_file()
+
+    run = tmp_path / "run"
+    assert main(["invert", str(concept_dir), "--model", "tiny-sd1", "--token", "<red-disc>", "--init", "disc",
+                 "--steps", "1", "--batch_size", "1", "--resolution", "32", "--views_per_image", "1",
+                 "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "score", str(run / "red-disc.safetensors"), "--concept", str(concept_dir),
+                 "--model", "tiny-sd1", *TINY_EVAL, "--edit-prompt", "a sketch of {}"]) == 0
+    printed = capsys.readouterr().out
+    assert "| red-disc.safetensors | 1 |" in printed and "real images" in printed
+
+
+def test_ti_eval_errors(tiny_dirs, concept_dir, capsys):
+    assert main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", *TINY_EVAL]) == 2
+    assert "--init" in capsys.readouterr().err  # no concept.json: the initializer must be given
+    assert main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", "--init", "disc",
+                 "--variant", "x:bogus=1", *TINY_EVAL]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_generate_curate(tiny_dirs, concept_dir, tmp_path):
+    png = tmp_path / "curated.png"
+    assert main(["generate", "--model", "tiny-sd1", "--embedding", str(_embedding(tmp_path)),
+                 "--prompt", "a photo of <e>", "-n", "2", "--steps", "2", "--curate", "3",
+                 "--reference", str(concept_dir), "--clip", "random", "--out", str(png)]) == 0
+    meta = Image.open(png).text
+    assert meta["curate"] == "3" and len(meta["curated_seeds"].split(",")) == 2
+    assert main(["generate", "--model", "tiny-sd1", "--embedding", str(_embedding(tmp_path)),
+                 "--prompt", "a photo of <e>", "--curate", "2", "--out", str(png)]) == 2
+
+
+def _embedding(tmp_path):
+    from oneword.inversion.embedding_io import Embedding, save_single_file
+
+    path = tmp_path / "e.safetensors"
+    if not path.exists():
+        model = load_model("tiny-sd1")
+        save_single_file(Embedding("<e>", model.initializer_vectors("disc", 1)), path)
+    return path
