@@ -127,10 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of poses and backgrounds")
     r.add_argument("--train-split", action="store_true",
                    help="draw concepts from the training split instead of the held-out one")
-    t = toy_sub.add_parser("train", help="train the toy diffusion model from scratch (resumable)")
+    t = toy_sub.add_parser("train", help="rebuild the toy world's trained parts from scratch (resumable)",
+                           description="Train the attribute oracle, the toy CLIP and the toy diffusion model "
+                                       "(in that order; finished parts are skipped, interrupted ones resume).")
+    t.add_argument("--parts", nargs="+", choices=["oracle", "clip", "ldm"], default=["oracle", "clip", "ldm"],
+                   help="what to train (default: all three)")
     t.add_argument("--work", default="runs/toy-train", help="checkpoints and logs; re-run to resume")
-    t.add_argument("--out", default=None, help="export folder (default: the package's toy weights)")
+    t.add_argument("--out", default=None, help="weights folder (default: the package's oneword/toy/weights)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    t.add_argument("--oracle-steps", type=int, default=None, help="oracle steps (default: 1500)")
+    t.add_argument("--clip-steps", type=int, default=None, help="toy CLIP steps (default: 3000)")
     t.add_argument("--vae-steps", type=int, default=None,
                    help="autoencoder steps (default: ToyLDMConfig.vae_steps, 1500)")
     t.add_argument("--ldm-steps", type=int, default=None,
@@ -230,14 +236,18 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     import torch
 
     from oneword.toy import WEIGHTS
-    from oneword.toy.ldm import ToyLDMConfig, train_toy_ldm
+    from oneword.toy.build import ToyBuildConfig, build_toy_world
+    from oneword.toy.ldm import ToyLDMConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps}
-    cfg = ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None})
-    out = train_toy_ldm(Path(args.work), Path(args.out) if args.out else WEIGHTS / "ldm", cfg)
-    print(out)
+    cfg = ToyBuildConfig(ldm=ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None}))
+    cfg.oracle_steps = args.oracle_steps or cfg.oracle_steps
+    cfg.clip_steps = args.clip_steps or cfg.clip_steps
+    written = build_toy_world(Path(args.work), Path(args.out) if args.out else WEIGHTS, args.parts, cfg)
+    for path in written.values():
+        print(path)
     return 0
 
 

@@ -56,3 +56,34 @@ def test_text_to_image_accuracy_runs_on_a_toy_model(tmp_path):
     acc = text_to_image_accuracy(load_model(str(out)), load_oracle(),
                                  QualitySettings(samples_per_value=1, steps=2))
     assert set(acc) == set(ATTRIBUTES) and all(0.0 <= v <= 1.0 for v in acc.values())
+
+
+def test_build_toy_world_trains_every_part_then_skips_them(tmp_path, monkeypatch):
+    import oneword.toy.oracle as oracle_mod
+    from oneword.toy.build import ToyBuildConfig, build_toy_world
+    from oneword.toy.clip import ToyCLIPConfig, load_toy_clip
+    from oneword.toy.oracle import OracleConfig, load_oracle
+
+    small_oracle = OracleConfig(image_size=32, channels=[8, 8, 8, 8])
+    real_train = oracle_mod.train_oracle
+    monkeypatch.setattr(oracle_mod, "train_oracle",
+                        lambda out, **kw: real_train(out, batch_size=4, config=small_oracle, **kw))
+    import oneword.toy.clip as clip_mod
+
+    real_clip = clip_mod.train_toy_clip
+    small_clip = ToyCLIPConfig(embed_dim=16, vision_width=16, vision_layers=1, text_width=16, text_layers=1)
+    monkeypatch.setattr(clip_mod, "train_toy_clip",
+                        lambda out, **kw: real_clip(out, batch_size=4, cfg=small_clip, **kw))
+    work, out = tmp_path / "work", tmp_path / "weights"
+    cfg = ToyBuildConfig(oracle_steps=1, clip_steps=1, ldm=tiny_cfg())
+    written = build_toy_world(work, out, cfg=cfg, progress=False)
+    assert set(written) == {"oracle", "clip", "ldm"}
+    load_oracle(out / "oracle.safetensors")
+    load_toy_clip(out / "clip.safetensors")
+    assert load_model(str(out / "ldm")).family == "toy"
+    assert set(json.loads((work / "timings.json").read_text())) == {"oracle", "clip", "ldm"}
+    stamp = (work / "oracle.safetensors").stat().st_mtime_ns
+    build_toy_world(work, out, parts=["oracle"], cfg=cfg, progress=False)  # finished: not retrained
+    assert (work / "oracle.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="unknown toy part"):
+        build_toy_world(work, out, parts=["vae"], cfg=cfg, progress=False)
