@@ -141,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoencoder steps (default: ToyLDMConfig.vae_steps, 1500)")
     t.add_argument("--ldm-steps", type=int, default=None,
                    help="diffusion steps (default: ToyLDMConfig.ldm_steps); may grow on resume")
+    d = sub.add_parser("data", help="training data for the encoder")
+    d_sub = d.add_subparsers(dest="data_command", required=True)
+    sh = d_sub.add_parser("shards", help="write webdataset shards (one sample per concept)",
+                          description="From concept folders (ti data shards DIR... --out OUT) or from the toy "
+                                      "renderer (ti data shards --toy --out OUT).")
+    sh.add_argument("folders", nargs="*", metavar="CONCEPT_DIR", help="one folder of images per concept")
+    sh.add_argument("--toy", action="store_true", help="render toy concepts instead of reading folders")
+    sh.add_argument("--split", choices=["train", "held-out"], default="train", help="toy split (default: train)")
+    sh.add_argument("--images", type=int, default=8, help="toy renders per concept (default: 8)")
+    sh.add_argument("--size", type=int, default=64, help="toy render side in pixels (default: 64)")
+    sh.add_argument("--limit", type=int, default=None, help="at most this many toy concepts")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the toy renders")
+    sh.add_argument("--init", default=None, help="initializer word of folder concepts (default: concept.json's shape)")
+    sh.add_argument("--targets", nargs="+", default=None, metavar="RUN_OR_FILE",
+                    help="one ti invert run folder or embedding file per concept folder: distillation targets")
+    sh.add_argument("--per-shard", type=int, default=256, help="concepts per shard (default: 256)")
+    sh.add_argument("--out", required=True, help="folder for the .tar shards")
+
     from oneword.eval.cli import add_eval_parser
 
     add_eval_parser(sub, _model_options)
@@ -251,6 +269,20 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from oneword.encoder.shards import folder_samples, toy_samples, write_shards
+
+    if args.toy == bool(args.folders):
+        raise OneWordError("give concept folders or --toy (not both)")
+    if args.toy:
+        samples = toy_samples(args.split, args.images, args.seed, args.size, args.limit)
+    else:
+        samples = folder_samples(args.folders, args.init, args.targets)
+    for path in write_shards(samples, Path(args.out), args.per_shard):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -258,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.eval.cli import cmd_eval
 
     commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info, "toy": _cmd_toy,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "data": _cmd_data}
     try:
         return commands[args.command](args)
     except OneWordError as err:

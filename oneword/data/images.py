@@ -249,6 +249,15 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageError(_one_line(f"cannot use image {path}: {bad.reason}; {bad.advice}")) from bad
 
 
+def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for bytes already in memory (e.g. from a shard); ``name`` labels errors."""
+    _check_max_pixels(max_pixels)
+    try:
+        return _decode(data, max_pixels, name)
+    except _Unusable as bad:
+        raise ImageError(_one_line(f"cannot use image {name}: {bad.reason}; {bad.advice}")) from bad
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder`` (by suffix, case-insensitive), sorted by name.
 

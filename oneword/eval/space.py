@@ -35,6 +35,13 @@ class ClipSpace:
     name: str
     image_fn: Callable[[Sequence[Image.Image]], Tensor]
     text_fn: Callable[[Sequence[str]], Tensor]
+    module: torch.nn.Module | None = None
+    """The network behind the functions (frozen), so that :meth:`to` can move it."""
+
+    def to(self, device: str | torch.device) -> ClipSpace:
+        if self.module is not None:
+            self.module.to(device)
+        return self
 
     def images(self, images: Sequence[Image.Image]) -> Tensor:
         """``[n, d]`` unit vectors, encoded in batches of 32."""
@@ -55,23 +62,27 @@ def toy_space(model, name: str = "toy") -> ClipSpace:
     """A space from a toy-CLIP model (:func:`oneword.toy.clip.build_toy_clip` or a loaded one)."""
     from oneword.toy.clip import encode_images, encode_texts
 
-    return ClipSpace(name, lambda ims: encode_images(model, ims), lambda ts: encode_texts(model, list(ts)))
+    model.requires_grad_(False)
+    return ClipSpace(name, lambda ims: encode_images(model, ims), lambda ts: encode_texts(model, list(ts)), model)
 
 
 def open_clip_space(model, preprocess, tokenizer, name: str, device: torch.device) -> ClipSpace:
     """A space from an open_clip model, its image preprocessing and its tokenizer."""
-    model = model.eval().to(device)
+    model = model.eval().requires_grad_(False).to(device)
+
+    def where() -> torch.device:
+        return next(model.parameters()).device
 
     @torch.no_grad()
     def image_fn(images: Sequence[Image.Image]) -> Tensor:
-        x = torch.stack([preprocess(im.convert("RGB")) for im in images]).to(device)
+        x = torch.stack([preprocess(im.convert("RGB")) for im in images]).to(where())
         return model.encode_image(x).float().cpu()
 
     @torch.no_grad()
     def text_fn(texts: Sequence[str]) -> Tensor:
-        return model.encode_text(tokenizer(list(texts)).to(device)).float().cpu()
+        return model.encode_text(tokenizer(list(texts)).to(where())).float().cpu()
 
-    return ClipSpace(name, image_fn, text_fn)
+    return ClipSpace(name, image_fn, text_fn, model)
 
 
 def load_space(spec: str, device: str | torch.device | None = None) -> ClipSpace:

@@ -25,8 +25,9 @@ class InversionConfig:
     """Initializer word(s) the vectors start from (e.g. ``cat`` or ``ceramic cat``)."""
     num_vectors: int = 1
     """Vectors per token (the paper uses 1; more capture more detail and edit worse)."""
-    template: Literal["object", "style"] = "object"
-    """Which list of the paper's prompt templates to train with."""
+    template: Literal["object", "style", "toy"] = "object"
+    """Prompt templates to train with: the paper's object or style lists, or toy (for --model toy,
+    whose text encoder knows only toy-caption words)."""
     steps: int = 5000
     """Optimization steps (the paper uses 5,000)."""
     batch_size: int = 4
@@ -78,8 +79,8 @@ class InversionConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be positive, got {self.base_lr}")
-        if self.template not in ("object", "style"):
-            raise ValueError(f"template must be 'object' or 'style', got {self.template!r}")
+        if self.template not in ("object", "style", "toy"):
+            raise ValueError(f"template must be 'object', 'style' or 'toy', got {self.template!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):

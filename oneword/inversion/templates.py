@@ -1,5 +1,6 @@
 """Prompt templates of the textual-inversion paper (Gal et al. 2022; the official repository's
-``imagenet_templates_small`` and ``imagenet_style_templates_small``). ``{}`` is the placeholder."""
+``imagenet_templates_small`` and ``imagenet_style_templates_small``), and the toy world's caption
+openings. ``{}`` is the placeholder."""
 
 from __future__ import annotations
 
@@ -29,7 +30,13 @@ STYLE_TEMPLATES: tuple[str, ...] = (
     "a large painting in the style of {}",
 )
 
-TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+#: For the toy model, whose text encoder only ever saw toy captions: their own openings.
+TOY_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}", "a picture of a {}", "an image of a {}", "a rendering of a {}",
+    "a drawing of a {}", "a close-up photo of a {}", "a good photo of a {}", "a {}",
+)
+
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES, "toy": TOY_TEMPLATES}
 
 
 def sample_prompts(kind: str, token: str, n: int, rng: random.Random) -> list[str]:

@@ -1,0 +1,186 @@
+"""``ti-encode``: predict pseudo-words for concept folders in one pass, optionally refine them.
+
+    ti-encode images/ --refine 200                 # shipped toy model and toy encoder
+    ti-encode cat/ dog/ --model sd15 --encoder enc.safetensors --init cat dog --refine 100
+
+Each concept gets a run folder under ``--out`` laid out as ``ti invert``'s (``learned_embeds
+.safetensors``, ``<token>.safetensors``; with refinement also ``config.yaml``, ``loss.csv``,
+``loss.png``, ``checkpoints/``), plus ``preview.png`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from oneword.errors import OneWordError
+
+logger = logging.getLogger("oneword")
+
+SHIPPED = Path(__file__).resolve().parents[1] / "toy" / "weights" / "encoder.safetensors"
+_SKIP = frozenset({"token", "init", "steps", "save_every", "preview_every", "preview_prompts",
+                   "preview_seeds", "preview_steps", "num_vectors"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from oneword.cli import add_dataclass_options
+    from oneword.inversion.config import InversionConfig
+
+    p = argparse.ArgumentParser(prog="ti-encode", description=__doc__.split("\n\n")[0])
+    p.add_argument("images", nargs="+", metavar="IMAGES_DIR", help="one folder of reference images per concept")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="textual-inversion steps from the prediction (default: 0 = encoder only)")
+    p.add_argument("--model", default=None, help="diffusion model (default: the encoder's, e.g. toy)")
+    p.add_argument("--encoder", default=None,
+                   help="encoder file from ti-train-encoder (default: toy, the shipped toy encoder)")
+    p.add_argument("--token", nargs="+", default=None,
+                   help="placeholder token per concept (default: <folder name>)")
+    p.add_argument("--init", nargs="+", default=None,
+                   help="initializer word per concept, or one for all (default: a toy concept's shape)")
+    p.add_argument("--out", default="runs/encode", help="parent of the per-concept run folders")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_dataclass_options(p, InversionConfig, skip=_SKIP)
+    return p
+
+
+def _per_concept(values: list[str] | None, n: int, name: str) -> list[str | None]:
+    if values is None:
+        return [None] * n
+    if len(values) == 1 and name == "--init":
+        return values * n
+    if len(values) != n:
+        raise OneWordError(f"give one {name} per concept folder ({n}), got {len(values)}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except OneWordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    from oneword.encoder.model import load_encoder
+    from oneword.eval.protocol import load_concept
+    from oneword.inversion.config import InversionConfig
+    from oneword.inversion.train import safe_file_stem
+    from oneword.models import load_model
+
+    if args.refine < 0:
+        raise OneWordError("--refine must be 0 or more")
+    enc_path = SHIPPED if args.encoder in (None, "toy") else Path(args.encoder)
+    encoder = load_encoder(enc_path)
+    model_name = args.model or encoder.cfg.model
+    load = lambda: load_model(model_name, device=args.device)  # noqa: E731
+    model = load()
+    if model.widths != encoder.cfg.widths:
+        raise OneWordError(f"the encoder was trained for text-encoder widths {encoder.cfg.widths} "
+                           f"({encoder.cfg.model}); {model_name} has {model.widths}")
+    n = len(args.images)
+    inits = _per_concept(args.init, n, "--init")
+    tokens = _per_concept(args.token, n, "--token")
+    concepts = [load_concept(d, init) for d, init in zip(args.images, inits)]
+    tokens = [t or f"<{safe_file_stem(Path(d).resolve().name)}>" for t, d in zip(tokens, args.images)]
+    if len(set(tokens)) != n:
+        raise OneWordError(f"two concepts would get the same token ({tokens}); pass --token")
+    names = {f.name for f in dataclasses.fields(InversionConfig)} - _SKIP
+    base = {k: getattr(args, k) for k in names}
+    if model.family == "toy" and base["template"] == "object":
+        base["template"] = "toy"  # the toy text encoder knows only toy-caption words
+    try:
+        cfgs = [InversionConfig(**base, token=t, init=c.init, num_vectors=encoder.cfg.num_vectors,
+                                steps=max(1, args.refine), save_every=0, preview_every=0)
+                for t, c in zip(tokens, concepts)]
+    except ValueError as err:
+        raise OneWordError(f"invalid setting: {err}") from None
+
+    encoder.to(model.device)
+    encoder.space.to(model.device)
+    t0 = time.perf_counter()
+    k = len(model.widths)
+    init = [[model.initializer_vectors(c.init, encoder.cfg.num_vectors)[j] for c in concepts] for j in range(k)]
+    import torch
+
+    predicted = encoder.predict([[im.image for im in c.images] for c in concepts],
+                                [torch.stack(v) for v in init])
+    encode_s = time.perf_counter() - t0
+    print(f"encoded {n} concept(s) in {encode_s:.2f}s with {enc_path}", file=sys.stderr)
+    out_root = Path(args.out)
+    for i, (concept, cfg, vectors) in enumerate(zip(concepts, cfgs, predicted)):
+        out = out_root / safe_file_stem(cfg.token)
+        if args.refine == 0:
+            files, refine_s, loss = _write_prediction(model, cfg, concept, vectors, out, str(enc_path)), 0.0, None
+            work_model = model
+        else:
+            from oneword.inversion.train import run_inversion
+
+            work_model = model if i == 0 else load()  # one placeholder per model while optimizing
+            t1 = time.perf_counter()
+            res = run_inversion(work_model, concept.images, cfg, out, init_vectors=vectors,
+                                progress=not args.no_progress,
+                                extra_metadata={"oneword.encoder": str(enc_path), "oneword.refine": str(args.refine)})
+            refine_s, loss, files = time.perf_counter() - t1, res.final_loss, res.files
+        if args.preview_steps:
+            files.append(_preview(work_model, cfg.token, out, args.preview_steps))
+        files.append(_report(out, concept, cfg, str(enc_path), model_name, encode_s / n, args.refine, refine_s, loss))
+        print(f"{concept.name}: {cfg.token} -> {out}", file=sys.stderr)
+        for f in files:
+            print(f"  {f}")
+    return 0
+
+
+def _write_prediction(model, cfg, concept, vectors, out: Path, encoder: str) -> list[Path]:
+    from oneword.inversion.embedding_io import Embedding, build_metadata, save_diffusers, save_single_file
+    from oneword.inversion.train import safe_file_stem
+
+    if out.exists() and any(out.iterdir()):
+        raise OneWordError(f"{out} already holds files; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = build_metadata(family=model.family, token=cfg.token, init=cfg.init, steps=0,
+                          source_hashes=[im.sha256 for im in concept.images],
+                          extra={"oneword.model": model.source, "oneword.encoder": encoder, "oneword.refine": "0"})
+    emb = Embedding(cfg.token, vectors, meta)
+    model.add_placeholder(cfg.token, vectors)
+    return [*save_diffusers(emb, out), save_single_file(emb, out / f"{safe_file_stem(cfg.token)}.safetensors")]
+
+
+def _preview(model, token: str, out: Path, steps: int) -> Path:
+    from oneword.generate import SampleSettings, render_grid
+
+    second = "a photo of {} on a teal background" if model.family == "toy" else "a painting of {} on the beach"
+    prompts = [p.format(token) for p in ("a photo of {}", second)]
+    return render_grid(model, prompts, SampleSettings(steps=steps, seeds=[0, 1, 2, 3]), out / "preview.png",
+                       {"token": token})
+
+
+def _report(out: Path, concept, cfg, encoder: str, model: str, encode_s: float, refine: int,
+            refine_s: float, loss: float | None) -> Path:
+    from oneword.fileio import atomic_write_text
+
+    rows = [("concept", f"{concept.name} ({len(concept.images)} images)"), ("token", cfg.token),
+            ("initializer", cfg.init), ("model", model), ("encoder", encoder),
+            ("encoder time", f"{encode_s:.2f} s"), ("refinement", f"{refine} steps, {refine_s:.1f} s"),
+            ("final loss", "–" if loss is None else f"{loss:.4f}")]
+    text = "# ti-encode report\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+    atomic_write_text(out / "encode.json", json.dumps(dict(rows), indent=1) + "\n")
+    return atomic_write_text(out / "report.md", text + "\n![preview](preview.png)\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

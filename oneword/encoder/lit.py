@@ -1,0 +1,250 @@
+"""Training the encoder with PyTorch Lightning: the LightningModule, the shard DataModule, and the
+callback that exports the slim encoder file.
+
+The loss is the core :func:`~oneword.inversion.loss.denoising_loss` on a *different* image of the
+concept than the ones the encoder saw (so the word must carry the object, not one photo of it),
+with the predicted vectors substituted for the placeholder in the prompt, plus an L2 pull toward
+the initializer's embedding and, for samples whose shard carries one, a distillation term toward a
+target embedding. The frozen diffusion model and image tower are kept out of the module tree, so
+checkpoints hold only the mapper and its optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from oneword.data.images import image_to_tensor, resize_and_crop
+from oneword.encoder.model import ConceptEncoder, EncoderConfig, save_encoder, token_scale
+from oneword.encoder.shards import ConceptSample, decode_sample, expand_shards, is_validation
+from oneword.inversion.loss import denoising_loss
+from oneword.inversion.templates import sample_prompts
+from oneword.trainstate import warmup_cosine
+
+logger = logging.getLogger(__name__)
+
+TOKEN = "<concept>"
+
+
+def _item(sample: ConceptSample, rng: random.Random, min_refs: int, max_refs: int, train: bool) -> dict:
+    """Pick the encoder's reference images and a separate target image of one concept."""
+    n = len(sample.images)
+    order = list(range(n))
+    if train:
+        rng.shuffle(order)
+    target = order[-1] if n > 1 else order[0]
+    pool = order[:-1] if n > 1 else order
+    k = min(len(pool), rng.randint(min_refs, max_refs) if train else max_refs)
+    bg = sample.backgrounds[target] if sample.backgrounds else None
+    return {"key": sample.key, "refs": [sample.images[i] for i in pool[:k]], "target": sample.images[target],
+            "init": sample.init, "background": bg, "target_vectors": sample.target}
+
+
+def collate(items: Sequence[dict]) -> dict[str, list]:
+    """Batches stay lists (PIL images, strings, optional tensors)."""
+    return {k: [it[k] for it in items] for k in items[0]}
+
+
+class ConceptShards(L.LightningDataModule):
+    """Streams concept samples from webdataset shards, shuffled, split into train and validation
+    by a stable hash of the concept key."""
+
+    def __init__(self, shards: str = "runs/shards/toy-train", batch_size: int = 16, min_refs: int = 1,
+                 max_refs: int = 4, val_fraction: float = 0.05, shuffle_buffer: int = 512,
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if not 1 <= min_refs <= max_refs:
+            raise ValueError("need 1 <= min_refs <= max_refs")
+        if not 0 < val_fraction < 1:
+            raise ValueError("val_fraction must be in (0, 1)")
+        self.save_hyperparameters()
+
+    def _dataset(self, val: bool):
+        import webdataset as wds
+
+        h = self.hparams
+        urls = expand_shards(h.shards)
+        ds = wds.WebDataset(urls, shardshuffle=False if val else len(urls), seed=h.seed, empty_check=False,
+                            nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
+        ds = ds.select(lambda raw: is_validation(raw["__key__"], h.val_fraction) == val).map(decode_sample)
+        if not val:
+            ds = ds.repeat().shuffle(h.shuffle_buffer, seed=h.seed)  # endless: training counts steps
+        rng = random.Random(h.seed + (1 if val else 0))
+        return ds.map(lambda s: _item(s, rng, h.min_refs, h.max_refs, not val))
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return DataLoader(self._dataset(False), batch_size=h.batch_size, collate_fn=collate,
+                          num_workers=h.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return DataLoader(self._dataset(True), batch_size=h.batch_size, collate_fn=collate,
+                          num_workers=h.num_workers)
+
+
+class EncoderModule(L.LightningModule):
+    """The mapper being trained, with the frozen diffusion model and image tower beside it."""
+
+    def __init__(self, model: str = "toy", clip: str = "toy", num_vectors: int = 1, hidden: int = 512,
+                 depth: int = 2, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 200,
+                 reg_weight: float = 1e-3, distill_weight: float = 0.0, template: str = "object",
+                 background_prompt_p: float = 0.5, flip_p: float = 0.5, dtype: str = "fp32",
+                 seed: int = 0) -> None:
+        """
+        Args:
+            model: diffusion model to train for (preset, folder or checkpoint, as ``--model``).
+            clip: image tower (toy, an open_clip ARCH[:TAG], random for tests).
+            num_vectors: vectors per pseudo-word.
+            hidden: mapper width.
+            depth: mapper residual blocks.
+            lr: peak AdamW learning rate (linear warm-up, cosine decay to 10% at max_steps).
+            weight_decay: AdamW weight decay.
+            warmup_steps: learning-rate warm-up steps.
+            reg_weight: weight of the squared distance to the initializer (in units of a word's norm).
+            distill_weight: weight of the squared distance to shard target embeddings, where present.
+            template: training prompt templates (object, style, toy).
+            background_prompt_p: probability that a prompt names the target image's background
+                when the shard records it ("... on a teal background"), which teaches the word to
+                leave the background out.
+            flip_p: probability of a horizontal flip of the target image.
+            dtype: weights of the frozen model (fp32, bf16, fp16); mixed precision comes from the
+                trainer's ``precision``.
+            seed: seed of noise, timesteps and prompts.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        from oneword.eval.space import load_space
+        from oneword.models import load_model
+
+        ldm = load_model(model, device="cpu", dtype=dtype)
+        ldm.add_placeholder(TOKEN, ldm.initializer_vectors("object", num_vectors))
+        space = load_space(clip)
+        probe = space.images([_blank()])
+        cfg = EncoderConfig(clip=clip, feature_dim=int(probe.shape[1]), widths=ldm.widths, num_vectors=num_vectors,
+                            hidden=hidden, depth=depth, offset_scale=token_scale(ldm), family=ldm.family, model=model)
+        self.encoder = ConceptEncoder(cfg, space)
+        self._frozen = {"ldm": ldm}  # a dict: not a submodule, never in state_dict or checkpoints
+        self._init_cache: dict[str, list[torch.Tensor]] = {}
+        self._rng = random.Random(seed)
+
+    @property
+    def ldm(self):
+        ldm = self._frozen["ldm"]
+        if ldm.device != self.device:
+            ldm.pipeline.to(self.device)
+            ldm.device = self.device
+            self.encoder.space.to(self.device)
+        return ldm
+
+    def _init_vectors(self, words: Sequence[str]) -> list[torch.Tensor]:
+        for w in set(words) - self._init_cache.keys():
+            self._init_cache[w] = self.ldm.initializer_vectors(w, self.hparams.num_vectors)
+        return [torch.stack([self._init_cache[w][j] for w in words]).to(self.device)
+                for j in range(len(self.ldm.widths))]
+
+    def _targets(self, images) -> torch.Tensor:
+        res = self.ldm.resolution
+        flips = [self._rng.random() < self.hparams.flip_p for _ in images]
+        views = [resize_and_crop(im, res) for im in images]
+        views = [v.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if f else v for v, f in zip(views, flips)]
+        return torch.stack([image_to_tensor(v) for v in views])
+
+    def _prompts(self, backgrounds: Sequence[str | None]) -> list[str]:
+        h = self.hparams
+        out = sample_prompts(h.template, TOKEN, len(backgrounds), self._rng)
+        return [f"{p} on a {bg} background" if bg and self._rng.random() < h.background_prompt_p else p
+                for p, bg in zip(out, backgrounds)]
+
+    def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Denoising, regularizer and distillation terms (and their weighted sum, ``loss``)."""
+        h, ldm = self.hparams, self.ldm
+        feats, mask = self.encoder.features(batch["refs"])
+        init = self._init_vectors(batch["init"])
+        pred = self.encoder(feats, mask, init)
+        with torch.no_grad():
+            x = self._targets(batch["target"]).to(self.device, ldm.dtype)
+            latents = ldm.vae.encode(x).latent_dist.sample(generator=generator) * ldm.vae.config.scaling_factor
+        cond = ldm.encode_text(self._prompts(batch["background"]), batch_vectors=[p.to(ldm.dtype) for p in pred])
+        out = {"denoise": denoising_loss(ldm, latents, cond, generator).mean()}
+        scale = self.encoder.mapper.scale
+        out["reg"] = sum((((p - i) / s) ** 2).sum(-1).mean() for p, i, s in zip(pred, init, scale))
+        have = [b for b, t in enumerate(batch["target_vectors"]) if t is not None]
+        out["distill"] = torch.zeros((), device=self.device)
+        if have and h.distill_weight > 0:
+            for j, s in enumerate(scale):
+                tgt = torch.stack([batch["target_vectors"][b][j] for b in have]).to(self.device)
+                out["distill"] = out["distill"] + (((pred[j][have] - tgt) / s) ** 2).sum(-1).mean()
+        out["loss"] = out["denoise"] + h.reg_weight * out["reg"] + h.distill_weight * out["distill"]
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        out = self.losses(batch, gen)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"encoder loss became {out['loss'].item()} at step {self.global_step}; "
+                                     "lower model.lr or use precision 32")
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False,
+                      batch_size=len(batch["refs"]))
+        self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=len(batch["refs"]))
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        gen = torch.Generator().manual_seed(10_000 + batch_idx)  # the same noise at every validation
+        state = self._rng.getstate()
+        self._rng = random.Random(batch_idx)
+        out = self.losses(batch, gen)
+        self._rng.setstate(state)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["refs"]))
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = torch.optim.AdamW(self.encoder.mapper.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, total, 1.0, warmup=h.warmup_steps, floor=0.1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _blank() -> Image.Image:
+    return Image.new("RGB", (32, 32), (128, 128, 128))
+
+
+class ExportEncoder(L.Callback):
+    """Write the slim encoder file (``<log dir>/encoder.safetensors`` unless ``path`` is given)
+    after every validation and at the end of training."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+
+    def _export(self, trainer: L.Trainer, module: EncoderModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
+        save_encoder(module.encoder, path, {"step": str(trainer.global_step)})
+
+    def on_validation_end(self, trainer: L.Trainer, module: EncoderModule) -> None:
+        self._export(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: EncoderModule) -> None:
+        self._export(trainer, module)
+
+
+def cli_main(args: list[str] | None = None) -> None:
+    """``ti-train-encoder``: LightningCLI over :class:`EncoderModule` and :class:`ConceptShards`
+    (``ti-train-encoder fit --config configs/encoder/toy.yaml``; add ``--ckpt_path last`` to resume)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(EncoderModule, ConceptShards, args=args, seed_everything_default=0,
+                 save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,173 @@
+"""The encoder network: frozen image tower + set mapper, and its slim safetensors file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from oneword.errors import InputError
+from oneword.trainstate import read_safetensors, write_safetensors
+
+FORMAT = "oneword.encoder"
+
+
+@dataclass
+class EncoderConfig:
+    """Architecture of a concept encoder and what it was built for."""
+
+    clip: str = "toy"
+    """Image tower: toy, an open_clip ARCH[:TAG] such as ViT-L-14, or random (tests)."""
+    feature_dim: int = 128
+    """Width of the tower's image features."""
+    widths: list[int] = field(default_factory=lambda: [128])
+    """Token-embedding width of each text encoder of the target model (SDXL: [768, 1280])."""
+    num_vectors: int = 1
+    """Vectors per pseudo-word."""
+    hidden: int = 512
+    """Width of the mapper."""
+    depth: int = 2
+    """Residual blocks after pooling."""
+    offset_scale: list[float] = field(default_factory=lambda: [1.0])
+    """Per text encoder: scale of the predicted offset (the median norm of the model's token
+    embeddings, so that the mapper works on unit scale whatever the model)."""
+    family: str = "toy"
+    """Model family the encoder was trained for (sd1, sd2, sdxl, toy)."""
+    model: str = "toy"
+    """The model it was trained with (for the record and as ``ti-encode``'s default)."""
+
+    def __post_init__(self) -> None:
+        if len(self.offset_scale) != len(self.widths):
+            raise ValueError("offset_scale needs one value per text encoder width")
+        if min(self.widths, default=0) < 1 or self.num_vectors < 1 or self.hidden < 1 or self.depth < 0:
+            raise ValueError("widths, num_vectors and hidden must be positive, depth >= 0")
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(x)
+
+
+class SetMapper(nn.Module):
+    """Features of a set of images (``[B, K, D]`` with a ``[B, K]`` mask) and the initializer's
+    vectors (one ``[B, n, w]`` per text encoder) -> the pseudo-word's vectors, same shapes.
+
+    Per-image MLP, masked mean over the set (order-invariant, any K), the initializer folded in,
+    residual blocks, and one zero-initialised head per text encoder: an untrained mapper returns
+    the initializer exactly.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden
+        self.per_image = nn.Sequential(nn.Linear(cfg.feature_dim, h), nn.GELU(), nn.Linear(h, h))
+        self.init_proj = nn.Linear(sum(cfg.widths) * cfg.num_vectors, h)
+        self.blocks = nn.Sequential(*[_Block(h) for _ in range(cfg.depth)], nn.LayerNorm(h))
+        self.heads = nn.ModuleList(nn.Linear(h, cfg.num_vectors * w) for w in cfg.widths)
+        for head in self.heads:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        self.register_buffer("scale", torch.tensor(cfg.offset_scale, dtype=torch.float32), persistent=False)
+
+    def forward(self, features: Tensor, mask: Tensor, init: Sequence[Tensor]) -> list[Tensor]:
+        if features.ndim != 3 or mask.shape != features.shape[:2]:
+            raise ValueError(f"features must be [B, K, D] with a [B, K] mask, got {tuple(features.shape)}")
+        m = mask.to(features.dtype)[..., None]
+        if bool((m.sum(1) == 0).any()):
+            raise ValueError("every concept needs at least one image")
+        per = self.per_image(features)
+        pooled = (per * m).sum(1) / m.sum(1)
+        flat = torch.cat([(v / s).flatten(1) for v, s in zip(init, self.scale)], dim=-1)
+        h = self.blocks(pooled + self.init_proj(flat.to(pooled.dtype)))
+        b, n = features.shape[0], self.cfg.num_vectors
+        return [v + s * head(h).view(b, n, -1).to(v.dtype) for v, s, head in zip(init, self.scale, self.heads)]
+
+
+class ConceptEncoder(nn.Module):
+    """Image tower (frozen, not saved) + :class:`SetMapper` (trained, saved)."""
+
+    def __init__(self, cfg: EncoderConfig, space=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mapper = SetMapper(cfg)
+        self._space = space  # a ClipSpace; plain attribute, so the tower never enters state_dict
+
+    @property
+    def space(self):
+        if self._space is None:
+            from oneword.eval.space import load_space
+
+            self._space = load_space(self.cfg.clip)
+        return self._space
+
+    @torch.no_grad()
+    def features(self, image_sets: Sequence[Sequence[Image.Image]]) -> tuple[Tensor, Tensor]:
+        """Tower features ``[B, K_max, D]`` of each concept's images and the ``[B, K_max]`` mask."""
+        if not image_sets or any(len(s) == 0 for s in image_sets):
+            raise InputError("every concept needs at least one reference image")
+        flat = self.space.images([im for s in image_sets for im in s])
+        if flat.shape[1] != self.cfg.feature_dim:
+            raise InputError(f"the image tower {self.cfg.clip!r} gives {flat.shape[1]}-d features, "
+                             f"the encoder expects {self.cfg.feature_dim}")
+        k = max(len(s) for s in image_sets)
+        feats = torch.zeros(len(image_sets), k, flat.shape[1])
+        mask = torch.zeros(len(image_sets), k, dtype=torch.bool)
+        i = 0
+        for b, s in enumerate(image_sets):
+            feats[b, :len(s)] = flat[i:i + len(s)]
+            mask[b, :len(s)] = True
+            i += len(s)
+        device = next(self.mapper.parameters()).device
+        return feats.to(device), mask.to(device)
+
+    def forward(self, features: Tensor, mask: Tensor, init: Sequence[Tensor]) -> list[Tensor]:
+        return self.mapper(features, mask, init)
+
+    @torch.no_grad()
+    def predict(self, image_sets: Sequence[Sequence[Image.Image]], init: Sequence[Tensor]) -> list[list[Tensor]]:
+        """One pass for several concepts: per concept, one ``[n, w]`` tensor per text encoder."""
+        feats, mask = self.features(image_sets)
+        device = feats.device
+        out = self.mapper(feats, mask, [v.to(device, torch.float32) for v in init])
+        return [[v[b].float().cpu() for v in out] for b in range(len(image_sets))]
+
+
+def save_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+    """The slim encoder file: mapper weights (fp32) with the config as JSON in the header."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.mapper.state_dict().items()}
+    meta = {"format": FORMAT, "config": json.dumps(asdict(encoder.cfg)), **(extra or {})}
+    return write_safetensors(path, tensors, meta)
+
+
+def load_encoder(path: str | Path, space=None) -> ConceptEncoder:
+    """Inverse of :func:`save_encoder`; the image tower loads lazily from ``config.clip``."""
+    tensors, meta = read_safetensors(path, fmt=FORMAT, missing="train one (ti-train-encoder) or use --encoder toy")
+    try:
+        cfg = EncoderConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path} has no valid encoder config in its header ({err})") from None
+    enc = ConceptEncoder(cfg, space)
+    try:
+        enc.mapper.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise InputError(f"{path} does not match its encoder config ({str(err).splitlines()[0]})") from None
+    return enc.eval()
+
+
+def token_scale(model) -> list[float]:
+    """Median L2 norm of each text encoder's (base) token embeddings: the scale of real words."""
+    out = []
+    for emb in model.placeholder_embeddings():
+        norms = emb.base.weight.detach().float().norm(dim=-1)
+        out.append(float(norms[norms > 0].median()))  # the toy table stores unused rows as zeros
+    return out

@@ -1,0 +1,207 @@
+"""The encoder: mapper shapes and scale per family, order invariance, shards, a two-step Lightning
+fit and its resume, export/import, and ti-encode end to end on the miniature models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from oneword.encoder.model import ConceptEncoder, EncoderConfig, load_encoder, save_encoder, token_scale
+from oneword.encoder.shards import decode_sample, encode_sample, expand_shards, toy_samples, write_shards
+from oneword.errors import InputError
+from oneword.eval.space import load_space
+from oneword.models import load_model
+
+
+def tiny_encoder(family: str = "sd1", num_vectors: int = 1, randomize: bool = True) -> tuple[ConceptEncoder, object]:
+    model = load_model(f"tiny-{family}")
+    space = load_space("random")
+    cfg = EncoderConfig(clip="random", feature_dim=32, widths=model.widths, num_vectors=num_vectors, hidden=32,
+                        depth=1, offset_scale=token_scale(model), family=model.family, model=f"tiny-{family}")
+    enc = ConceptEncoder(cfg, space)
+    if randomize:  # heads start at zero; give them weights so the tests see real offsets
+        torch.manual_seed(0)
+        for head in enc.mapper.heads:
+            torch.nn.init.normal_(head.weight, std=0.2)
+    return enc, model
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def _init(model, n: int, num_vectors: int = 1, word: str = "dog"):
+    return [v[None].expand(n, -1, -1) for v in model.initializer_vectors(word, num_vectors)]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_mapper_shapes_and_scale(tiny_dirs, family):
+    enc, model = tiny_encoder(family, num_vectors=2)
+    init = _init(model, 3, 2)
+    out = enc.predict([_images(2), _images(4, 1), _images(1, 2)], init)
+    assert len(out) == 3 and [tuple(v.shape) for v in out[0]] == [(2, w) for w in model.widths]
+    for j, s in enumerate(token_scale(model)):
+        offset = (out[0][j] - init[j][0]).norm(dim=-1)
+        assert torch.all(offset > 0.05 * s) and torch.all(offset < 20 * s)  # on the scale of real words
+    fresh, _ = tiny_encoder(family, num_vectors=2, randomize=False)  # an untrained mapper = the initializer
+    same = fresh.predict([_images(2)], [v[:1] for v in init])[0]
+    assert all(torch.allclose(a, b[0]) for a, b in zip(same, init))
+
+
+def test_order_invariance_and_set_size(tiny_dirs):
+    enc, model = tiny_encoder()
+    imgs = _images(4)
+    a = enc.predict([imgs], _init(model, 1))[0][0]
+    b = enc.predict([imgs[::-1]], _init(model, 1))[0][0]
+    assert torch.allclose(a, b, atol=1e-5)
+    batched = enc.predict([imgs, imgs[:1]], _init(model, 2))  # padding of the shorter set is masked
+    alone = enc.predict([imgs[:1]], _init(model, 1))[0][0]
+    assert torch.allclose(batched[0][0], a, atol=1e-5) and torch.allclose(batched[1][0], alone, atol=1e-5)
+    with pytest.raises(InputError):
+        enc.predict([imgs, []], _init(model, 2))
+
+
+def test_export_import_round_trip(tiny_dirs, tmp_path):
+    enc, model = tiny_encoder()
+    path = save_encoder(enc, tmp_path / "enc.safetensors")
+    back = load_encoder(path, space=enc.space)
+    assert back.cfg == enc.cfg
+    imgs = _images(3)
+    assert torch.equal(enc.predict([imgs], _init(model, 1))[0][0], back.predict([imgs], _init(model, 1))[0][0])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    with pytest.raises(InputError):
+        load_encoder(bad)
+
+
+def test_shard_round_trip_and_expand(tmp_path):
+    samples = list(toy_samples(limit=3, images=3, size=32))
+    assert samples[0].backgrounds != samples[1].backgrounds or samples[0].images != samples[1].images
+    raw = encode_sample(samples[0])
+    back = decode_sample(raw)
+    assert back.key == samples[0].key and back.init == samples[0].init and len(back.images) == 3
+    assert back.images[0].tobytes() == samples[0].images[0].tobytes()
+    samples[0].target = [torch.ones(1, 32)]
+    assert torch.equal(decode_sample(encode_sample(samples[0])).target[0], torch.ones(1, 32))
+    paths = write_shards(samples, tmp_path / "s", per_shard=2)
+    assert len(paths) == 2 and expand_shards(str(tmp_path / "s")) == [str(p) for p in paths]
+    with pytest.raises(InputError):
+        expand_shards(str(tmp_path / "none-*.tar"))
+
+
+def test_lightning_fit_and_resume(tiny_dirs, tmp_path):
+    import lightning as L
+
+    from oneword.encoder.lit import ConceptShards, EncoderModule, ExportEncoder
+
+    write_shards(toy_samples(limit=8, images=3, size=32), tmp_path / "shards", per_shard=4)
+
+    def fit(steps: int, ckpt=None):
+        module = EncoderModule(model="tiny-sd1", clip="random", hidden=32, depth=1, warmup_steps=1, template="toy")
+        data = ConceptShards(str(tmp_path / "shards"), batch_size=2, max_refs=2, val_fraction=0.25,
+                             shuffle_buffer=4)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"),
+                            logger=L.pytorch.loggers.CSVLogger(str(tmp_path / "run")), limit_val_batches=1,
+                            val_check_interval=2, check_val_every_n_epoch=None, enable_progress_bar=False,
+                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"),
+                                                                           save_last=True, every_n_train_steps=1),
+                                       ExportEncoder(str(tmp_path / "enc.safetensors"))])
+        trainer.fit(module, data, ckpt_path=ckpt)
+        return trainer, module
+
+    trainer, module = fit(2)
+    assert trainer.global_step == 2
+    assert not any("ldm" in k or "unet" in k for k in module.state_dict())  # frozen model stays out
+    first = {k: v.clone() for k, v in module.encoder.mapper.state_dict().items()}
+    assert any(v.abs().sum() > 0 for k, v in first.items() if k.startswith("heads"))  # the heads learned
+    trainer, module = fit(3, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 3
+    enc = load_encoder(tmp_path / "enc.safetensors", space=module.encoder.space)
+    assert enc.cfg.model == "tiny-sd1" and enc.cfg.widths == module.encoder.cfg.widths
+
+
+def _encoder_file(tmp_path):
+    enc, _ = tiny_encoder()
+    return save_encoder(enc, tmp_path / "enc.safetensors")
+
+
+@pytest.mark.parametrize("refine", [0, 2])
+def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, capsys):
+    from oneword.encoder.encode import main
+    from oneword.inversion.embedding_io import load_embedding
+    from tests.conftest import make_concept_images
+
+    other = make_concept_images(tmp_path / "other", n=2)
+    out = tmp_path / "out"
+    code = main([str(concept_dir), str(other), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc",
+                 "--refine", str(refine), "--out", str(out), "--batch_size", "1", "--resolution", "32",
+                 "--views_per_image", "1", "--preview-steps", "2", "--no-progress"])
+    assert code == 0
+    for name, token in (("concept", "<concept>"), ("other", "<other>")):
+        run = out / name
+        for f in ("learned_embeds.safetensors", f"{name}.safetensors", "preview.png", "report.md", "encode.json"):
+            assert (run / f).is_file(), f
+        e = load_embedding(run / "learned_embeds.safetensors")
+        assert e.token == token and e.metadata["oneword.steps"] == str(refine)
+        assert json.loads((run / "encode.json").read_text())["refinement"].startswith(f"{refine} steps")
+        assert ((run / "loss.csv").is_file()) == (refine > 0)
+
+
+def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):
+    from oneword.encoder.encode import main
+
+    enc = str(_encoder_file(tmp_path))
+    assert main([str(concept_dir), "--encoder", enc, "--out", str(tmp_path / "o")]) == 2
+    assert "--init" in capsys.readouterr().err  # not a toy concept: the initializer must be given
+    assert main([str(concept_dir), "--encoder", enc, "--model", "tiny-sdxl", "--init", "disc"]) == 2
+    assert "widths" in capsys.readouterr().err
+    assert main([str(concept_dir), "--encoder", str(tmp_path / "missing.safetensors"), "--init", "x"]) == 2
+    assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "-1"]) == 2
+
+
+def test_ti_data_shards(tmp_path, capsys):
+    from oneword.cli import main
+
+    assert main(["data", "shards", "--toy", "--limit", "3", "--images", "2", "--size", "32",
+                 "--per-shard", "2", "--out", str(tmp_path / "s")]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
+    assert main(["data", "shards", "--out", str(tmp_path / "s")]) == 2
+
+
+def test_shards_from_folders_with_targets(tiny_dirs, concept_dir, tmp_path):
+    from oneword.cli import main
+
+    run = tmp_path / "run"
+    assert main(["invert", str(concept_dir), "--model", "tiny-sd1", "--token", "<t>", "--init", "disc", "--steps", "1",
+                 "--batch_size", "1", "--resolution", "32", "--views_per_image", "1", "--no-progress",
+                 "--out", str(run)]) == 0
+    assert main(["data", "shards", str(concept_dir), "--init", "disc", "--targets", str(run),
+                 "--out", str(tmp_path / "s")]) == 0
+    import webdataset as wds
+
+    (raw,) = list(wds.WebDataset(expand_shards(str(tmp_path / "s")), shardshuffle=False))
+    sample = decode_sample(raw)
+    assert sample.init == "disc" and len(sample.images) == 3 and sample.target[0].shape == (1, 32)
+
+
+def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from oneword.encoder.lit import cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
+    write_shards(toy_samples(limit=6, images=3, size=32), tmp_path / "shards", per_shard=6)
+    monkeypatch.chdir(tmp_path)  # the config's run folders are relative
+    cli_main(["fit", "--config", str(config), "--model.model", "tiny-sd1", "--model.clip", "random",
+              "--model.hidden", "32", "--model.depth", "1", "--data.shards", str(tmp_path / "shards"),
+              "--data.batch_size", "2", "--data.val_fraction", "0.3", "--trainer.max_steps", "2",
+              "--trainer.log_every_n_steps", "1",
+              "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "runs" / "encoder" / "toy"
+    assert (run / "encoder.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
