@@ -21,7 +21,7 @@ from oneword.eval.metrics import (
     paired_similarity,
 )
 from oneword.eval.protocol import EvalSettings, Scorer, load_concept, without_word
-from oneword.eval.report import markdown_table, summarize, write_report
+from oneword.eval.report import markdown_table, row_at, steps_to_match, summarize, write_report
 from oneword.eval.space import ClipSpace, load_space
 from oneword.generate import SampleSettings
 from oneword.inversion.config import InversionConfig
@@ -98,22 +98,33 @@ def test_curve_harness_and_report(tiny_dirs, concept_dir, tmp_path):
     base = InversionConfig(token="<x>", init="disc", batch_size=1, resolution=32, views_per_image=1)
     settings = EvalSettings(samples=2, steps=2, edit_prompts=["a sketch of {}"])
     space = load_space("random")
-    methods = [Method("base"), Method("big lr", {"base_lr": 0.05})]
+    methods = [Method("base"), Method("big lr", {"base_lr": 0.05}, budgets=(0, 1, 2))]
     rows = run_curve(lambda: load_model("tiny-sd1"), [concept], base, methods, [0, 2],
                      lambda m: Scorer(m, settings, space), progress=False)
     assert [(r["method"], r["steps"]) for r in rows] == [
         ("initializer word", None), ("real images", None),
-        ("base", 0), ("base", 2), ("big lr", 0), ("big lr", 2)]
+        ("base", 0), ("base", 2), ("big lr", 0), ("big lr", 1), ("big lr", 2)]
     assert rows[2]["recon_clip"] == rows[4]["recon_clip"]  # budget 0: both start from the initializer
+    assert rows[5]["recon_clip"] != rows[6]["recon_clip"]
     assert rows[3]["recon_clip"] != rows[2]["recon_clip"]  # two steps moved the word
     assert rows[3]["seconds"] > 0
     files = write_report(rows, tmp_path / "report", {"note": "test"})
     doc = json.loads(files["json"].read_text())
-    assert len(doc["rows"]) == 6 and doc["settings"] == {"note": "test"}
+    assert len(doc["rows"]) == 7 and doc["settings"] == {"note": "test"}
     table = files["markdown"].read_text()
     assert "| big lr | 2 |" in table and "recon_oracle" not in table
     for key in ("curve", "plane"):
         assert Image.open(files[key]).size[0] > 100
+
+
+def test_steps_to_match_and_row_at():
+    summary = [{"method": "s", "steps": 100, "a": 0.5, "b": 0.5}, {"method": "e", "steps": 0, "a": 0.6, "b": 0.4},
+               {"method": "e", "steps": 20, "a": 0.55, "b": 0.52}, {"method": "e", "steps": 50, "a": 0.7, "b": 0.7}]
+    ref = row_at(summary, "s", 100)
+    assert steps_to_match(summary, "e", ref, ["a", "b"])["steps"] == 20
+    assert steps_to_match(summary, "e", ref, ["a"])["steps"] == 0
+    assert steps_to_match(summary, "e", {"a": 0.9, "b": 0.0}, ["a", "b"]) is None
+    assert row_at(summary, "s", 7) is None
 
 
 def test_summarize_means_over_concepts():

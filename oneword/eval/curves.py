@@ -38,6 +38,8 @@ class Method:
     name: str
     overrides: dict[str, object] = field(default_factory=dict)
     init_fn: InitFn | None = None
+    budgets: tuple[int, ...] | None = None
+    """This method's own budgets (default: the harness's)."""
 
 
 def parse_variant(text: str) -> Method:
@@ -77,13 +79,17 @@ def run_curve(
     """Rows ``{method, concept, steps, seconds, <scores>}``; reference rows have ``steps=None``
     and ``method`` ``"initializer word"`` or ``"real images"``. ``seconds`` is the optimization
     time to reach the budget (scoring excluded), plus the ``init_fn`` time for encoder methods."""
-    budgets = sorted({int(b) for b in budgets})
-    if not budgets or budgets[0] < 0:
-        raise ValueError("budgets must be non-negative step counts")
+    def plan(m: Method) -> list[int]:
+        steps = sorted({int(b) for b in (m.budgets if m.budgets is not None else budgets)})
+        if not steps or steps[0] < 0:
+            raise ValueError("budgets must be non-negative step counts")
+        return steps
+
     if not concepts or not methods:
         raise ValueError("need at least one concept and one method")
+    plans = [plan(m) for m in methods]
     rows: list[dict] = []
-    total = len(concepts) * (len(methods) * budgets[-1])
+    total = len(concepts) * sum(p[-1] for p in plans)
     bar = tqdm(total=total, disable=not progress, desc="curve", unit="step", dynamic_ncols=True)
     for i, concept in enumerate(concepts):
         model = load_model()
@@ -97,13 +103,13 @@ def run_curve(
                 model = load_model()  # every method starts from an untouched model
                 scorer = make_scorer(model)
             token = f"<eval-{i}-{j}>"
-            cfg = dataclasses.replace(base, token=token, init=concept.init, steps=max(1, budgets[-1]),
+            cfg = dataclasses.replace(base, token=token, init=concept.init, steps=max(1, plans[j][-1]),
                                       save_every=0, preview_every=0, **method.overrides)
             t0 = time.perf_counter()
             start = method.init_fn(model, concept) if method.init_fn else None
             inv = Inversion(model, concept.images, cfg, start)
             elapsed = time.perf_counter() - t0
-            for budget in budgets:
+            for budget in plans[j]:
                 t0 = time.perf_counter()
                 while inv.step < budget:
                     inv.train_step()

@@ -123,6 +123,20 @@ def plot_plane(summary: Sequence[dict], path: Path) -> Path | None:
     return path
 
 
+def row_at(summary: Sequence[dict], method: str, steps: int) -> dict | None:
+    """The summary row of ``method`` at ``steps``, if measured."""
+    return next((r for r in summary if r["method"] == method and r["steps"] == steps), None)
+
+
+def steps_to_match(summary: Sequence[dict], method: str, reference: dict, metrics: Sequence[str]) -> dict | None:
+    """The first (fewest-steps) row of ``method`` scoring at least ``reference`` on every metric."""
+    rows = sorted((r for r in summary if r["method"] == method and r["steps"] is not None), key=lambda r: r["steps"])
+    for r in rows:
+        if all(r.get(m) is not None and reference.get(m) is not None and r[m] >= reference[m] for m in metrics):
+            return r
+    return None
+
+
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None

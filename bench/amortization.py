@@ -1,0 +1,113 @@
+"""Amortization: textual inversion from scratch versus encoder + refinement, side by side.
+
+On held-out toy concepts (never seen by the toy model, its CLIP or the encoder), the evaluation
+harness scores both methods at several optimization budgets with the same samples, then prints how
+many steps (and seconds) encoder + refinement needs to match scratch inversion at its largest
+budget, and whether the encoder alone beats scratch at ``--compare-at`` steps. Without a shipped
+encoder it runs the scratch curve only (the baseline of the evaluation issue).
+
+    python bench/amortization.py                        # the README's numbers (long)
+    python bench/amortization.py --quick                # what `make bench` runs (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concepts", type=int, default=6, help="held-out toy concepts (default: 6)")
+    p.add_argument("--scratch-budgets", type=int, nargs="+", default=[0, 50, 100, 200, 500, 1000, 2000, 3000])
+    p.add_argument("--encoder-budgets", type=int, nargs="+", default=[0, 25, 50, 100, 200])
+    p.add_argument("--compare-at", type=int, default=500, help="scratch budget the encoder alone must beat")
+    p.add_argument("--samples", type=int, default=8, help="samples per prompt (default: 8)")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the samples (default: 25)")
+    p.add_argument("--encoder", default=None, help="encoder file (default: the shipped toy encoder, if any)")
+    p.add_argument("--quick", action="store_true",
+                   help="bounded run for make bench: 2 concepts, budgets 0/100/300/1000 vs 0/50, 4 samples")
+    p.add_argument("--out", default="runs/bench/amortization", help="results folder")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concepts, args.samples = 2, 4
+        args.scratch_budgets, args.encoder_budgets, args.compare_at = [0, 100, 300, 1000], [0, 50], 300
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from oneword.encoder.encode import SHIPPED
+    from oneword.encoder.model import load_encoder
+    from oneword.eval.curves import Method, run_curve
+    from oneword.eval.protocol import EvalSettings, Scorer, load_concept
+    from oneword.eval.report import row_at, steps_to_match, summarize, write_report
+    from oneword.eval.space import load_space
+    from oneword.inversion.config import InversionConfig
+    from oneword.models import load_model
+    from oneword.toy.clip import DEFAULT_PATH as CLIP_PATH
+    from oneword.toy.concepts import pick_concepts, write_concept_folder
+    from oneword.toy.oracle import load_oracle
+
+    tmp = Path(tempfile.mkdtemp(prefix="oneword-amortization-"))
+    folders = [write_concept_folder(c, tmp, n_images=5, seed=7, size=64)[0]
+               for c in pick_concepts(args.concepts, held_out=True, seed=1)]
+    concepts = [load_concept(f) for f in folders]
+    settings = EvalSettings(samples=args.samples, steps=args.sample_steps, guidance=5.0)
+    space = load_space("toy") if CLIP_PATH.is_file() else None
+    oracle = load_oracle()
+    base = InversionConfig(template="toy", batch_size=4, views_per_image=8)
+    scratch_top = max(args.scratch_budgets)
+    methods = [Method("scratch", budgets=tuple(args.scratch_budgets))]
+    enc_path = Path(args.encoder) if args.encoder else SHIPPED
+    if enc_path.is_file():
+        encoder = load_encoder(enc_path)
+
+        def predict(model, concept):
+            init = model.initializer_vectors(concept.init, encoder.cfg.num_vectors)
+            return encoder.predict([[im.image for im in concept.images]], [v[None] for v in init])[0]
+
+        methods.append(Method("encoder + refinement", init_fn=predict, budgets=tuple(args.encoder_budgets)))
+    else:
+        print(f"no encoder at {enc_path}: scratch curve only", file=sys.stderr)
+    print(f"{len(concepts)} held-out concepts, {args.samples} samples x {args.sample_steps} steps, "
+          f"CLIP: {'toy' if space else 'none'}, oracle: yes", file=sys.stderr)
+    t0 = time.perf_counter()
+    rows = run_curve(lambda: load_model("toy"), concepts, base, methods, [0],
+                     lambda m: Scorer(m, settings, space, oracle))
+    took = time.perf_counter() - t0
+    files = write_report(rows, Path(args.out), {"concepts": [c.name for c in concepts], "samples": args.samples,
+                                                 "sample_steps": args.sample_steps, "seconds": round(took, 1)})
+    summary = summarize(rows)
+    print(files["markdown"].read_text())
+    metrics = [m for m in ("recon_oracle", "edit_oracle", "recon_clip", "edit_clip")
+               if any(r.get(m) is not None for r in summary)]
+    top = row_at(summary, "scratch", scratch_top)
+    print(f"scratch @ {scratch_top}: " + ", ".join(f"{m} {top[m]:.3f}" for m in metrics) + f" ({top['seconds']:.0f} s)")
+    if len(methods) > 1:
+        hit = steps_to_match(summary, "encoder + refinement", top, metrics)
+        if hit is None:
+            print(f"encoder + refinement does not reach scratch @ {scratch_top} within {max(args.encoder_budgets)} steps")
+        else:
+            ratio = "inf" if hit["steps"] == 0 else f"{scratch_top / hit['steps']:.1f}x"
+            wall = top["seconds"] / max(hit["seconds"], 1e-9)
+            print(f"encoder + refinement matches it at {hit['steps']} steps: {ratio} fewer steps, "
+                  f"{wall:.1f}x less optimization time ({hit['seconds']:.1f} s vs {top['seconds']:.0f} s)")
+        alone, mid = row_at(summary, "encoder + refinement", 0), row_at(summary, "scratch", args.compare_at)
+        if alone and mid:
+            wins = all(alone[m] >= mid[m] for m in metrics)
+            print(f"encoder alone vs scratch @ {args.compare_at}: " + ", ".join(
+                f"{m} {alone[m]:.3f} vs {mid[m]:.3f}" for m in metrics) + (" -> beats it" if wins else " -> does not"))
+    print(f"took {took / 60:.1f} min; wrote {', '.join(str(f) for f in files.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
