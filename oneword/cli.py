@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="weights folder (default: the package's oneword/toy/weights)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     t.add_argument("--oracle-steps", type=int, default=None, help="oracle steps (default: 1500)")
-    t.add_argument("--clip-steps", type=int, default=None, help="toy CLIP steps (default: 3000)")
+    t.add_argument("--clip-steps", type=int, default=None, help="toy CLIP steps (default: 2000)")
     t.add_argument("--vae-steps", type=int, default=None,
                    help="autoencoder steps (default: ToyLDMConfig.vae_steps, 1500)")
     t.add_argument("--ldm-steps", type=int, default=None,

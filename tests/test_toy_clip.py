@@ -32,9 +32,9 @@ def _train(tmp_path, name="clip.safetensors", **kw):
 def test_config_and_open_clip_cfg():
     d = clip.ToyCLIPConfig().to_open_clip_cfg()
     assert d["embed_dim"] == 128
-    assert d["vision_cfg"] == {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4,
+    assert d["vision_cfg"] == {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4,
                                "head_width": 32}
-    assert d["text_cfg"]["context_length"] == 77 and d["text_cfg"]["vocab_size"] == 49408
+    assert d["text_cfg"]["context_length"] == 32 and d["text_cfg"]["vocab_size"] == 49408
     with pytest.raises(ValueError):
         clip.ToyCLIPConfig(image_size=30)
     with pytest.raises(ValueError):
@@ -142,3 +142,9 @@ def test_malformed_files_raise_input_error(tmp_path):
               metadata={"format": clip.FORMAT, "config": '{"image_size": 16}'})
     with pytest.raises(InputError, match="compact token table"):
         clip.load_toy_clip(other)
+
+
+def test_zero_shot_accuracy_bounds():
+    acc = clip.zero_shot_accuracy(clip.build_toy_clip(TINY), n=10)
+    assert set(acc) == {"shape", "fill", "pattern", "outline", "background"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())

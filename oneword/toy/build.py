@@ -30,7 +30,7 @@ class ToyBuildConfig:
 
     oracle_steps: int = 1500
     """Oracle steps (batch 128, lr 2e-3)."""
-    clip_steps: int = 3000
+    clip_steps: int = 2000
     """Toy CLIP steps (batch 128, lr 5e-4)."""
     ldm: ToyLDMConfig = field(default_factory=ToyLDMConfig)
     """The diffusion model's architecture and budgets."""

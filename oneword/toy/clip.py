@@ -56,16 +56,16 @@ class ToyCLIPConfig:
     """Side of the square input image; other sizes are resized to it."""
     embed_dim: int = 128
     """Dimension of the joint image-text embedding."""
-    patch_size: int = 4
-    """ViT patch side in pixels; must divide ``image_size``."""
+    patch_size: int = 8
+    """ViT patch side in pixels; must divide ``image_size`` (8: 16 patches, 3.5x cheaper than 4 on a CPU)."""
     vision_width: int = 128
     """Width of the vision transformer."""
     vision_layers: int = 4
     """Number of vision transformer blocks."""
     vision_heads: int = 4
     """Attention heads of the vision transformer; must divide ``vision_width``."""
-    context_length: int = 77
-    """Tokens per text (CLIP's 77)."""
+    context_length: int = 32
+    """Tokens per text (toy captions need at most 23; real CLIP uses 77)."""
     vocab_size: int = 49408
     """Size of the CLIP BPE vocabulary."""
     text_width: int = 128
@@ -270,4 +270,29 @@ def train_toy_clip(out: Path, *, steps: int, batch_size: int = 128, lr: float = 
     save_toy_clip(model.eval(), out, {"trained": json.dumps(hparams)})
     ckpt.unlink(missing_ok=True)
     logger.info("wrote toy CLIP to %s", out)
+    return out
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: open_clip.CLIP, n: int = 400, seed: int = 0) -> dict[str, float]:
+    """Per attribute: share of ``n`` renders of *held-out* concepts whose value the model picks
+    among the prompts naming one value each ("a photo of a star", "a photo of a object on a teal
+    background", ...), CLIP's zero-shot classification."""
+    from oneword.toy.captions import prompt_for
+    from oneword.toy.render import ATTRIBUTES, VOCAB
+
+    rng = random.Random(f"clip-eval-{seed}")
+    held = split_concepts()[1]
+    images, truth = [], []
+    for _ in range(n):
+        c = rng.choice(held)
+        bg = rng.choice(backgrounds_for(c))
+        images.append(render(c, bg, sample_pose(rng), size=model.toy_config.image_size))
+        truth.append({**c.attributes(), "background": bg})
+    feats = encode_images(model, images)
+    out = {}
+    for attr in ATTRIBUTES:
+        texts = encode_texts(model, [prompt_for({attr: v}) for v in VOCAB[attr]])
+        pred = (feats @ texts.T).argmax(-1).tolist()
+        out[attr] = sum(VOCAB[attr][p] == t[attr] for p, t in zip(pred, truth)) / n
     return out
