@@ -20,13 +20,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/ti invert examples/red-disc --model tiny-sd1 --token "<red-disc>" --init disc \
-		--steps 60 --batch_size 2 --resolution 32 --save_every 30 --preview_every 30 \
-		--preview_steps 10 --out runs/demo
-	$(BIN)/ti generate --model tiny-sd1 --embedding runs/demo/learned_embeds.safetensors \
-		--prompt "a photo of <red-disc>" "a painting of <red-disc> on the beach" -n 4 --steps 10 \
-		--out runs/demo/generated.png
-	@echo "demo done: see runs/demo/ (loss.png, previews/, generated.png)"
+	$(BIN)/ti-encode examples/toy/red-circle-stripes-silver --refine 100 --out runs/demo --no-progress
+	$(BIN)/ti generate --model toy --embedding runs/demo/red-circle-stripes-silver/learned_embeds.safetensors \
+		--prompt "a photo of <red-circle-stripes-silver>" "a photo of <red-circle-stripes-silver> on a teal background" \
+		-n 4 --steps 25 --guidance 5 --out runs/demo/generated.png
+	@echo "demo done: see runs/demo/red-circle-stripes-silver/ (report.md, preview.png, loss.png) and runs/demo/generated.png"
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_speed.py --steps 20

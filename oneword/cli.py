@@ -291,8 +291,14 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info, "toy": _cmd_toy,
                 "eval": cmd_eval, "data": _cmd_data}
+    return run_reporting_errors(commands[args.command], args)
+
+
+def run_reporting_errors(command, args: argparse.Namespace) -> int:
+    """Run a command; a :class:`OneWordError` becomes its one-line message and exit code 2,
+    Ctrl-C exit code 130. Anything else is a bug and keeps its traceback."""
     try:
-        return commands[args.command](args)
+        return command(args)
     except OneWordError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

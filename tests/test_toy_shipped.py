@@ -46,3 +46,17 @@ def test_background_and_fill_prompts_are_honoured():
     preds = oracle.predict(images)
     assert sum(p["background"] == "teal" for p in preds[:4]) >= 3
     assert sum(p["fill"] == "yellow" for p in preds[4:]) >= 3
+
+
+def test_ti_encode_with_the_shipped_toy_encoder(tmp_path):
+    from pathlib import Path
+
+    from oneword.encoder.encode import main
+    from oneword.inversion.embedding_io import load_embedding
+
+    concept = Path(__file__).resolve().parents[1] / "examples" / "toy" / "purple-triangle-solid-gold"
+    assert main([str(concept), "--refine", "0", "--out", str(tmp_path), "--preview-steps", "2"]) == 0
+    emb = load_embedding(tmp_path / "purple-triangle-solid-gold" / "learned_embeds.safetensors")
+    init = load_model("toy").initializer_vectors("triangle", 1)[0]
+    assert emb.token == "<purple-triangle-solid-gold>" and emb.vectors[0].shape == (1, 128)
+    assert not torch.allclose(emb.vectors[0], init)  # the trained encoder moves off the initializer

@@ -49,6 +49,17 @@ def _record(work: Path, part: str, seconds: float) -> None:
     atomic_write_text(path, json.dumps(times, indent=1) + "\n")
 
 
+def _train_small(part: str, out: Path, cfg: ToyBuildConfig, progress: bool) -> None:
+    if part == "oracle":
+        from oneword.toy.oracle import train_oracle
+
+        train_oracle(out, steps=cfg.oracle_steps, progress=progress)
+    else:
+        from oneword.toy.clip import train_toy_clip
+
+        train_toy_clip(out, steps=cfg.clip_steps, progress=progress)
+
+
 def build_toy_world(work: Path, out: Path, parts: Sequence[str] = PARTS,
                     cfg: ToyBuildConfig | None = None, progress: bool = True) -> dict[str, Path]:
     """Train (or resume, or skip when finished) each of ``parts`` in ``work``; copy into ``out``."""
@@ -60,22 +71,12 @@ def build_toy_world(work: Path, out: Path, parts: Sequence[str] = PARTS,
     written: dict[str, Path] = {}
     for part in (p for p in PARTS if p in parts):
         t0 = time.perf_counter()
-        if part == "oracle":
-            from oneword.toy.oracle import train_oracle
-
-            done = work / "oracle.safetensors"
+        if part in ("oracle", "clip"):
+            done = work / f"{part}.safetensors"
             if not done.is_file():
-                train_oracle(done, steps=cfg.oracle_steps, progress=progress)
-            _copy_file(done, out / "oracle.safetensors")
-            written[part] = out / "oracle.safetensors"
-        elif part == "clip":
-            from oneword.toy.clip import train_toy_clip
-
-            done = work / "clip.safetensors"
-            if not done.is_file():
-                train_toy_clip(done, steps=cfg.clip_steps, progress=progress)
-            _copy_file(done, out / "clip.safetensors")
-            written[part] = out / "clip.safetensors"
+                _train_small(part, done, cfg, progress)
+            _copy_file(done, out / done.name)
+            written[part] = out / done.name
         else:
             export = train_toy_ldm(work, work / "export" / "ldm", cfg.ldm, progress=progress)
             with atomic_dir(out / "ldm") as tmp:
