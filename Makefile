@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_speed.py --steps 20
-	$(BIN)/python bench/amortization.py --quick
+	$(BIN)/python bench/amortization.py --quick --out runs/bench/quick
 
 clean:
 	rm -rf runs/demo .pytest_cache
