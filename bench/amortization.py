@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from oneword.encoder.encode import SHIPPED
-    from oneword.encoder.model import load_encoder
+    from oneword.encoder.model import load_encoder, predict_embeddings
     from oneword.eval.curves import Method, run_curve
     from oneword.eval.protocol import EvalSettings, Scorer, load_concept
     from oneword.eval.report import row_at, steps_to_match, summarize, write_report
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = load_encoder(enc_path)
 
         def predict(model, concept):
-            init = model.initializer_vectors(concept.init, encoder.cfg.num_vectors)
-            return encoder.predict([[im.image for im in concept.images]], [v[None] for v in init])[0]
+            return predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[0]
 
         methods.append(Method("encoder + refinement", init_fn=predict, budgets=tuple(args.encoder_budgets)))
     else:

@@ -205,3 +205,14 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     assert (run / "encoder.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()
     assert list((run / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):
+    from oneword.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "s"
+    assert main(["data", "shards", str(concept_dir), str(empty), "--init", "disc", "--per-shard", "1",
+                 "--out", str(out)]) == 2
+    assert list(out.iterdir()) == []  # the first concept's finished shard was removed too

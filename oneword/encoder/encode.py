@@ -23,13 +23,11 @@ from oneword.errors import OneWordError
 logger = logging.getLogger("oneword")
 
 SHIPPED = Path(__file__).resolve().parents[1] / "toy" / "weights" / "encoder.safetensors"
-_SKIP = frozenset({"token", "init", "steps", "save_every", "preview_every", "preview_prompts",
-                   "preview_seeds", "preview_steps", "num_vectors"})
 
 
 def build_parser() -> argparse.ArgumentParser:
     from oneword.cli import add_dataclass_options
-    from oneword.inversion.config import InversionConfig
+    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
 
     p = argparse.ArgumentParser(prog="ti-encode", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", metavar="IMAGES_DIR", help="one folder of reference images per concept")
@@ -47,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_dataclass_options(p, InversionConfig, skip=_SKIP)
+    add_dataclass_options(p, InversionConfig, skip=PER_RUN_FIELDS | {"num_vectors"})
     return p
 
 
@@ -71,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oneword.encoder.model import load_encoder
+    from oneword.encoder.model import load_encoder, predict_embeddings
     from oneword.eval.protocol import load_concept
-    from oneword.inversion.config import InversionConfig
+    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
     from oneword.inversion.train import safe_file_stem
     from oneword.models import load_model
 
@@ -94,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = [t or f"<{safe_file_stem(Path(d).resolve().name)}>" for t, d in zip(tokens, args.images)]
     if len(set(tokens)) != n:
         raise OneWordError(f"two concepts would get the same token ({tokens}); pass --token")
-    names = {f.name for f in dataclasses.fields(InversionConfig)} - _SKIP
+    names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"num_vectors"}
     base = {k: getattr(args, k) for k in names}
     if model.family == "toy" and base["template"] == "object":
         base["template"] = "toy"  # the toy text encoder knows only toy-caption words
@@ -108,12 +106,8 @@ def run(args: argparse.Namespace) -> int:
     encoder.to(model.device)
     encoder.space.to(model.device)
     t0 = time.perf_counter()
-    k = len(model.widths)
-    init = [[model.initializer_vectors(c.init, encoder.cfg.num_vectors)[j] for c in concepts] for j in range(k)]
-    import torch
-
-    predicted = encoder.predict([[im.image for im in c.images] for c in concepts],
-                                [torch.stack(v) for v in init])
+    predicted = predict_embeddings(encoder, model, [[im.image for im in c.images] for c in concepts],
+                                   [c.init for c in concepts])
     encode_s = time.perf_counter() - t0
     print(f"encoded {n} concept(s) in {encode_s:.2f}s with {enc_path}", file=sys.stderr)
     out_root = Path(args.out)

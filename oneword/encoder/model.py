@@ -142,6 +142,15 @@ class ConceptEncoder(nn.Module):
         return [[v[b].float().cpu() for v in out] for b in range(len(image_sets))]
 
 
+def predict_embeddings(encoder: ConceptEncoder, model, image_sets: Sequence[Sequence[Image.Image]],
+                       init_words: Sequence[str]) -> list[list[Tensor]]:
+    """One batched pass for several concepts of ``model``: per concept, its vectors per text
+    encoder, offsets from the initializer words' embeddings."""
+    starts = [model.initializer_vectors(w, encoder.cfg.num_vectors) for w in init_words]
+    init = [torch.stack([s[j] for s in starts]) for j in range(len(model.widths))]
+    return encoder.predict(image_sets, init)
+
+
 def save_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict[str, str] | None = None) -> Path:
     """The slim encoder file: mapper weights (fp32) with the config as JSON in the header."""
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.mapper.state_dict().items()}

@@ -94,17 +94,22 @@ def write_shards(samples: Iterable[ConceptSample], out: str | Path, per_shard: i
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     it = iter(samples)
-    for first in it:  # each pass of the loop fills one shard from the same iterator
-        path = out / f"{prefix}-{len(paths):06d}.tar"
-        with atomic_path(path) as tmp:
-            writer = wds.TarWriter(str(tmp))
-            try:
-                writer.write(encode_sample(first))
-                for sample in islice(it, per_shard - 1):
-                    writer.write(encode_sample(sample))
-            finally:
-                writer.close()
-        paths.append(path)
+    try:
+        for first in it:  # each pass of the loop fills one shard from the same iterator
+            path = out / f"{prefix}-{len(paths):06d}.tar"
+            with atomic_path(path) as tmp:
+                writer = wds.TarWriter(str(tmp))
+                try:
+                    writer.write(encode_sample(first))
+                    for sample in islice(it, per_shard - 1):
+                        writer.write(encode_sample(sample))
+                finally:
+                    writer.close()
+            paths.append(path)
+    except BaseException:
+        for p in paths:  # a bad concept anywhere: no half-written data set is left behind
+            p.unlink(missing_ok=True)
+        raise
     if not paths:
         raise InputError("no concepts to write")
     return paths

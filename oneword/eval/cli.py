@@ -12,8 +12,6 @@ from oneword.errors import OneWordError
 
 logger = logging.getLogger("oneword")
 
-_CURVE_SKIP = frozenset({"token", "init", "steps", "save_every", "preview_every", "preview_prompts",
-                         "preview_seeds", "preview_steps"})
 
 
 def _scoring_options(p: argparse.ArgumentParser) -> None:
@@ -34,7 +32,7 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
 
 def add_eval_parser(sub, model_options) -> None:
     from oneword.cli import add_dataclass_options
-    from oneword.inversion.config import InversionConfig
+    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
 
     ev = sub.add_parser("eval", help="score embeddings the paper's way; quality-versus-steps curves")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -61,7 +59,7 @@ def add_eval_parser(sub, model_options) -> None:
     c.add_argument("--init", default=None, help="initializer word (default: the toy concept's shape)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     _scoring_options(c)
-    add_dataclass_options(c, InversionConfig, skip=_CURVE_SKIP)
+    add_dataclass_options(c, InversionConfig, skip=PER_RUN_FIELDS)
 
 
 def _settings(args: argparse.Namespace, model):
@@ -112,10 +110,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "score":
         return _score(args, load)
     from oneword.eval.curves import Method, parse_variant, run_curve
-    from oneword.inversion.config import InversionConfig
+    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
 
     concepts = [load_concept(d, args.init) for d in args.concepts]
-    fields = {f.name for f in dataclasses.fields(InversionConfig)} - _CURVE_SKIP
+    fields = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS
     base = InversionConfig(**{k: getattr(args, k) for k in fields}, token="<eval>", init=concepts[0].init)
     try:
         methods = [parse_variant(v) for v in args.variant] if args.variant else [Method("textual inversion")]
@@ -145,10 +143,7 @@ def _score(args: argparse.Namespace, load) -> int:
         concept = load_concept(folder, init)
         if folder not in seen:  # references once per concept
             seen.add(folder)
-            for name, scores in (("initializer word", scorer.score(concept.init, concept)),
-                                 ("real images", scorer.real_images(concept))):
-                rows.append({"method": name, "concept": concept.name, "steps": None, "seconds": 0.0,
-                             **scores.as_dict()})
+            rows += scorer.reference_rows(concept)
         steps = emb.metadata.get("oneword.steps")
         rows.append({"method": Path(path).name, "concept": concept.name,
                      "steps": int(steps) if steps and steps.isdigit() else None, "seconds": 0.0,

@@ -94,10 +94,7 @@ def run_curve(
     for i, concept in enumerate(concepts):
         model = load_model()
         scorer = make_scorer(model)
-        for name, scores in (("initializer word", scorer.score(concept.init, concept)),
-                             ("real images", scorer.real_images(concept))):
-            rows.append({"method": name, "concept": concept.name, "steps": None, "seconds": 0.0,
-                         **scores.as_dict()})
+        rows += scorer.reference_rows(concept)
         for j, method in enumerate(methods):
             if j:
                 model = load_model()  # every method starts from an untouched model

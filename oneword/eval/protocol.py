@@ -194,6 +194,13 @@ class Scorer:
                 s.identity_oracle = attribute_share(preds, concept.attributes)
         return s
 
+    def reference_rows(self, concept: ConceptRef) -> list[dict]:
+        """The two reference points of a concept as result rows (``steps`` None): the initializer
+        word alone and the real images against each other."""
+        pairs = (("initializer word", self.score(concept.init, concept)), ("real images", self.real_images(concept)))
+        return [{"method": name, "concept": concept.name, "steps": None, "seconds": 0.0, **s.as_dict()}
+                for name, s in pairs]
+
     def real_images(self, concept: ConceptRef) -> Scores:
         """The upper line: the reference images scored as if they were samples."""
         s = Scores()

@@ -97,9 +97,11 @@ def load_space(spec: str, device: str | torch.device | None = None) -> ClipSpace
     if spec == "random":
         from oneword.toy.clip import ToyCLIPConfig, build_toy_clip
 
-        torch.manual_seed(0)
         cfg = ToyCLIPConfig(embed_dim=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1)
-        return toy_space(build_toy_clip(cfg).to(dev), "random")
+        with torch.random.fork_rng(devices=[]):  # seeded weights, caller's RNG untouched
+            torch.manual_seed(0)
+            model = build_toy_clip(cfg)
+        return toy_space(model.to(dev), "random")
     import open_clip
 
     arch, _, tag = spec.partition(":")

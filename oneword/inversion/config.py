@@ -15,6 +15,11 @@ import yaml
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
+#: Fields that tools running many inversions (curves, ti-encode) set per run themselves.
+PER_RUN_FIELDS = frozenset({"token", "init", "steps", "save_every", "preview_every", "preview_prompts",
+                            "preview_seeds", "preview_steps"})
+
+
 @dataclass
 class InversionConfig:
     """Everything that determines a textual-inversion run (model and images aside)."""
