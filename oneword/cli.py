@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoencoder steps (default: ToyLDMConfig.vae_steps, 1500)")
     t.add_argument("--ldm-steps", type=int, default=None,
                    help="diffusion steps (default: ToyLDMConfig.ldm_steps); may grow on resume")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate of the diffusion stage (default: 4e-4)")
+    t.add_argument("--decoder-steps", type=int, default=None,
+                   help="then fine-tune the VAE decoder alone this many steps (default: 0)")
+    t.add_argument("--init-from", default=None, metavar="DIR",
+                   help="continue training from a toy pipeline folder (e.g. the shipped oneword/toy/weights/ldm) "
+                        "instead of from scratch; use a new --work folder")
     d = sub.add_parser("data", help="training data for the encoder")
     d_sub = d.add_subparsers(dest="data_command", required=True)
     sh = d_sub.add_parser("shards", help="write webdataset shards (one sample per concept)",
@@ -259,7 +265,9 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps}
+    steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps, "lr": args.lr,
+             "decoder_steps": args.decoder_steps,
+             "init_from": args.init_from}
     cfg = ToyBuildConfig(ldm=ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None}))
     cfg.oracle_steps = args.oracle_steps or cfg.oracle_steps
     cfg.clip_steps = args.clip_steps or cfg.clip_steps

@@ -11,15 +11,19 @@ from PIL import Image
 
 from oneword.encoder.model import ConceptEncoder, EncoderConfig, load_encoder, save_encoder, token_scale
 from oneword.encoder.shards import decode_sample, encode_sample, expand_shards, toy_samples, write_shards
+from oneword.encoder.unet_features import unet_feature_dim, unet_features
 from oneword.errors import InputError
 from oneword.eval.space import load_space
 from oneword.models import load_model
 
 
-def tiny_encoder(family: str = "sd1", num_vectors: int = 1, randomize: bool = True) -> tuple[ConceptEncoder, object]:
+def tiny_encoder(family: str = "sd1", num_vectors: int = 1, randomize: bool = True,
+                 unet: bool = False) -> tuple[ConceptEncoder, object]:
     model = load_model(f"tiny-{family}")
     space = load_space("random")
-    cfg = EncoderConfig(clip="random", feature_dim=32, widths=model.widths, num_vectors=num_vectors, hidden=32,
+    unet_dim = unet_feature_dim(model.unet) if unet else 0
+    cfg = EncoderConfig(clip="random", feature_dim=32, unet_dim=unet_dim, widths=model.widths,
+                        num_vectors=num_vectors, hidden=32,
                         depth=1, offset_scale=token_scale(model), family=model.family, model=f"tiny-{family}")
     enc = ConceptEncoder(cfg, space)
     if randomize:  # heads start at zero; give them weights so the tests see real offsets
@@ -38,31 +42,43 @@ def _init(model, n: int, num_vectors: int = 1, word: str = "dog"):
     return [v[None].expand(n, -1, -1) for v in model.initializer_vectors(word, num_vectors)]
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_mapper_shapes_and_scale(tiny_dirs, family):
-    enc, model = tiny_encoder(family, num_vectors=2)
+@pytest.mark.parametrize("family,unet", [("sd1", False), ("sd2", False), ("sdxl", False), ("sd1", True),
+                                         ("sdxl", True)])
+def test_mapper_shapes_and_scale(tiny_dirs, family, unet):
+    enc, model = tiny_encoder(family, num_vectors=2, unet=unet)
     init = _init(model, 3, 2)
-    out = enc.predict([_images(2), _images(4, 1), _images(1, 2)], init)
+    out = enc.predict([_images(2), _images(4, 1), _images(1, 2)], init, model)
     assert len(out) == 3 and [tuple(v.shape) for v in out[0]] == [(2, w) for w in model.widths]
     for j, s in enumerate(token_scale(model)):
         offset = (out[0][j] - init[j][0]).norm(dim=-1)
         assert torch.all(offset > 0.05 * s) and torch.all(offset < 20 * s)  # on the scale of real words
-    fresh, _ = tiny_encoder(family, num_vectors=2, randomize=False)  # an untrained mapper = the initializer
-    same = fresh.predict([_images(2)], [v[:1] for v in init])[0]
+    fresh, _ = tiny_encoder(family, num_vectors=2, randomize=False, unet=unet)  # untrained = the initializer
+    same = fresh.predict([_images(2)], [v[:1] for v in init], model)[0]
     assert all(torch.allclose(a, b[0]) for a, b in zip(same, init))
 
 
 def test_order_invariance_and_set_size(tiny_dirs):
-    enc, model = tiny_encoder()
+    enc, model = tiny_encoder(unet=True)
     imgs = _images(4)
-    a = enc.predict([imgs], _init(model, 1))[0][0]
-    b = enc.predict([imgs[::-1]], _init(model, 1))[0][0]
+    a = enc.predict([imgs], _init(model, 1), model)[0][0]
+    b = enc.predict([imgs[::-1]], _init(model, 1), model)[0][0]
     assert torch.allclose(a, b, atol=1e-5)
-    batched = enc.predict([imgs, imgs[:1]], _init(model, 2))  # padding of the shorter set is masked
-    alone = enc.predict([imgs[:1]], _init(model, 1))[0][0]
+    batched = enc.predict([imgs, imgs[:1]], _init(model, 2), model)  # padding of the shorter set is masked
+    alone = enc.predict([imgs[:1]], _init(model, 1), model)[0][0]
     assert torch.allclose(batched[0][0], a, atol=1e-5) and torch.allclose(batched[1][0], alone, atol=1e-5)
     with pytest.raises(InputError):
-        enc.predict([imgs, []], _init(model, 2))
+        enc.predict([imgs, []], _init(model, 2), model)
+
+
+def test_unet_features_see_the_image_and_need_the_model(tiny_dirs):
+    enc, model = tiny_encoder(unet=True)
+    imgs = _images(3)
+    f = unet_features(model, imgs)
+    assert f.shape == (3, unet_feature_dim(model.unet)) and torch.isfinite(f).all()
+    assert torch.allclose(unet_features(model, imgs[:1]), f[:1], rtol=1e-4, atol=1e-4)  # batch-independent
+    assert not torch.allclose(f[0], f[1])  # different images, different features
+    with pytest.raises(ValueError, match="UNet features"):
+        enc.predict([imgs], _init(model, 1))
 
 
 def test_export_import_round_trip(tiny_dirs, tmp_path):
@@ -125,7 +141,7 @@ def test_lightning_fit_and_resume(tiny_dirs, tmp_path):
 
 
 def _encoder_file(tmp_path):
-    enc, _ = tiny_encoder()
+    enc, _ = tiny_encoder(unet=True)
     return save_encoder(enc, tmp_path / "enc.safetensors")
 
 

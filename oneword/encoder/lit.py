@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from oneword.data.images import image_to_tensor, resize_and_crop
 from oneword.encoder.model import ConceptEncoder, EncoderConfig, save_encoder, token_scale
 from oneword.encoder.shards import ConceptSample, decode_sample, expand_shards, is_validation
+from oneword.encoder.unet_features import unet_feature_dim
 from oneword.inversion.loss import denoising_loss
 from oneword.inversion.templates import sample_prompts
 from oneword.trainstate import warmup_cosine
@@ -97,7 +98,7 @@ class EncoderModule(L.LightningModule):
                  depth: int = 2, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 200,
                  reg_weight: float = 1e-3, distill_weight: float = 0.0, template: str = "object",
                  background_prompt_p: float = 0.5, flip_p: float = 0.5, dtype: str = "fp32",
-                 seed: int = 0) -> None:
+                 unet_features: bool = False, seed: int = 0) -> None:
         """
         Args:
             model: diffusion model to train for (preset, folder or checkpoint, as ``--model``).
@@ -117,6 +118,8 @@ class EncoderModule(L.LightningModule):
             flip_p: probability of a horizontal flip of the target image.
             dtype: weights of the frozen model (fp32, bf16, fp16); mixed precision comes from the
                 trainer's ``precision``.
+            unet_features: also feed the mapper the frozen model's own UNet features of the
+                reference images (E4T-style; :mod:`oneword.encoder.unet_features`).
             seed: seed of noise, timesteps and prompts.
         """
         super().__init__()
@@ -128,7 +131,9 @@ class EncoderModule(L.LightningModule):
         ldm.add_placeholder(TOKEN, ldm.initializer_vectors("object", num_vectors))
         space = load_space(clip)
         probe = space.images([_blank()])
-        cfg = EncoderConfig(clip=clip, feature_dim=int(probe.shape[1]), widths=ldm.widths, num_vectors=num_vectors,
+        unet_dim = unet_feature_dim(ldm.unet) if unet_features else 0
+        cfg = EncoderConfig(clip=clip, feature_dim=int(probe.shape[1]), unet_dim=unet_dim, widths=ldm.widths,
+                            num_vectors=num_vectors,
                             hidden=hidden, depth=depth, offset_scale=token_scale(ldm), family=ldm.family, model=model)
         self.encoder = ConceptEncoder(cfg, space)
         self._frozen = {"ldm": ldm}  # a dict: not a submodule, never in state_dict or checkpoints
@@ -166,7 +171,7 @@ class EncoderModule(L.LightningModule):
     def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Denoising, regularizer and distillation terms (and their weighted sum, ``loss``)."""
         h, ldm = self.hparams, self.ldm
-        feats, mask = self.encoder.features(batch["refs"])
+        feats, mask = self.encoder.features(batch["refs"], ldm)
         init = self._init_vectors(batch["init"])
         pred = self.encoder(feats, mask, init)
         with torch.no_grad():

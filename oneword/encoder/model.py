@@ -25,6 +25,9 @@ class EncoderConfig:
     """Image tower: toy, an open_clip ARCH[:TAG] such as ViT-L-14, or random (tests)."""
     feature_dim: int = 128
     """Width of the tower's image features."""
+    unet_dim: int = 0
+    """Width of the E4T-style UNet features (:mod:`oneword.encoder.unet_features`) fed beside
+    CLIP's; 0 leaves them out."""
     widths: list[int] = field(default_factory=lambda: [128])
     """Token-embedding width of each text encoder of the target model (SDXL: [768, 1280])."""
     num_vectors: int = 1
@@ -46,6 +49,8 @@ class EncoderConfig:
             raise ValueError("offset_scale needs one value per text encoder width")
         if min(self.widths, default=0) < 1 or self.num_vectors < 1 or self.hidden < 1 or self.depth < 0:
             raise ValueError("widths, num_vectors and hidden must be positive, depth >= 0")
+        if self.unet_dim < 0:
+            raise ValueError("unet_dim must be >= 0")
 
 
 class _Block(nn.Module):
@@ -60,6 +65,7 @@ class _Block(nn.Module):
 class SetMapper(nn.Module):
     """Features of a set of images (``[B, K, D]`` with a ``[B, K]`` mask) and the initializer's
     vectors (one ``[B, n, w]`` per text encoder) -> the pseudo-word's vectors, same shapes.
+    ``D`` is the tower's width plus ``unet_dim`` (UNet features, layer-normalised first).
 
     Per-image MLP, masked mean over the set (order-invariant, any K), the initializer folded in,
     residual blocks, and one zero-initialised head per text encoder: an untrained mapper returns
@@ -70,7 +76,8 @@ class SetMapper(nn.Module):
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden
-        self.per_image = nn.Sequential(nn.Linear(cfg.feature_dim, h), nn.GELU(), nn.Linear(h, h))
+        self.unet_norm = nn.LayerNorm(cfg.unet_dim) if cfg.unet_dim else None
+        self.per_image = nn.Sequential(nn.Linear(cfg.feature_dim + cfg.unet_dim, h), nn.GELU(), nn.Linear(h, h))
         self.init_proj = nn.Linear(sum(cfg.widths) * cfg.num_vectors, h)
         self.blocks = nn.Sequential(*[_Block(h) for _ in range(cfg.depth)], nn.LayerNorm(h))
         self.heads = nn.ModuleList(nn.Linear(h, cfg.num_vectors * w) for w in cfg.widths)
@@ -82,9 +89,14 @@ class SetMapper(nn.Module):
     def forward(self, features: Tensor, mask: Tensor, init: Sequence[Tensor]) -> list[Tensor]:
         if features.ndim != 3 or mask.shape != features.shape[:2]:
             raise ValueError(f"features must be [B, K, D] with a [B, K] mask, got {tuple(features.shape)}")
+        if features.shape[-1] != self.cfg.feature_dim + self.cfg.unet_dim:
+            raise ValueError(f"features must be {self.cfg.feature_dim + self.cfg.unet_dim}-d, got {features.shape[-1]}")
         m = mask.to(features.dtype)[..., None]
         if bool((m.sum(1) == 0).any()):
             raise ValueError("every concept needs at least one image")
+        if self.unet_norm is not None:
+            d = self.cfg.feature_dim
+            features = torch.cat([features[..., :d], self.unet_norm(features[..., d:])], dim=-1)
         per = self.per_image(features)
         pooled = (per * m).sum(1) / m.sum(1)
         flat = torch.cat([(v / s).flatten(1) for v, s in zip(init, self.scale)], dim=-1)
@@ -111,14 +123,26 @@ class ConceptEncoder(nn.Module):
         return self._space
 
     @torch.no_grad()
-    def features(self, image_sets: Sequence[Sequence[Image.Image]]) -> tuple[Tensor, Tensor]:
-        """Tower features ``[B, K_max, D]`` of each concept's images and the ``[B, K_max]`` mask."""
+    def features(self, image_sets: Sequence[Sequence[Image.Image]], model=None) -> tuple[Tensor, Tensor]:
+        """Features ``[B, K_max, D]`` of each concept's images and the ``[B, K_max]`` mask: the
+        tower's, then (when the encoder uses them) ``model``'s UNet features."""
         if not image_sets or any(len(s) == 0 for s in image_sets):
             raise InputError("every concept needs at least one reference image")
-        flat = self.space.images([im for s in image_sets for im in s])
+        images = [im for s in image_sets for im in s]
+        flat = self.space.images(images)
         if flat.shape[1] != self.cfg.feature_dim:
             raise InputError(f"the image tower {self.cfg.clip!r} gives {flat.shape[1]}-d features, "
                              f"the encoder expects {self.cfg.feature_dim}")
+        if self.cfg.unet_dim:
+            if model is None:
+                raise ValueError("this encoder reads UNet features: pass the diffusion model")
+            from oneword.encoder.unet_features import unet_features
+
+            extra = unet_features(model, images)
+            if extra.shape[1] != self.cfg.unet_dim:
+                raise InputError(f"{model.source}'s UNet gives {extra.shape[1]}-d features, the encoder "
+                                 f"was trained on {self.cfg.unet_dim}-d ones ({self.cfg.model})")
+            flat = torch.cat([flat, extra], dim=1)
         k = max(len(s) for s in image_sets)
         feats = torch.zeros(len(image_sets), k, flat.shape[1])
         mask = torch.zeros(len(image_sets), k, dtype=torch.bool)
@@ -134,9 +158,10 @@ class ConceptEncoder(nn.Module):
         return self.mapper(features, mask, init)
 
     @torch.no_grad()
-    def predict(self, image_sets: Sequence[Sequence[Image.Image]], init: Sequence[Tensor]) -> list[list[Tensor]]:
+    def predict(self, image_sets: Sequence[Sequence[Image.Image]], init: Sequence[Tensor],
+                model=None) -> list[list[Tensor]]:
         """One pass for several concepts: per concept, one ``[n, w]`` tensor per text encoder."""
-        feats, mask = self.features(image_sets)
+        feats, mask = self.features(image_sets, model)
         device = feats.device
         out = self.mapper(feats, mask, [v.to(device, torch.float32) for v in init])
         return [[v[b].float().cpu() for v in out] for b in range(len(image_sets))]
@@ -148,7 +173,7 @@ def predict_embeddings(encoder: ConceptEncoder, model, image_sets: Sequence[Sequ
     encoder, offsets from the initializer words' embeddings."""
     starts = [model.initializer_vectors(w, encoder.cfg.num_vectors) for w in init_words]
     init = [torch.stack([s[j] for s in starts]) for j in range(len(model.widths))]
-    return encoder.predict(image_sets, init)
+    return encoder.predict(image_sets, init, model)
 
 
 def save_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict[str, str] | None = None) -> Path:

@@ -49,15 +49,19 @@ def denoising_loss(
         target = noise
     else:
         raise ValueError(f"unsupported prediction type {model.prediction_type!r}")
+    pred = unet_forward(model, noisy, timesteps, cond)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def unet_forward(model: FrozenLDM, noisy: torch.Tensor, timesteps: torch.Tensor,
+                 cond: TextConditioning) -> torch.Tensor:
+    """The UNet's prediction for ``noisy`` latents, with SDXL's extra conditioning where needed."""
     extra = {}
     if cond.pooled is not None:
-        pixels = latents.shape[-1] * model.vae_scale_factor
-        time_ids = sdxl_time_ids(pixels, b, latents.device, cond.pooled.dtype)
+        pixels = noisy.shape[-1] * model.vae_scale_factor
+        time_ids = sdxl_time_ids(pixels, noisy.shape[0], noisy.device, cond.pooled.dtype)
         extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
-    pred = model.unet(
-        noisy.to(model.dtype), timesteps, encoder_hidden_states=cond.hidden_states, **extra
-    ).sample
-    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return model.unet(noisy.to(model.dtype), timesteps, encoder_hidden_states=cond.hidden_states, **extra).sample
 
 
 def _alphas(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,6 +82,12 @@ class ToyLDMConfig:
     It stops the many near-clean timesteps, which carry no text signal, from dominating the loss."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of stage-2 weights, exported as the model."""
+    decoder_steps: int = 0
+    """Steps of stage 3, which fine-tunes the VAE *decoder* alone (the encoder stays frozen, so the
+    UNet's latents keep their meaning; cf. SD's ft-MSE VAE). 0 skips it."""
+    init_from: str = ""
+    """A toy pipeline folder whose VAE, text encoder and UNet start this run (continued training:
+    stage 1 is skipped, the EMA starts from the loaded weights). Empty: train from scratch."""
     save_every: int = 250
     """Checkpoint interval in steps."""
     seed: int = 0
@@ -95,6 +101,8 @@ class ToyLDMConfig:
         for name in ("vae_steps", "ldm_steps", "vae_batch", "ldm_batch", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.decoder_steps < 0:
+            raise ValueError("decoder_steps must be >= 0")
         if not 0 <= self.uncond_p < 1:
             raise ValueError("uncond_p must be in [0, 1)")
         if not 0 <= self.name_background <= 1:
@@ -257,6 +265,7 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
     log_path = work / "ldm_loss.csv"
     bar = tqdm(total=cfg.ldm_steps, initial=step, desc="toy ldm", disable=not progress)
     t0, losses = time.perf_counter(), []
+    ema_start = -1 if cfg.init_from else 500  # a continued run's EMA starts at the loaded weights
     while step < cfg.ldm_steps:
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, cfg.ldm_steps, cfg.lr, warmup=200, floor=0.1)
@@ -270,8 +279,9 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _ema_update(ema_unet, unet, cfg.ema_decay if step > 500 else 0.0)
-        _ema_update(ema_text, text, cfg.ema_decay if step > 500 else 0.0)
+        decay = cfg.ema_decay if step > ema_start else 0.0
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text, decay)
         step += 1
         losses.append(loss.item())
         bar.update(1)
@@ -283,6 +293,41 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
             losses = []
     bar.close()
     return ema_unet, ema_text
+
+
+def finetune_decoder(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> None:
+    """Stage 3: the VAE decoder alone on reconstructions of sampled latents (encoder frozen).
+    Resumes from ``work/decoder.ckpt.safetensors``."""
+    vae = pipe.vae
+    vae.requires_grad_(False).eval()
+    vae.decoder.requires_grad_(True).train()
+    vae.post_quant_conv.requires_grad_(True).train()
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    stream = DataStream(cfg, cfg.seed + 4)
+    ckpt = work / "decoder.ckpt.safetensors"
+    step = _load_ckpt(ckpt, {"vae": vae}, opt, stream) if ckpt.is_file() else 0
+    gen = torch.Generator().manual_seed(cfg.seed + 5 + step)
+    bar = tqdm(total=cfg.decoder_steps, initial=step, desc="toy decoder", disable=not progress)
+    while step < cfg.decoder_steps:
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, cfg.decoder_steps, 3e-4, warmup=50, floor=0.1)
+        x, _ = stream.batch(cfg.vae_batch, with_captions=False)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.save_every == 0 or step == cfg.decoder_steps:
+            _save_ckpt(ckpt, {"vae": vae}, opt, step, stream)
+    bar.close()
+    vae.requires_grad_(False).eval()
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -302,7 +347,7 @@ def caption_token_ids(tokenizer) -> set[int]:
     return ids
 
 
-def export(pipe, ema_unet, ema_text, cfg: ToyLDMConfig, out: Path) -> Path:
+def export(pipe, ema_unet, ema_text, cfg: ToyLDMConfig, out: Path, lineage: dict | None = None) -> Path:
     """Write the EMA model as a diffusers folder (fp16 storage) with the toy family marker."""
     pipe.unet.load_state_dict(ema_unet.state_dict())
     pipe.text_encoder.load_state_dict(ema_text.state_dict())
@@ -315,8 +360,32 @@ def export(pipe, ema_unet, ema_text, cfg: ToyLDMConfig, out: Path) -> Path:
     with atomic_dir(out) as tmp:
         pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
         pipe.to(torch.float32)
-        (tmp / "oneword.json").write_text(json.dumps({"family": "toy", "config": asdict(cfg)}, indent=1))
+        marker = {"family": "toy", "config": asdict(cfg)}
+        if lineage:  # continued training: the markers of the weights it started from
+            marker["continued_from"] = lineage
+        (tmp / "oneword.json").write_text(json.dumps(marker, indent=1))
     return out
+
+
+def _marker(folder: Path) -> dict:
+    path = folder / "oneword.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_init(pipe, folder: Path) -> None:
+    """Copy a saved toy pipeline's VAE, text encoder and UNet (and latent scale) into ``pipe``."""
+    from diffusers import StableDiffusionPipeline
+
+    if _marker(folder).get("family") != "toy":
+        raise ValueError(f"{folder} is not a toy pipeline folder (no oneword.json with family 'toy')")
+    src = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
+                                                  safety_checker=None, requires_safety_checker=False)
+    for name in ("vae", "unet", "text_encoder"):
+        try:
+            getattr(pipe, name).load_state_dict(getattr(src, name).state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"{folder}: its {name} does not match this config's architecture") from err
+    pipe.vae.register_to_config(scaling_factor=float(src.vae.config.scaling_factor))
 
 
 def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progress: bool = True) -> Path:
@@ -327,7 +396,7 @@ def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progre
     now = json.loads(json.dumps(asdict(cfg)))
     if cfg_path.is_file():  # step counts may grow (train longer); everything else must match
         saved = json.loads(cfg_path.read_text())
-        free = {"vae_steps", "ldm_steps", "save_every"}
+        free = {"vae_steps", "ldm_steps", "decoder_steps", "save_every"}
         diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
         if diff:
             raise ValueError(f"{work} was started with other settings ({', '.join(diff)}); use another folder")
@@ -335,7 +404,13 @@ def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progre
     pipe = build_pipeline(cfg)
     pipe.set_progress_bar_config(disable=True)
     vae_done = work / "vae.safetensors"
-    if vae_done.is_file():
+    lineage_path = work / "init_oneword.json"
+    if cfg.init_from and not (work / "ldm.ckpt.safetensors").is_file():
+        load_init(pipe, Path(cfg.init_from))
+        atomic_write_text(lineage_path, json.dumps(_marker(Path(cfg.init_from)), indent=1))
+        write_safetensors(vae_done, module_tensors("vae", pipe.vae),
+                          {"scaling_factor": str(pipe.vae.config.scaling_factor)})
+    elif vae_done.is_file():
         tensors, meta = read_safetensors(vae_done)
         load_module("vae", pipe.vae, tensors)
         pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
@@ -344,4 +419,7 @@ def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progre
         write_safetensors(vae_done, module_tensors("vae", pipe.vae),
                           {"scaling_factor": str(pipe.vae.config.scaling_factor)})
     ema_unet, ema_text = train_ldm(pipe, cfg, work, progress)
-    return export(pipe, ema_unet, ema_text, cfg, out)
+    if cfg.decoder_steps:
+        finetune_decoder(pipe, cfg, work, progress)
+    lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else None
+    return export(pipe, ema_unet, ema_text, cfg, out, lineage)
