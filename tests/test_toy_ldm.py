@@ -34,6 +34,29 @@ def test_train_export_and_resume(tmp_path):
         train_toy_ldm(work, out, tiny_cfg(text_width=64), progress=False)
 
 
+def test_continue_from_a_pipeline_folder_then_fine_tune_the_decoder(tmp_path):
+    import torch
+
+    first = tmp_path / "ldm"
+    train_toy_ldm(tmp_path / "work", first, tiny_cfg(), progress=False)
+    base = load_model(str(first))
+    second = tmp_path / "ldm2"
+    train_toy_ldm(tmp_path / "work2", second, tiny_cfg(init_from=str(first), decoder_steps=2), progress=False)
+    cont = load_model(str(second))
+    assert not (tmp_path / "work2" / "vae.ckpt.safetensors").exists()  # stage 1 skipped: the VAE came along
+    with safe_open(str(tmp_path / "work2" / "decoder.ckpt.safetensors"), framework="pt") as f:
+        assert f.metadata()["step"] == "2"
+    enc = lambda m: dict(m.vae.encoder.named_parameters())  # noqa: E731
+    dec = lambda m: dict(m.vae.decoder.named_parameters())  # noqa: E731
+    assert all(torch.equal(v, enc(cont)[k]) for k, v in enc(base).items())  # the latents keep their meaning
+    assert any(not torch.equal(v, dec(cont)[k]) for k, v in dec(base).items())  # the decoder trained
+    marker = json.loads((second / "oneword.json").read_text())
+    assert marker["config"]["init_from"] == str(first) and marker["continued_from"]["family"] == "toy"
+    with pytest.raises(ValueError, match="does not match"):
+        train_toy_ldm(tmp_path / "work3", tmp_path / "x", tiny_cfg(init_from=str(first), unet_channels=(32, 64, 64)),
+                      progress=False)
+
+
 def test_export_keeps_caption_rows_and_zeroes_the_rest(tmp_path):
     out = tmp_path / "ldm"
     train_toy_ldm(tmp_path / "work", out, tiny_cfg(), progress=False)
