@@ -213,7 +213,8 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     write_shards(toy_samples(limit=6, images=3, size=32), tmp_path / "shards", per_shard=6)
     monkeypatch.chdir(tmp_path)  # the config's run folders are relative
     cli_main(["fit", "--config", str(config), "--model.model", "tiny-sd1", "--model.clip", "random",
-              "--model.hidden", "32", "--model.depth", "1", "--data.shards", str(tmp_path / "shards"),
+              "--model.hidden", "32", "--model.depth", "1", "--model.unet_features", "true",
+              "--data.shards", str(tmp_path / "shards"),
               "--data.batch_size", "2", "--data.val_fraction", "0.3", "--trainer.max_steps", "2",
               "--trainer.log_every_n_steps", "1",
               "--trainer.enable_progress_bar", "false"])
@@ -221,6 +222,7 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     assert (run / "encoder.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()
     assert list((run / "tb").rglob("events.out.tfevents.*"))
+    assert load_encoder(run / "encoder.safetensors").cfg.unet_dim > 0  # the UNet features were wired in
 
 
 def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):
