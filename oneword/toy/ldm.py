@@ -216,10 +216,7 @@ def train_vae(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> Non
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _clipped_step(loss, list(vae.parameters()), opt)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -233,6 +230,14 @@ def train_vae(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> Non
         std = vae.encode(x).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     logger.info("toy VAE latent std %.4f -> scaling factor %.4f", std, 1.0 / std)
+
+
+def _clipped_step(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer) -> None:
+    """Backward, clip the gradient norm to 1, step, clear: every stage's optimizer step."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -275,10 +280,7 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x),), generator=gen)
         per_sample = denoising_loss(ldm, latents, ldm.encode_text(texts), gen, timesteps=t)
         loss = (per_sample * min_snr_weights(pipe.scheduler, t, cfg.min_snr_gamma)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _clipped_step(loss, params, opt)
         decay = cfg.ema_decay if step > ema_start else 0.0
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text, decay)
@@ -317,10 +319,7 @@ def finetune_decoder(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True)
             z = vae.encode(x).latent_dist.sample(generator=gen)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _clipped_step(loss, params, opt)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
