@@ -164,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one ti invert run folder or embedding file per concept folder: distillation targets")
     sh.add_argument("--per-shard", type=int, default=256, help="concepts per shard (default: 256)")
     sh.add_argument("--out", required=True, help="folder for the .tar shards")
+    tg = d_sub.add_parser(
+        "targets", help="add distillation targets to shards: a short textual inversion of every concept",
+        description="Reads every shard of SHARDS, inverts its concepts in groups (one UNet pass per step for "
+                    "the whole group) and writes the samples with their learned embedding to OUT/<same name>. "
+                    "Shards already in OUT are skipped: rerun the same command to resume.")
+    tg.add_argument("shards", help="input shards: a folder, a glob or a brace pattern")
+    _model_options(tg)
+    tg.add_argument("--steps", type=int, default=100, help="inversion steps per concept (default: 100)")
+    tg.add_argument("--group", type=int, default=32, help="concepts inverted together (default: 32)")
+    tg.add_argument("--batch-size", type=int, default=4, help="views per concept per step (default: 4)")
+    tg.add_argument("--base-lr", type=float, default=5e-3,
+                    help="base learning rate, scaled by --batch-size as in ti invert (default: 5e-3)")
+    tg.add_argument("--template", choices=["object", "style", "toy"], default="object",
+                    help="prompt templates (default: object; toy for the toy model)")
+    tg.add_argument("--seed", type=int, default=0, help="seed of views, prompts and noise")
+    tg.add_argument("--out", required=True, help="folder for the shards with targets")
 
     from oneword.eval.cli import add_eval_parser
 
@@ -280,6 +296,8 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     from oneword.encoder.shards import folder_samples, toy_samples, write_shards
 
+    if args.data_command == "targets":
+        return _cmd_data_targets(args)
     if args.toy == bool(args.folders):
         raise OneWordError("give concept folders or --toy (not both)")
     if args.toy:
@@ -288,6 +306,26 @@ def _cmd_data(args: argparse.Namespace) -> int:
         samples = folder_samples(args.folders, args.init, args.targets)
     for path in write_shards(samples, Path(args.out), args.per_shard):
         print(path)
+    return 0
+
+
+def _cmd_data_targets(args: argparse.Namespace) -> int:
+    from oneword.encoder.targets import add_targets
+    from oneword.inversion.config import InversionConfig
+    from oneword.models import load_model
+
+    try:
+        cfg = InversionConfig(token="<target>", init="object", steps=args.steps, batch_size=args.batch_size,
+                              base_lr=args.base_lr, template=args.template, seed=args.seed)
+    except ValueError as err:
+        raise OneWordError(f"invalid setting: {err}") from err
+    t0 = time.perf_counter()
+    paths = add_targets(args.shards, Path(args.out), cfg, lambda: load_model(args.model, device=args.device),
+                        group=args.group)
+    print(f"{len(paths)} shards with targets ({args.steps} steps, lr {cfg.lr:g}) in {time.perf_counter() - t0:.0f} s:",
+          file=sys.stderr)
+    for p in paths:
+        print(p)
     return 0
 
 

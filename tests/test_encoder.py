@@ -234,3 +234,24 @@ def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):
     assert main(["data", "shards", str(concept_dir), str(empty), "--init", "disc", "--per-shard", "1",
                  "--out", str(out)]) == 2
     assert list(out.iterdir()) == []  # the first concept's finished shard was removed too
+
+
+def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys):
+    from oneword.cli import main
+    from oneword.encoder.shards import read_shard
+
+    write_shards(toy_samples(limit=3, images=2, size=32), tmp_path / "s", per_shard=2)
+    args = ["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--steps", "2", "--group", "2",
+            "--out", str(tmp_path / "t")]
+    assert main(args) == 0
+    out = sorted((tmp_path / "t").glob("*.tar"))
+    assert [p.name for p in out] == ["concepts-000000.tar", "concepts-000001.tar"]
+    before, after = read_shard(tmp_path / "s" / out[0].name), read_shard(out[0])
+    assert [s.key for s in after] == [s.key for s in before] and [s.init for s in after] == [s.init for s in before]
+    init = load_model("tiny-sd1").initializer_vectors(after[0].init, 1)[0]
+    assert all(s.target[0].shape == (1, 32) and not torch.allclose(s.target[0], init) for s in after)
+    stamp = out[0].stat().st_mtime_ns
+    out[1].unlink()  # as if interrupted during the second shard
+    assert main(args) == 0
+    assert out[0].stat().st_mtime_ns == stamp and out[1].is_file()
+    assert main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--out", str(tmp_path / "s")]) == 2

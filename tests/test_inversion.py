@@ -190,3 +190,37 @@ def test_bf16_weights_train_fp32_vectors(tiny_dirs, concept_dir):
     loss = inv.train_step()
     assert math.isfinite(loss) and all(p.dtype == torch.float32 for p in inv.params)
     assert model.unet.dtype == torch.bfloat16
+
+
+def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir):
+    from oneword.inversion.multi import invert_many
+
+    cfg = small_cfg(steps=3, reg_weight=0.01, base_lr=5e-2)
+    images = load_folder(concept_dir)
+    single = Inversion(load_model("tiny-sd1"), images, cfg)
+    for _ in range(cfg.steps):
+        single.train_step()
+    (batched,) = invert_many(load_model("tiny-sd1"), [[im.image for im in images]], [cfg.init], cfg)
+    start = load_model("tiny-sd1").initializer_vectors(cfg.init, 1)[0]
+    learned = single.model.vectors_of(cfg.token)[0]
+    assert not torch.allclose(learned, start)
+    torch.testing.assert_close(batched[0], learned, rtol=1e-4, atol=1e-6)
+
+
+def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir, tmp_path):
+    from conftest import make_concept_images
+
+    from oneword.inversion.multi import invert_many
+
+    other = make_concept_images(tmp_path / "other", n=2, size=(32, 32))
+    sets = [[im.image for im in load_folder(d)] for d in (concept_dir, other)]
+    model = load_model("tiny-sdxl")
+    out = invert_many(model, sets, ["disc", "bar"], small_cfg(steps=2, base_lr=5e-2))
+    fresh = load_model("tiny-sdxl")
+    for vecs, word in zip(out, ["disc", "bar"]):
+        assert [tuple(v.shape) for v in vecs] == [(1, w) for w in fresh.widths]
+        assert all(torch.isfinite(v).all() and not torch.allclose(v, s)
+                   for v, s in zip(vecs, fresh.initializer_vectors(word, 1)))
+    assert not torch.allclose(out[0][0], out[1][0])
+    with pytest.raises(ValueError, match="without placeholder"):
+        invert_many(model, sets[:1], ["disc"], small_cfg(steps=1))

@@ -65,19 +65,25 @@ class _Block(nn.Module):
 class SetMapper(nn.Module):
     """Features of a set of images (``[B, K, D]`` with a ``[B, K]`` mask) and the initializer's
     vectors (one ``[B, n, w]`` per text encoder) -> the pseudo-word's vectors, same shapes.
-    ``D`` is the tower's width plus ``unet_dim`` (UNet features, layer-normalised first).
+    ``D`` is the tower's width plus ``unet_dim`` (UNet features).
 
     Per-image MLP, masked mean over the set (order-invariant, any K), the initializer folded in,
     residual blocks, and one zero-initialised head per text encoder: an untrained mapper returns
-    the initializer exactly.
+    the initializer exactly. UNet features enter through their own projection (layer norm, then a
+    linear layer started at a tenth of the default scale), added to the tower's: hundreds of
+    unit-scale UNet dims would otherwise drown the tower's 128 unit-norm ones from the first step.
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden
-        self.unet_norm = nn.LayerNorm(cfg.unet_dim) if cfg.unet_dim else None
-        self.per_image = nn.Sequential(nn.Linear(cfg.feature_dim + cfg.unet_dim, h), nn.GELU(), nn.Linear(h, h))
+        self.per_image = nn.Sequential(nn.Linear(cfg.feature_dim, h), nn.GELU(), nn.Linear(h, h))
+        self.unet_proj = None
+        if cfg.unet_dim:
+            self.unet_proj = nn.Sequential(nn.LayerNorm(cfg.unet_dim), nn.Linear(cfg.unet_dim, h))
+            with torch.no_grad():
+                self.unet_proj[1].weight.mul_(0.1)
         self.init_proj = nn.Linear(sum(cfg.widths) * cfg.num_vectors, h)
         self.blocks = nn.Sequential(*[_Block(h) for _ in range(cfg.depth)], nn.LayerNorm(h))
         self.heads = nn.ModuleList(nn.Linear(h, cfg.num_vectors * w) for w in cfg.widths)
@@ -94,10 +100,11 @@ class SetMapper(nn.Module):
         m = mask.to(features.dtype)[..., None]
         if bool((m.sum(1) == 0).any()):
             raise ValueError("every concept needs at least one image")
-        if self.unet_norm is not None:
-            d = self.cfg.feature_dim
-            features = torch.cat([features[..., :d], self.unet_norm(features[..., d:])], dim=-1)
-        per = self.per_image(features)
+        d = self.cfg.feature_dim
+        x = self.per_image[0](features[..., :d])
+        if self.unet_proj is not None:
+            x = x + self.unet_proj(features[..., d:])
+        per = self.per_image[2](self.per_image[1](x))
         pooled = (per * m).sum(1) / m.sum(1)
         flat = torch.cat([(v / s).flatten(1) for v, s in zip(init, self.scale)], dim=-1)
         h = self.blocks(pooled + self.init_proj(flat.to(pooled.dtype)))

@@ -83,29 +83,41 @@ def decode_sample(raw: dict) -> ConceptSample:
     return ConceptSample(key, images, init, meta.get("attributes"), meta.get("backgrounds"), target)
 
 
+def write_shard(samples: Iterable[ConceptSample], path: str | Path) -> Path:
+    """Write one ``.tar`` shard; it appears atomically when complete."""
+    import webdataset as wds
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        writer = wds.TarWriter(str(tmp))
+        try:
+            for sample in samples:
+                writer.write(encode_sample(sample))
+        finally:
+            writer.close()
+    return path
+
+
+def read_shard(path: str | Path) -> list[ConceptSample]:
+    """Every sample of one shard, in order (decoded with the project's safe image loader)."""
+    import webdataset as wds
+
+    return [decode_sample(raw) for raw in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)]
+
+
 def write_shards(samples: Iterable[ConceptSample], out: str | Path, per_shard: int = 256,
                  prefix: str = "concepts") -> list[Path]:
     """Write ``out/<prefix>-000000.tar`` ...; each shard appears atomically when complete."""
-    import webdataset as wds
-
     if per_shard < 1:
         raise ValueError("per_shard must be at least 1")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     it = iter(samples)
     try:
         for first in it:  # each pass of the loop fills one shard from the same iterator
-            path = out / f"{prefix}-{len(paths):06d}.tar"
-            with atomic_path(path) as tmp:
-                writer = wds.TarWriter(str(tmp))
-                try:
-                    writer.write(encode_sample(first))
-                    for sample in islice(it, per_shard - 1):
-                        writer.write(encode_sample(sample))
-                finally:
-                    writer.close()
-            paths.append(path)
+            chunk = [first, *islice(it, per_shard - 1)]
+            paths.append(write_shard(chunk, out / f"{prefix}-{len(paths):06d}.tar"))
     except BaseException:
         for p in paths:  # a bad concept anywhere: no half-written data set is left behind
             p.unlink(missing_ok=True)

@@ -1,0 +1,57 @@
+"""Distillation targets for the encoder: a short textual inversion of every training concept.
+
+``ti data targets IN --out OUT`` reads each shard of ``IN``, inverts its concepts in groups with
+:func:`~oneword.inversion.multi.invert_many` (one UNet pass per step for the whole group), and
+writes the same samples with ``target.safetensors`` added to ``OUT/<same shard name>``. A shard
+appears atomically when all its concepts are done, and shards already in ``OUT`` are skipped, so an
+interrupted run resumes where it stopped (losing at most the shard in progress).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from oneword.encoder.shards import expand_shards, read_shard, write_shard
+from oneword.errors import InputError
+from oneword.inversion.config import InversionConfig
+from oneword.inversion.multi import invert_many
+
+logger = logging.getLogger(__name__)
+
+
+def add_targets(shards: str, out: str | Path, cfg: InversionConfig, load_model: Callable[[], object],
+                group: int = 32, progress: bool = True) -> list[Path]:
+    """Write ``out/<shard name>`` for every shard of ``shards``, each sample with a target embedding
+    from ``cfg.steps`` steps of textual inversion (``load_model()`` gives a fresh frozen model per
+    group). Returns the shard paths, skipped ones included."""
+    if group < 1:
+        raise ValueError("group must be at least 1")
+    out = Path(out)
+    urls = expand_shards(shards)
+    if any(Path(u).resolve().parent == out.resolve() for u in urls):
+        raise InputError(f"{out} holds the input shards: give another --out")
+    paths = []
+    for url in urls:
+        path = out / Path(url).name
+        paths.append(path)
+        if path.is_file():
+            logger.info("%s exists: skipped", path)
+            continue
+        samples = read_shard(url)
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(samples), desc=Path(url).name, unit="concept", disable=not progress)
+        for i in range(0, len(samples), group):
+            chunk = samples[i:i + group]
+            vectors = invert_many(load_model(), [s.images for s in chunk], [s.init for s in chunk], cfg)
+            for s, v in zip(chunk, vectors):
+                s.target = v
+            bar.update(len(chunk))
+        bar.close()
+        write_shard(samples, path)
+        logger.info("%s: %d concepts x %d steps in %.0f s", path, len(samples), cfg.steps, time.perf_counter() - t0)
+    return paths
