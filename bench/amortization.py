@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (default: 8)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the samples (default: 25)")
     p.add_argument("--encoder", default=None, help="encoder file (default: the shipped toy encoder, if any)")
+    p.add_argument("--refine-base-lr", type=float, nargs="+", default=[5e-3], metavar="LR",
+                   help="base learning rates of the refinement, one encoder line each (default: 5e-3, as scratch)")
     p.add_argument("--quick", action="store_true",
                    help="bounded run for make bench: 2 concepts, budgets 0/100/300/1000 vs 0/50, 4 samples")
     p.add_argument("--out", default="runs/bench/amortization", help="results folder")
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         def predict(model, concept):
             return predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[0]
 
-        methods.append(Method("encoder + refinement", init_fn=predict, budgets=tuple(args.encoder_budgets)))
+        for lr in args.refine_base_lr:
+            name = "encoder + refinement" + ("" if lr == base.base_lr else f" (base_lr {lr:g})")
+            methods.append(Method(name, overrides={"base_lr": lr}, init_fn=predict, budgets=tuple(args.encoder_budgets)))
     else:
         print(f"no encoder at {enc_path}: scratch curve only", file=sys.stderr)
     print(f"{len(concepts)} held-out concepts, {args.samples} samples x {args.sample_steps} steps, "
@@ -90,17 +94,18 @@ def main(argv: list[str] | None = None) -> int:
                if any(r.get(m) is not None for r in summary)]
     top = row_at(summary, "scratch", scratch_top)
     print(f"scratch @ {scratch_top}: " + ", ".join(f"{m} {top[m]:.3f}" for m in metrics) + f" ({top['seconds']:.0f} s)")
-    if len(methods) > 1:
-        hit = steps_to_match(summary, "encoder + refinement", top, metrics)
+    for method in methods[1:]:
+        name = method.name
+        hit = steps_to_match(summary, name, top, metrics)
         if hit is None:
-            print(f"encoder + refinement does not reach scratch @ {scratch_top} within {max(args.encoder_budgets)} steps")
+            print(f"{name} does not reach scratch @ {scratch_top} within {max(args.encoder_budgets)} steps")
         else:
             ratio = "inf" if hit["steps"] == 0 else f"{scratch_top / hit['steps']:.1f}x"
             wall = top["seconds"] / max(hit["seconds"], 1e-9)
-            print(f"encoder + refinement matches it at {hit['steps']} steps: {ratio} fewer steps, "
+            print(f"{name} matches it at {hit['steps']} steps: {ratio} fewer steps, "
                   f"{wall:.1f}x less optimization time ({hit['seconds']:.1f} s vs {top['seconds']:.0f} s)")
-        alone, mid = row_at(summary, "encoder + refinement", 0), row_at(summary, "scratch", args.compare_at)
-        if alone and mid:
+        alone, mid = row_at(summary, name, 0), row_at(summary, "scratch", args.compare_at)
+        if alone and mid and method is methods[1]:  # the prediction is the same for every refinement lr
             wins = all(alone[m] >= mid[m] for m in metrics)
             print(f"encoder alone vs scratch @ {args.compare_at}: " + ", ".join(
                 f"{m} {alone[m]:.3f} vs {mid[m]:.3f}" for m in metrics) + (" -> beats it" if wins else " -> does not"))

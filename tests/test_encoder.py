@@ -88,6 +88,11 @@ def test_export_import_round_trip(tiny_dirs, tmp_path):
     assert back.cfg == enc.cfg
     imgs = _images(3)
     assert torch.equal(enc.predict([imgs], _init(model, 1))[0][0], back.predict([imgs], _init(model, 1))[0][0])
+    half = load_encoder(save_encoder(enc, tmp_path / "half.safetensors", dtype=torch.float16), space=enc.space)
+    assert path.stat().st_size > 1.8 * (tmp_path / "half.safetensors").stat().st_size
+    assert all(p.dtype == torch.float32 for p in half.mapper.parameters())  # loading casts back
+    torch.testing.assert_close(half.predict([imgs], _init(model, 1))[0][0], enc.predict([imgs], _init(model, 1))[0][0],
+                               rtol=0, atol=1e-2)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nope")
     with pytest.raises(InputError):

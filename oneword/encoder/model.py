@@ -183,9 +183,11 @@ def predict_embeddings(encoder: ConceptEncoder, model, image_sets: Sequence[Sequ
     return encoder.predict(image_sets, init, model)
 
 
-def save_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict[str, str] | None = None) -> Path:
-    """The slim encoder file: mapper weights (fp32) with the config as JSON in the header."""
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.mapper.state_dict().items()}
+def save_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict[str, str] | None = None,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """The slim encoder file: mapper weights (fp32, or ``dtype`` such as fp16 for a smaller file;
+    loading casts back to fp32) with the config as JSON in the header."""
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in encoder.mapper.state_dict().items()}
     meta = {"format": FORMAT, "config": json.dumps(asdict(encoder.cfg)), **(extra or {})}
     return write_safetensors(path, tensors, meta)
 
