@@ -320,8 +320,7 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from err
     t0 = time.perf_counter()
-    paths = add_targets(args.shards, Path(args.out), cfg, lambda: load_model(args.model, device=args.device),
-                        group=args.group)
+    paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device), group=args.group)
     print(f"{len(paths)} shards with targets ({args.steps} steps, lr {cfg.lr:g}) in {time.perf_counter() - t0:.0f} s:",
           file=sys.stderr)
     for p in paths:

@@ -222,5 +222,10 @@ def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir
         assert all(torch.isfinite(v).all() and not torch.allclose(v, s)
                    for v, s in zip(vecs, fresh.initializer_vectors(word, 1)))
     assert not torch.allclose(out[0][0], out[1][0])
+    assert list(model.placeholder_tokens) == ["<multi>"]  # one token, whatever the number of concepts
+    (again,) = invert_many(model, sets[:1], ["disc"], small_cfg(steps=2, base_lr=5e-2))  # the model is reusable
+    assert all(torch.isfinite(v).all() for v in again)
+    other_token = load_model("tiny-sdxl")
+    other_token.add_placeholder("<mine>", other_token.initializer_vectors("disc", 1))
     with pytest.raises(ValueError, match="without placeholder"):
-        invert_many(model, sets[:1], ["disc"], small_cfg(steps=1))
+        invert_many(other_token, sets[:1], ["disc"], small_cfg(steps=1))

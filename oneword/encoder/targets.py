@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -20,17 +19,18 @@ from oneword.encoder.shards import expand_shards, read_shard, write_shard
 from oneword.errors import InputError
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.multi import invert_many
+from oneword.models import FrozenLDM
 
 logger = logging.getLogger(__name__)
 
 
-def add_targets(shards: str, out: str | Path, cfg: InversionConfig, load_model: Callable[[], object],
+def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: FrozenLDM,
                 group: int = 32, progress: bool = True) -> list[Path]:
     """Write ``out/<shard name>`` for every shard of ``shards``, each sample with a target embedding
-    from ``cfg.steps`` steps of textual inversion (``load_model()`` gives a fresh frozen model per
-    group). Returns the shard paths, skipped ones included."""
+    from ``cfg.steps`` steps of textual inversion on ``model`` (a frozen model without placeholders
+    of its own). Returns the shard paths, skipped ones included."""
     if group < 1:
-        raise ValueError("group must be at least 1")
+        raise InputError("--group must be at least 1")
     out = Path(out)
     urls = expand_shards(shards)
     if any(Path(u).resolve().parent == out.resolve() for u in urls):
@@ -47,7 +47,7 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, load_model: 
         bar = tqdm(total=len(samples), desc=Path(url).name, unit="concept", disable=not progress)
         for i in range(0, len(samples), group):
             chunk = samples[i:i + group]
-            vectors = invert_many(load_model(), [s.images for s in chunk], [s.init for s in chunk], cfg)
+            vectors = invert_many(model, [s.images for s in chunk], [s.init for s in chunk], cfg)
             for s, v in zip(chunk, vectors):
                 s.target = v
             bar.update(len(chunk))

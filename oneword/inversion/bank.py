@@ -109,3 +109,11 @@ def build_bank(
     cfg = vae.config
     shift = cfg.get("shift_factor", None) or 0.0
     return LatentBank(torch.cat(means), torch.cat(stds), float(cfg.scaling_factor), float(shift))
+
+
+def bank_for_run(model: FrozenLDM, images: Sequence[Image.Image], cfg, seed: int) -> LatentBank:
+    """The bank of one inversion run: views as ``cfg`` (an :class:`InversionConfig`) asks, at its
+    resolution or the model's."""
+    aug = AugmentConfig(resolution=cfg.resolution or model.resolution, flip_p=cfg.flip_p,
+                        random_crop=cfg.random_crop, views_per_image=cfg.views_per_image)
+    return build_bank(model, images, aug, seed)

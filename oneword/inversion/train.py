@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from oneword.data.images import LoadedImage
 from oneword.errors import InputError, TrainingDivergedError
 from oneword.fileio import atomic_write_text
-from oneword.inversion.bank import AugmentConfig, build_bank
+from oneword.inversion.bank import bank_for_run
 from oneword.inversion.checkpoint import TrainState, load_state, restore_prompt_rng, save_state
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.embedding_io import (
@@ -66,11 +66,7 @@ class Inversion:
         start = init_vectors or model.initializer_vectors(cfg.init, cfg.num_vectors)
         model.add_placeholder(cfg.token, [v.float() for v in start])
         self.anchor = [v.detach().float().to(model.device) for v in start]
-        aug = AugmentConfig(
-            resolution=cfg.resolution or model.resolution, flip_p=cfg.flip_p,
-            random_crop=cfg.random_crop, views_per_image=cfg.views_per_image,
-        )
-        self.bank = build_bank(model, [im.image for im in self.images], aug, cfg.seed)
+        self.bank = bank_for_run(model, [im.image for im in self.images], cfg, cfg.seed)
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
         self.params = model.trainable_vectors()
