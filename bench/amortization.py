@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default=None, help="encoder file (default: the shipped toy encoder, if any)")
     p.add_argument("--refine-base-lr", type=float, nargs="+", default=[5e-3], metavar="LR",
                    help="base learning rates of the refinement, one encoder line each (default: 5e-3, as scratch)")
+    p.add_argument("--refine-schedule", choices=["constant", "cosine"], nargs="+", default=["constant"],
+                   help="learning-rate schedules of the refinement, one encoder line per (schedule, rate) "
+                        "(default: constant, as scratch; cosine decays to 0 at the largest encoder budget)")
     p.add_argument("--quick", action="store_true",
                    help="bounded run for make bench: 2 concepts, budgets 0/100/300/1000 vs 0/50, 4 samples")
     p.add_argument("--out", default="runs/bench/amortization", help="results folder")
@@ -75,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         def predict(model, concept):
             return predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[0]
 
-        for lr in args.refine_base_lr:
-            name = "encoder + refinement" + ("" if lr == base.base_lr else f" (base_lr {lr:g})")
-            methods.append(Method(name, overrides={"base_lr": lr}, init_fn=predict, budgets=tuple(args.encoder_budgets)))
+        for sched in args.refine_schedule:
+            for lr in args.refine_base_lr:
+                notes = ([] if lr == base.base_lr else [f"base_lr {lr:g}"]) + ([] if sched == "constant" else [sched])
+                name = "encoder + refinement" + (f" ({', '.join(notes)})" if notes else "")
+                methods.append(Method(name, overrides={"base_lr": lr, "lr_schedule": sched}, init_fn=predict,
+                                      budgets=tuple(args.encoder_budgets)))
     else:
         print(f"no encoder at {enc_path}: scratch curve only", file=sys.stderr)
     print(f"{len(concepts)} held-out concepts, {args.samples} samples x {args.sample_steps} steps, "

@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", default=None, metavar="DIR",
                    help="continue training from a toy pipeline folder (e.g. the shipped oneword/toy/weights/ldm) "
                         "instead of from scratch; use a new --work folder")
+    t.add_argument("--cross-attention-levels", type=int, nargs="+", default=None, metavar="LEVEL",
+                   help="UNet levels with cross-attention, 0 = highest resolution (default: 1 2); with --init-from, "
+                        "levels the loaded UNet lacks are added as identity blocks and trained")
+    t.add_argument("--freeze-text", action="store_true",
+                   help="with --init-from: keep the text encoder (and every word embedding) as loaded")
     d = sub.add_parser("data", help="training data for the encoder")
     d_sub = d.add_subparsers(dest="data_command", required=True)
     sh = d_sub.add_parser("shards", help="write webdataset shards (one sample per concept)",
@@ -179,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--template", choices=["object", "style", "toy"], default="object",
                     help="prompt templates (default: object; toy for the toy model)")
     tg.add_argument("--seed", type=int, default=0, help="seed of views, prompts and noise")
+    tg.add_argument("--continue", dest="continue_targets", action="store_true",
+                    help="SHARDS already carry targets: run --steps more steps from them (e.g. on a "
+                         "fine-tuned model) instead of from the initializer words")
     tg.add_argument("--out", required=True, help="folder for the shards with targets")
 
     from oneword.eval.cli import add_eval_parser
@@ -283,8 +291,12 @@ def _cmd_toy(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps, "lr": args.lr,
              "decoder_steps": args.decoder_steps,
-             "init_from": args.init_from}
-    cfg = ToyBuildConfig(ldm=ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None}))
+             "init_from": args.init_from, "train_text": False if args.freeze_text else None,
+             "cross_attention_levels": tuple(args.cross_attention_levels) if args.cross_attention_levels else None}
+    try:
+        cfg = ToyBuildConfig(ldm=ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None}))
+    except ValueError as err:
+        raise OneWordError(f"invalid setting: {err}") from err
     cfg.oracle_steps = args.oracle_steps or cfg.oracle_steps
     cfg.clip_steps = args.clip_steps or cfg.clip_steps
     written = build_toy_world(Path(args.work), Path(args.out) if args.out else WEIGHTS, args.parts, cfg)
@@ -320,7 +332,8 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from err
     t0 = time.perf_counter()
-    paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device), group=args.group)
+    paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device), group=args.group,
+                        continue_targets=args.continue_targets)
     print(f"{len(paths)} shards with targets ({args.steps} steps, lr {cfg.lr:g}) in {time.perf_counter() - t0:.0f} s:",
           file=sys.stderr)
     for p in paths:

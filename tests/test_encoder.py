@@ -260,3 +260,11 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
     assert main(args) == 0
     assert out[0].stat().st_mtime_ns == stamp and out[1].is_file()
     assert main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--out", str(tmp_path / "s")]) == 2
+    # --continue starts from the existing targets: at a negligible rate they come back unchanged.
+    more = ["data", "targets", str(tmp_path / "t"), "--model", "tiny-sd1", "--steps", "1", "--continue",
+            "--base-lr", "1e-12", "--out", str(tmp_path / "t2")]
+    assert main(more) == 0
+    for old, new in zip(after, read_shard(tmp_path / "t2" / out[0].name)):
+        torch.testing.assert_close(new.target[0], old.target[0], atol=1e-6, rtol=0)
+    assert main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--continue",
+                 "--out", str(tmp_path / "t3")]) == 2  # nothing to continue from

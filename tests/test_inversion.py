@@ -192,10 +192,20 @@ def test_bf16_weights_train_fp32_vectors(tiny_dirs, concept_dir):
     assert model.unet.dtype == torch.bfloat16
 
 
-def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir):
+def test_cosine_schedule_decays_to_zero_and_constant_stays():
+    cfg = InversionConfig(steps=10, base_lr=1e-3, batch_size=2, lr_schedule="cosine")
+    rates = [cfg.lr_at(i) for i in range(cfg.steps)]
+    assert rates[0] == pytest.approx(2e-3) and rates == sorted(rates, reverse=True) and rates[-1] < 0.03 * rates[0]
+    assert all(r == pytest.approx(2e-3) for r in (InversionConfig(base_lr=1e-3, batch_size=2).lr_at(i) for i in (0, 9)))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        InversionConfig(lr_schedule="linear")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir, schedule):
     from oneword.inversion.multi import invert_many
 
-    cfg = small_cfg(steps=3, reg_weight=0.01, base_lr=5e-2)
+    cfg = small_cfg(steps=3, reg_weight=0.01, base_lr=5e-2, lr_schedule=schedule)
     images = load_folder(concept_dir)
     single = Inversion(load_model("tiny-sd1"), images, cfg)
     for _ in range(cfg.steps):
@@ -205,6 +215,7 @@ def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir):
     learned = single.model.vectors_of(cfg.token)[0]
     assert not torch.allclose(learned, start)
     torch.testing.assert_close(batched[0], learned, rtol=1e-4, atol=1e-6)
+    assert single.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr_at(cfg.steps - 1))
 
 
 def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir, tmp_path):

@@ -67,10 +67,10 @@ def test_train_writes_loadable_compact_file(tmp_path, monkeypatch):
     trained = {}
     save = clip.save_toy_clip
 
-    def capture(model, path, extra=None):
+    def capture(model, path, extra=None, dtype=None):
         trained["model"] = model
         trained["state"] = {k: v.clone() for k, v in model.state_dict().items()}
-        return save(model, path, extra)
+        return save(model, path, extra, dtype=dtype)
 
     monkeypatch.setattr(clip, "save_toy_clip", capture)
     out = _train(tmp_path)
@@ -94,6 +94,15 @@ def test_train_writes_loadable_compact_file(tmp_path, monkeypatch):
     mask = torch.ones(len(table), dtype=torch.bool)
     mask[ids] = False
     assert not table[mask].any()
+    # fp16 storage: about half the bytes, loads as fp32, same features up to rounding.
+    half = clip.save_toy_clip(trained["model"], tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * out.stat().st_size
+    loaded16, _ = clip.load_toy_clip(half)
+    assert loaded16.token_embedding.weight.dtype == torch.float32
+    torch.testing.assert_close(clip.encode_images(loaded16, _images()),
+                               clip.encode_images(trained["model"], _images()), atol=2e-2, rtol=0)
+    with safe_open(str(half), framework="pt") as f:
+        assert f.get_tensor("token_embedding.ids").dtype == torch.long  # integer tensors keep their type
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):

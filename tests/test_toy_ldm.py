@@ -57,6 +57,43 @@ def test_continue_from_a_pipeline_folder_then_fine_tune_the_decoder(tmp_path):
                       progress=False)
 
 
+def test_grow_cross_attention_preserves_the_model_then_trains_it(tmp_path):
+    import torch
+
+    from oneword.toy.ldm import build_pipeline, grow_unet
+
+    first = tmp_path / "ldm"
+    train_toy_ldm(tmp_path / "work", first, tiny_cfg(), progress=False)
+    base = load_model(str(first))
+    assert base.unet.config.down_block_types[0] == "DownBlock2D"
+    # Growing alone: the new level-0 blocks start as the identity, so the output is unchanged.
+    pipe = build_pipeline(tiny_cfg(cross_attention_levels=(0, 1, 2)))
+    new = grow_unet(pipe.unet, base.unet.float().state_dict())
+    assert new == ["down_blocks.0.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([5, 900]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x, t, c).sample, base.unet.float()(x, t, c).sample, atol=1e-5)
+    # Continued training with a frozen text encoder: the UNet learns, the words stay.
+    second = tmp_path / "ldm2"
+    train_toy_ldm(tmp_path / "work2", second, tiny_cfg(init_from=str(first), train_text=False, ldm_steps=2,
+                                                       cross_attention_levels=(0, 1, 2)), progress=False)
+    grown = load_model(str(second))
+    assert grown.unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert grown.unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    same = zip(base.text_encoders[0].state_dict().values(), grown.text_encoders[0].state_dict().values())
+    assert all(torch.equal(a, b) for a, b in same)
+    with safe_open(str(tmp_path / "work2" / "ldm.ckpt.safetensors"), framework="pt") as f:
+        proj = f.get_tensor("unet.down_blocks.0.attentions.0.proj_out.weight")  # the trained (not EMA) weights
+    assert proj.abs().sum() > 0  # the new block trained away from zero
+    # A UNet with a block the config lacks is refused, and so is a frozen text encoder from scratch.
+    with pytest.raises(ValueError, match="does not match"):
+        grow_unet(build_pipeline(tiny_cfg()).unet, grown.unet.float().state_dict())
+    with pytest.raises(ValueError, match="train_text"):
+        tiny_cfg(train_text=False)
+    with pytest.raises(ValueError, match="cross_attention_levels"):
+        tiny_cfg(cross_attention_levels=(0, 3))
+
+
 def test_export_keeps_caption_rows_and_zeroes_the_rest(tmp_path):
     out = tmp_path / "ldm"
     train_toy_ldm(tmp_path / "work", out, tiny_cfg(), progress=False)

@@ -25,10 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: FrozenLDM,
-                group: int = 32, progress: bool = True) -> list[Path]:
+                group: int = 32, progress: bool = True, continue_targets: bool = False) -> list[Path]:
     """Write ``out/<shard name>`` for every shard of ``shards``, each sample with a target embedding
     from ``cfg.steps`` steps of textual inversion on ``model`` (a frozen model without placeholders
-    of its own). Returns the shard paths, skipped ones included."""
+    of its own). With ``continue_targets`` the inversion starts from each sample's existing target
+    (``cfg.steps`` more steps) instead of from its initializer word. Returns the shard paths,
+    skipped ones included."""
     if group < 1:
         raise InputError("--group must be at least 1")
     out = Path(out)
@@ -43,11 +45,14 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
             logger.info("%s exists: skipped", path)
             continue
         samples = read_shard(url)
+        if continue_targets and any(s.target is None for s in samples):
+            raise InputError(f"{url} has samples without a target: nothing to continue (drop --continue)")
         t0 = time.perf_counter()
         bar = tqdm(total=len(samples), desc=Path(url).name, unit="concept", disable=not progress)
         for i in range(0, len(samples), group):
             chunk = samples[i:i + group]
-            vectors = invert_many(model, [s.images for s in chunk], [s.init for s in chunk], cfg)
+            starts = [s.target for s in chunk] if continue_targets else None
+            vectors = invert_many(model, [s.images for s in chunk], [s.init for s in chunk], cfg, starts=starts)
             for s, v in zip(chunk, vectors):
                 s.target = v
             bar.update(len(chunk))

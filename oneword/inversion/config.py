@@ -7,6 +7,7 @@ augmentation, 5,000 steps. The run folder keeps these settings in ``config.yaml`
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -43,6 +44,9 @@ class InversionConfig:
     """Base learning rate; the effective rate is ``base_lr * batch_size * grad_accum`` when ``scale_lr``."""
     scale_lr: bool = True
     """Scale the base rate by batch size x accumulation, as the official code does."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """``constant`` (the paper) or ``cosine``: decay from the rate to 0 over ``steps``, so a short
+    refinement ends settled instead of at a noisy step."""
     weight_decay: float = 1e-2
     """AdamW weight decay on the learned vectors (the official code's default)."""
     reg_weight: float = 0.0
@@ -86,6 +90,8 @@ class InversionConfig:
             raise ValueError(f"base_lr must be positive, got {self.base_lr}")
         if self.template not in ("object", "style", "toy"):
             raise ValueError(f"template must be 'object', 'style' or 'toy', got {self.template!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -97,6 +103,12 @@ class InversionConfig:
     def lr(self) -> float:
         """The learning rate actually used."""
         return self.base_lr * (self.batch_size * self.grad_accum if self.scale_lr else 1)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) under :attr:`lr_schedule`."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

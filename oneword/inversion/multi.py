@@ -32,11 +32,14 @@ TOKEN = "<multi>"
 
 
 def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], init_words: Sequence[str],
-                cfg: InversionConfig, progress: bool = False) -> list[list[torch.Tensor]]:
+                cfg: InversionConfig, progress: bool = False,
+                starts: Sequence[Sequence[torch.Tensor]] | None = None) -> list[list[torch.Tensor]]:
     """Invert every concept of ``image_sets`` jointly for ``cfg.steps`` steps.
 
     Uses ``cfg``'s batch size (per concept), learning rate, template, views, regularizer and seed;
-    its ``token`` and ``init`` are ignored (each concept has its own). ``model`` may be reused
+    its ``token`` and ``init`` are ignored (each concept has its own). ``starts`` (per concept, one
+    ``[n, width]`` tensor per text encoder) continues earlier inversions instead of starting at the
+    initializer words, which stay the regularizer's anchors. ``model`` may be reused
     across calls but must hold no placeholder other than :data:`TOKEN`. Returns, per concept, one
     ``[n, width]`` tensor per text encoder. Raises :class:`TrainingDivergedError` when the loss
     stops being finite.
@@ -46,12 +49,21 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     others = set(model.placeholder_tokens) - {TOKEN}
     if others or model.placeholder_tokens.get(TOKEN, cfg.num_vectors) != cfg.num_vectors:
         raise ValueError("invert_many needs a model without placeholder tokens other than its own (load a fresh one)")
-    starts = [model.initializer_vectors(w, cfg.num_vectors) for w in init_words]
+    inits = [model.initializer_vectors(w, cfg.num_vectors) for w in init_words]
+    if starts is not None:
+        if len(starts) != len(inits):
+            raise ValueError("need one start per concept")
+        for start, init in zip(starts, inits):
+            if len(start) != len(init) or any(tuple(s.shape) != tuple(i.shape) for s, i in zip(start, init)):
+                raise ValueError(f"a start has shapes {[tuple(s.shape) for s in start]}; this model needs "
+                                 f"{[tuple(i.shape) for i in init]}")
     if TOKEN not in model.placeholder_tokens:
-        model.add_placeholder(TOKEN, starts[0])  # its stored vectors are never read: batch_vectors replace them
+        model.add_placeholder(TOKEN, inits[0])  # its stored vectors are never read: batch_vectors replace them
     banks = [bank_for_run(model, list(images), cfg, cfg.seed + i) for i, images in enumerate(image_sets)]
-    anchors = [torch.stack([s[j] for s in starts]).to(model.device) for j in range(len(model.widths))]
-    params = [a.clone().requires_grad_(True) for a in anchors]  # [concepts, n, width] per text encoder
+    anchors = [torch.stack([s[j] for s in inits]).to(model.device) for j in range(len(model.widths))]
+    firsts = anchors if starts is None else [
+        torch.stack([s[j].float() for s in starts]).to(model.device, anchors[j].dtype) for j in range(len(model.widths))]
+    params = [f.clone().requires_grad_(True) for f in firsts]  # [concepts, n, width] per text encoder
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     prompt_rng = random.Random(cfg.seed)
@@ -67,6 +79,8 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"the loss became {loss.item()} at step {step + 1}; try a lower --base_lr")
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return [[p[i].detach().float().cpu().clone() for p in params] for i in range(g)]

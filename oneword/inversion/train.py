@@ -105,6 +105,8 @@ class Inversion:
             scaled = loss / self.cfg.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.item() / self.cfg.grad_accum
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr_at(self.step)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -267,7 +269,7 @@ def run_inversion(
                 except TrainingDivergedError:
                     save_outputs()  # the rolled-back, finite vectors; the checkpoint stays the last good one
                     raise
-                log.append(inv.step, last_loss, cfg.lr, time.perf_counter() - t0)
+                log.append(inv.step, last_loss, cfg.lr_at(inv.step - 1), time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{log.smoothed:.4f}")
                 if cfg.save_every and inv.step % cfg.save_every == 0 and inv.step < cfg.steps:

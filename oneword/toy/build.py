@@ -55,9 +55,12 @@ def _train_small(part: str, out: Path, cfg: ToyBuildConfig, progress: bool) -> N
 
         train_oracle(out, steps=cfg.oracle_steps, progress=progress)
     else:
+        import torch
+
         from oneword.toy.clip import train_toy_clip
 
-        train_toy_clip(out, steps=cfg.clip_steps, progress=progress)
+        # fp16 storage halves the shipped file; it loads as fp32
+        train_toy_clip(out, steps=cfg.clip_steps, progress=progress, dtype=torch.float16)
 
 
 def build_toy_world(work: Path, out: Path, parts: Sequence[str] = PARTS,

@@ -181,10 +181,14 @@ def _read(path: Path, fmt: str) -> tuple[dict[str, Tensor], dict[str, str], ToyC
         raise InputError(f"{path} has no valid toy CLIP config in its header ({err})") from None
 
 
-def save_toy_clip(model: open_clip.CLIP, path: Path, extra: dict[str, str] | None = None) -> Path:
-    """Write slim inference weights (compact token table, config JSON in the header) atomically."""
+def save_toy_clip(model: open_clip.CLIP, path: Path, extra: dict[str, str] | None = None,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Write slim inference weights (compact token table, config JSON in the header) atomically.
+    ``dtype`` (e.g. ``torch.float16``) stores floating tensors smaller; :func:`load_toy_clip`
+    always returns an fp32 model."""
     cfg = model.toy_config
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
     ids = torch.tensor(toy_token_ids(), dtype=torch.long)
     tensors[_ROWS] = tensors.pop(_TABLE)[ids].contiguous()
     tensors[_IDS] = ids
@@ -224,7 +228,7 @@ def _save_checkpoint(path: Path, model: open_clip.CLIP, opt: torch.optim.Optimiz
 
 def train_toy_clip(out: Path, *, steps: int, batch_size: int = 128, lr: float = 5e-4, seed: int = 0,
                    cfg: ToyCLIPConfig | None = None, checkpoint_every: int = 200, progress: bool = True,
-                   resume: bool = True) -> Path:
+                   resume: bool = True, dtype: torch.dtype | None = None) -> Path:
     """Train a toy CLIP contrastively and write slim weights to ``out``; return ``out``.
 
     Step ``k``'s batch comes from ``random.Random(f"clip-{seed}-{k}")``, so a run resumed from the
@@ -267,7 +271,7 @@ def train_toy_clip(out: Path, *, steps: int, batch_size: int = 128, lr: float = 
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             _save_checkpoint(ckpt, model, opt, step + 1, hparams)
     bar.close()
-    save_toy_clip(model.eval(), out, {"trained": json.dumps(hparams)})
+    save_toy_clip(model.eval(), out, {"trained": json.dumps(hparams)}, dtype=dtype)
     ckpt.unlink(missing_ok=True)
     logger.info("wrote toy CLIP to %s", out)
     return out

@@ -61,7 +61,11 @@ class ToyLDMConfig:
     text_layers: int = 4
     """Text encoder transformer layers."""
     unet_channels: tuple[int, ...] = (64, 128, 128)
-    """UNet block widths (cross-attention in the two lower-resolution levels)."""
+    """UNet block widths, highest resolution first."""
+    cross_attention_levels: tuple[int, ...] = (1, 2)
+    """UNet levels (0 = the 8x8 latent resolution) whose down and up blocks cross-attend to the
+    text. With ``init_from``, levels the loaded UNet lacks are added as identity blocks (see
+    :func:`grow_unet`). Adding level 0 to the shipped model did not help patterns (NOTES.md)."""
     vae_steps: int = 1500
     """Optimizer steps of stage 1."""
     vae_batch: int = 32
@@ -82,6 +86,9 @@ class ToyLDMConfig:
     It stops the many near-clean timesteps, which carry no text signal, from dominating the loss."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of stage-2 weights, exported as the model."""
+    train_text: bool = True
+    """Whether stage 2 trains the text encoder. False keeps every word embedding and text feature
+    of an ``init_from`` model, so embeddings learned on it stay meaningful."""
     decoder_steps: int = 0
     """Steps of stage 3, which fine-tunes the VAE *decoder* alone (the encoder stays frozen, so the
     UNet's latents keep their meaning; cf. SD's ft-MSE VAE). 0 skips it."""
@@ -109,6 +116,20 @@ class ToyLDMConfig:
             raise ValueError("name_background must be in [0, 1]")
         if self.min_snr_gamma < 0:
             raise ValueError("min_snr_gamma must be >= 0")
+        levels = tuple(self.cross_attention_levels)
+        if any(not 0 <= lv < len(self.unet_channels) for lv in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"cross_attention_levels must be distinct UNet levels 0..{len(self.unet_channels) - 1}")
+        if not self.train_text and not self.init_from:
+            raise ValueError("train_text=False needs init_from (a text encoder trained from scratch must train)")
+
+    def block_types(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """diffusers ``down_block_types`` and ``up_block_types`` for :attr:`cross_attention_levels`."""
+        n = len(self.unet_channels)
+        down = tuple("CrossAttnDownBlock2D" if lv in self.cross_attention_levels else "DownBlock2D"
+                     for lv in range(n))
+        up = tuple("CrossAttnUpBlock2D" if lv in self.cross_attention_levels else "UpBlock2D"
+                   for lv in reversed(range(n)))
+        return down, up
 
 
 def build_pipeline(cfg: ToyLDMConfig):
@@ -125,6 +146,7 @@ def build_pipeline(cfg: ToyLDMConfig):
 
     torch.manual_seed(cfg.seed)
     n = len(cfg.vae_channels)
+    down_types, up_types = cfg.block_types()
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=16,
@@ -134,8 +156,7 @@ def build_pipeline(cfg: ToyLDMConfig):
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size // 2 ** (n - 1), in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels, layers_per_block=1, block_out_channels=cfg.unet_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=down_types, up_block_types=up_types,
         cross_attention_dim=cfg.text_width, attention_head_dim=4, norm_num_groups=32,
     )
     text = CLIPTextModel(CLIPTextConfig(
@@ -256,9 +277,9 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
     unet, text = pipe.unet, pipe.text_encoder
     pipe.vae.requires_grad_(False).eval()
     unet.train().requires_grad_(True)
-    text.train().requires_grad_(True)
+    text.train(cfg.train_text).requires_grad_(cfg.train_text)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    params = list(unet.parameters()) + list(text.parameters())
+    params = list(unet.parameters()) + (list(text.parameters()) if cfg.train_text else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     stream = DataStream(cfg, cfg.seed + 2)
     modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
@@ -283,7 +304,8 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
         _clipped_step(loss, params, opt)
         decay = cfg.ema_decay if step > ema_start else 0.0
         _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text, decay)
+        if cfg.train_text:
+            _ema_update(ema_text, text, decay)
         step += 1
         losses.append(loss.item())
         bar.update(1)
@@ -379,12 +401,42 @@ def load_init(pipe, folder: Path) -> None:
         raise ValueError(f"{folder} is not a toy pipeline folder (no oneword.json with family 'toy')")
     src = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
                                                   safety_checker=None, requires_safety_checker=False)
-    for name in ("vae", "unet", "text_encoder"):
+    for name in ("vae", "text_encoder"):
         try:
             getattr(pipe, name).load_state_dict(getattr(src, name).state_dict())
         except RuntimeError as err:
             raise ValueError(f"{folder}: its {name} does not match this config's architecture") from err
+    grow_unet(pipe.unet, src.unet.state_dict(), str(folder))
     pipe.vae.register_to_config(scaling_factor=float(src.vae.config.scaling_factor))
+
+
+def grow_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "the loaded UNet") -> list[str]:
+    """Load ``state`` into ``unet``, which may have cross-attention at levels the source lacks.
+
+    Every tensor of the source must fit; the only tensors allowed to be missing are whole
+    cross-attention blocks (``...attentions.*``). Their output projections are zeroed, so each new
+    block starts as the identity (its residual path) and the grown UNet computes exactly what the
+    source did. Returns the names of the new attention blocks."""
+    try:
+        result = unet.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        raise ValueError(f"{source}: its unet does not match this config's architecture") from err
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    new_blocks = sorted({k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
+                         for k in missing if ".attentions." in k})
+    others = [k for k in missing if ".attentions." not in k]
+    if unexpected or others:
+        raise ValueError(f"{source}: its unet does not match this config's architecture "
+                         f"(unexpected: {unexpected[:3]}, missing: {others[:3]})")
+    with torch.no_grad():
+        for name in new_blocks:
+            proj = unet.get_submodule(name).proj_out
+            proj.weight.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
+    if new_blocks:
+        logger.info("grew %d cross-attention blocks (zero-initialised): %s", len(new_blocks), ", ".join(new_blocks))
+    return new_blocks
 
 
 def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progress: bool = True) -> Path:
