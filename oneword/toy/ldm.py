@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -422,9 +423,9 @@ def grow_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], source: str
     except RuntimeError as err:  # a tensor of another shape
         raise ValueError(f"{source}: its unet does not match this config's architecture") from err
     missing, unexpected = result.missing_keys, result.unexpected_keys
-    new_blocks = sorted({k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
-                         for k in missing if ".attentions." in k})
-    others = [k for k in missing if ".attentions." not in k]
+    blocks = [re.match(r"(.*\.attentions\.\d+)\.", k) for k in missing]
+    new_blocks = sorted({m.group(1) for m in blocks if m})
+    others = [k for k, m in zip(missing, blocks) if not m]
     if unexpected or others:
         raise ValueError(f"{source}: its unet does not match this config's architecture "
                          f"(unexpected: {unexpected[:3]}, missing: {others[:3]})")
