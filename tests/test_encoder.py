@@ -145,6 +145,37 @@ def test_lightning_fit_and_resume(tiny_dirs, tmp_path):
     assert enc.cfg.model == "tiny-sd1" and enc.cfg.widths == module.encoder.cfg.widths
 
 
+def test_export_keeps_the_best_validated_encoder(tiny_dirs, tmp_path):
+    """With ``monitor``, the exported file changes only when the metric improves (NaN never does),
+    and the best value survives a resume through the callback's state."""
+    from types import SimpleNamespace
+
+    from oneword.encoder.lit import ExportEncoder
+    from oneword.trainstate import read_safetensors
+
+    enc, _ = tiny_encoder()
+    module = SimpleNamespace(encoder=enc)
+    path = tmp_path / "best.safetensors"
+    cb = ExportEncoder(str(path), monitor="val/distill")
+    exported = []
+    for step, value in [(1, 5.0), (2, 3.0), (3, 4.0), (4, float("nan")), (5, 2.5), (6, 2.6)]:
+        trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, global_step=step,
+                                  callback_metrics={"val/distill": torch.tensor(value)})
+        cb.on_validation_end(trainer, module)
+        exported.append(int(read_safetensors(path)[1]["step"]))
+        cb.on_train_end(trainer, module)  # a monitored export is not overwritten at the end
+    assert exported == [1, 2, 2, 2, 5, 5]
+    assert float(read_safetensors(path)[1]["best"]) == 2.5
+    resumed = ExportEncoder(str(path), monitor="val/distill")
+    resumed.load_state_dict(cb.state_dict())
+    trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, global_step=7,
+                              callback_metrics={"val/distill": torch.tensor(2.7)})
+    resumed.on_validation_end(trainer, module)
+    assert read_safetensors(path)[1]["step"] == "5"
+    with pytest.raises(KeyError, match="val/missing"):
+        ExportEncoder(str(path), monitor="val/missing").on_validation_end(trainer, module)
+
+
 def _encoder_file(tmp_path):
     enc, _ = tiny_encoder(unet=True)
     return save_encoder(enc, tmp_path / "enc.safetensors")

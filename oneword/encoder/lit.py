@@ -223,23 +223,63 @@ def _blank() -> Image.Image:
 
 
 class ExportEncoder(L.Callback):
-    """Write the slim encoder file (``<log dir>/encoder.safetensors`` unless ``path`` is given)
-    after every validation and at the end of training."""
+    """Write the slim encoder file (``<log dir>/encoder.safetensors`` unless ``path`` is given).
 
-    def __init__(self, path: str | None = None) -> None:
+    Without ``monitor`` it is written after every validation and at the end of training, so it holds
+    the latest weights. With ``monitor`` (a logged metric such as ``val/distill``) it is written only
+    when that metric reaches a new best (lowest for ``mode="min"``), so it holds the best validated
+    weights: model selection against the overfitting a long run brings. The best value survives
+    ``--ckpt_path last`` resumes (it is kept in the checkpoint), and the file's header records the
+    step and the value.
+    """
+
+    def __init__(self, path: str | None = None, monitor: str | None = None, mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.path = path
+        self.monitor = monitor
+        self.mode = mode
+        self.best: float | None = None
+        self.best_step: int | None = None
 
-    def _export(self, trainer: L.Trainer, module: EncoderModule) -> None:
+    def _export(self, trainer: L.Trainer, module: EncoderModule, extra: dict[str, str] | None = None) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
-        save_encoder(module.encoder, path, {"step": str(trainer.global_step)})
+        save_encoder(module.encoder, path, {"step": str(trainer.global_step), **(extra or {})})
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
 
     def on_validation_end(self, trainer: L.Trainer, module: EncoderModule) -> None:
-        self._export(trainer, module)
+        if trainer.sanity_checking:
+            return
+        if self.monitor is None:
+            self._export(trainer, module)
+            return
+        metric = trainer.callback_metrics.get(self.monitor)
+        if metric is None:
+            raise KeyError(f"ExportEncoder monitors {self.monitor!r}, which validation did not log; "
+                           f"logged: {sorted(trainer.callback_metrics)}")
+        value = float(metric)
+        if value == value and self._improved(value):  # NaN never counts as best
+            self.best, self.best_step = value, trainer.global_step
+            self._export(trainer, module, {"monitor": self.monitor, "best": repr(value)})
+            logger.info("exported the encoder at step %d: %s = %.4g (best so far)",
+                        trainer.global_step, self.monitor, value)
 
     def on_train_end(self, trainer: L.Trainer, module: EncoderModule) -> None:
-        self._export(trainer, module)
+        if self.monitor is None or self.best is None:
+            self._export(trainer, module)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict.get("best")
+        self.best_step = state_dict.get("best_step")
 
 
 def cli_main(args: list[str] | None = None) -> None:
