@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "levels the loaded UNet lacks are added as identity blocks and trained")
     t.add_argument("--min-snr-gamma", type=float, default=None,
                    help="min-SNR-gamma loss weighting of the diffusion stage, 0 = off (default: 5)")
+    t.add_argument("--text-aux-weight", type=float, default=None,
+                   help="weight of an auxiliary loss that makes the text encoder tell apart every attribute "
+                        "value a caption names (default: 0 = off; see ToyLDMConfig.text_aux_weight)")
     t.add_argument("--freeze-text", action="store_true",
                    help="with --init-from: keep the text encoder (and every word embedding) as loaded")
     d = sub.add_parser("data", help="training data for the encoder")
@@ -294,7 +297,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps, "lr": args.lr,
              "decoder_steps": args.decoder_steps,
              "init_from": args.init_from, "train_text": False if args.freeze_text else None,
-             "min_snr_gamma": args.min_snr_gamma,
+             "min_snr_gamma": args.min_snr_gamma, "text_aux_weight": args.text_aux_weight,
              "cross_attention_levels": tuple(args.cross_attention_levels) if args.cross_attention_levels else None}
     try:
         cfg = ToyBuildConfig(ldm=ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None}))

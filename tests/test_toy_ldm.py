@@ -57,6 +57,44 @@ def test_continue_from_a_pipeline_folder_then_fine_tune_the_decoder(tmp_path):
                       progress=False)
 
 
+def test_text_attribute_head_targets_and_training(tmp_path):
+    """The auxiliary text loss: its classes (0 = not named), padding left out of the pooled state,
+    a loss that falls when the states say what a caption names, and a resumable run with it."""
+    import torch
+
+    from oneword.toy.ldm import TextAttributeHead
+    from oneword.toy.render import ATTRIBUTES, VOCAB
+
+    named = [{}, {"pattern": "dots", "shape": VOCAB["shape"][0]}]
+    target = TextAttributeHead.targets(named)
+    assert target.shape == (2, len(ATTRIBUTES)) and target[0].tolist() == [0] * len(ATTRIBUTES)
+    assert target[1, ATTRIBUTES.index("pattern")] == VOCAB["pattern"].index("dots") + 1
+    assert target[1, ATTRIBUTES.index("shape")] == 1 and target[1, ATTRIBUTES.index("fill")] == 0
+    head = TextAttributeHead(8)
+    ids = torch.tensor([[0, 5, 9, 9], [0, 6, 7, 9]])  # 9 = eos (and pad): row 0 has one pad position
+    states = torch.randn(2, 4, 8)
+    padded = states.clone()
+    padded[0, 3] += 100.0  # a padding state must not matter
+    assert torch.allclose(head.loss(states, ids, 9, named), head.loss(padded, ids, 9, named))
+    states.requires_grad_(True)
+    opt = torch.optim.SGD([states, *head.parameters()], lr=1.0)
+    first = head.loss(states, ids, 9, named).item()
+    for _ in range(20):
+        opt.zero_grad()
+        head.loss(states, ids, 9, named).backward()
+        opt.step()
+    assert head.loss(states, ids, 9, named).item() < 0.5 * first
+    with pytest.raises(ValueError, match="text_aux_weight"):
+        tiny_cfg(text_aux_weight=-1)
+    work = tmp_path / "work"
+    train_toy_ldm(work, tmp_path / "ldm", tiny_cfg(text_aux_weight=0.1), progress=False)
+    train_toy_ldm(work, tmp_path / "ldm", tiny_cfg(text_aux_weight=0.1, ldm_steps=2), progress=False)
+    with safe_open(str(work / "ldm.ckpt.safetensors"), framework="pt") as f:
+        assert f.metadata()["step"] == "2" and any(k.startswith("text_head") for k in f.keys())
+    assert not any("head" in k for k in safe_open(str(tmp_path / "ldm" / "text_encoder" / "model.safetensors"),
+                                                  framework="pt").keys())  # training-only
+
+
 def test_grow_cross_attention_preserves_the_model_then_trains_it(tmp_path):
     import torch
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from oneword.data.images import image_to_tensor
 from oneword.fileio import atomic_dir, atomic_write_text
 from oneword.toy.captions import DEFAULT_NAME_PROB, caption, vocabulary_texts
-from oneword.toy.render import backgrounds_for, render, sample_pose, split_concepts
+from oneword.toy.render import ATTRIBUTES, VOCAB, backgrounds_for, render, sample_pose, split_concepts
 from oneword.trainstate import (
     load_module,
     load_optimizer,
@@ -85,6 +85,12 @@ class ToyLDMConfig:
     min_snr_gamma: float = 5.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023: min(SNR, gamma) / SNR); 0 turns it off.
     It stops the many near-clean timesteps, which carry no text signal, from dominating the loss."""
+    text_aux_weight: float = 0.0
+    """Weight of an auxiliary loss on the text encoder: a linear head reads, from the mean of the
+    caption's token states, which value of each attribute the caption names (or that it names
+    none). The denoising loss alone barely separates the pattern words (the three gave nearly equal
+    text states in the shipped model, NOTES.md); this makes every named attribute visible to the
+    UNet's cross-attention. Training-only: the head is not exported. 0 turns it off."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of stage-2 weights, exported as the model."""
     train_text: bool = True
@@ -117,6 +123,10 @@ class ToyLDMConfig:
             raise ValueError("name_background must be in [0, 1]")
         if self.min_snr_gamma < 0:
             raise ValueError("min_snr_gamma must be >= 0")
+        if self.text_aux_weight < 0:
+            raise ValueError("text_aux_weight must be >= 0")
+        if self.text_aux_weight and not self.train_text:
+            raise ValueError("text_aux_weight needs a trained text encoder (not train_text=False)")
         levels = tuple(self.cross_attention_levels)
         if any(not 0 <= lv < len(self.unet_channels) for lv in levels) or len(set(levels)) != len(levels):
             raise ValueError(f"cross_attention_levels must be distinct UNet levels 0..{len(self.unet_channels) - 1}")
@@ -184,9 +194,12 @@ class DataStream:
         self.train, _ = split_concepts(seed=cfg.split_seed)
         self.rng = random.Random(seed)
         self.name_prob = {**DEFAULT_NAME_PROB, "background": cfg.name_background}
+        self.named: list[dict[str, str]] = []
+        """What each caption of the last batch names (empty for dropped captions)."""
 
     def batch(self, n: int, with_captions: bool = True) -> tuple[torch.Tensor, list[str]]:
         images, texts = [], []
+        self.named = []
         for _ in range(n):
             concept = self.rng.choice(self.train)
             background = self.rng.choice(backgrounds_for(concept))
@@ -194,7 +207,9 @@ class DataStream:
             images.append(image_to_tensor(img))
             if with_captions:
                 drop = self.rng.random() < self.cfg.uncond_p
-                texts.append("" if drop else caption(concept, background, self.rng, self.name_prob).text)
+                spec = None if drop else caption(concept, background, self.rng, self.name_prob)
+                texts.append(spec.text if spec else "")
+                self.named.append(dict(spec.named) if spec else {})
         return torch.stack(images), texts
 
 
@@ -254,6 +269,32 @@ def train_vae(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> Non
     logger.info("toy VAE latent std %.4f -> scaling factor %.4f", std, 1.0 / std)
 
 
+class TextAttributeHead(torch.nn.Module):
+    """Training-only probe of :attr:`ToyLDMConfig.text_aux_weight`: per attribute, logits over
+    "not named" and each of its values, from the mean of a caption's token states."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.sizes = [len(VOCAB[a]) + 1 for a in ATTRIBUTES]
+        self.linear = torch.nn.Linear(width, sum(self.sizes))
+
+    @staticmethod
+    def targets(named: list[dict[str, str]]) -> torch.Tensor:
+        """``[batch, attributes]`` class ids: 0 = not named, 1 + the value's index otherwise."""
+        return torch.tensor([[VOCAB[a].index(d[a]) + 1 if a in d else 0 for a in ATTRIBUTES] for d in named],
+                            dtype=torch.long)
+
+    def loss(self, states: torch.Tensor, ids: torch.Tensor, eos_id: int, named: list[dict[str, str]]) -> torch.Tensor:
+        """Mean cross-entropy over attributes; ``states`` ``[batch, tokens, width]``, ``ids`` the
+        token ids (positions after the first ``eos_id`` are padding and left out)."""
+        last = (ids == eos_id).int().argmax(1)
+        mask = (torch.arange(ids.shape[1])[None] <= last[:, None]).to(states.dtype)
+        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        logits = self.linear(pooled).split(self.sizes, dim=1)
+        target = self.targets(named)
+        return torch.stack([F.cross_entropy(lg, target[:, i]) for i, lg in enumerate(logits)]).mean()
+
+
 def _clipped_step(loss: torch.Tensor, params: list, opt: torch.optim.Optimizer) -> None:
     """Backward, clip the gradient norm to 1, step, clear: every stage's optimizer step."""
     loss.backward()
@@ -281,9 +322,15 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
     text.train(cfg.train_text).requires_grad_(cfg.train_text)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
     params = list(unet.parameters()) + (list(text.parameters()) if cfg.train_text else [])
+    modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
+    head = None
+    if cfg.text_aux_weight > 0:
+        torch.manual_seed(cfg.seed + 6)
+        head = TextAttributeHead(text.config.hidden_size)
+        params += list(head.parameters())
+        modules["text_head"] = head
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     stream = DataStream(cfg, cfg.seed + 2)
-    modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
     ckpt = work / "ldm.ckpt.safetensors"
     step = _load_ckpt(ckpt, modules, opt, stream) if ckpt.is_file() else 0
     gen = torch.Generator().manual_seed(cfg.seed + 3 + step)  # reseeded per resume: stream stays exact
@@ -300,8 +347,15 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
         with torch.no_grad():
             latents = pipe.vae.encode(x).latent_dist.sample(generator=gen) * scale
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x),), generator=gen)
-        per_sample = denoising_loss(ldm, latents, ldm.encode_text(texts), gen, timesteps=t)
+        cond = ldm.encode_text(texts)
+        per_sample = denoising_loss(ldm, latents, cond, gen, timesteps=t)
         loss = (per_sample * min_snr_weights(pipe.scheduler, t, cfg.min_snr_gamma)).mean()
+        if head is not None:
+            tok = pipe.tokenizer
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            aux = head.loss(cond.hidden_states, ids, tok.eos_token_id, stream.named)
+            loss = loss + cfg.text_aux_weight * aux
         _clipped_step(loss, params, opt)
         decay = cfg.ema_decay if step > ema_start else 0.0
         _ema_update(ema_unet, unet, decay)
