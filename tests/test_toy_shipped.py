@@ -60,3 +60,14 @@ def test_ti_encode_with_the_shipped_toy_encoder(tmp_path):
     init = load_model("toy").initializer_vectors("triangle", 1)[0]
     assert emb.token == "<purple-triangle-solid-gold>" and emb.vectors[0].shape == (1, 128)
     assert not torch.allclose(emb.vectors[0], init)  # the trained encoder moves off the initializer
+
+
+def test_conditioning_probe_sees_the_fill_word():
+    """The shipped model leans on fill words: a wrong fill in the prompt raises the denoising loss
+    at mid noise, and the fill prompts' text states lie apart."""
+    from oneword.toy.quality import conditioning_gap, text_separation
+
+    model = load_model("toy")
+    gap = conditioning_gap(model, "fill", n=16, timesteps=(300,))
+    assert gap[300] > 0.05
+    assert text_separation(model, "fill") > 1.0
