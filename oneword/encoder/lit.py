@@ -240,7 +240,6 @@ class ExportEncoder(L.Callback):
         self.monitor = monitor
         self.mode = mode
         self.best: float | None = None
-        self.best_step: int | None = None
 
     def _export(self, trainer: L.Trainer, module: EncoderModule, extra: dict[str, str] | None = None) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
@@ -265,7 +264,7 @@ class ExportEncoder(L.Callback):
                            f"logged: {sorted(trainer.callback_metrics)}")
         value = float(metric)
         if value == value and self._improved(value):  # NaN never counts as best
-            self.best, self.best_step = value, trainer.global_step
+            self.best = value
             self._export(trainer, module, {"monitor": self.monitor, "best": repr(value)})
             logger.info("exported the encoder at step %d: %s = %.4g (best so far)",
                         trainer.global_step, self.monitor, value)
@@ -275,11 +274,10 @@ class ExportEncoder(L.Callback):
             self._export(trainer, module)
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step}
+        return {"best": self.best}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict.get("best")
-        self.best_step = state_dict.get("best_step")
 
 
 def cli_main(args: list[str] | None = None) -> None:
