@@ -14,7 +14,7 @@ from oneword.toy.ldm import ToyLDMConfig, caption_token_ids, train_toy_ldm
 def tiny_cfg(**kw) -> ToyLDMConfig:
     base = {"image_size": 32, "latent_channels": 4, "vae_channels": (16, 16), "text_width": 32,
             "text_layers": 1, "unet_channels": (32, 32, 32), "vae_steps": 2, "vae_batch": 2,
-            "ldm_steps": 1, "ldm_batch": 2, "save_every": 1}
+            "ldm_steps": 1, "ldm_batch": 2, "save_every": 1, "decoder_steps": 0}
     base.update(kw)
     return ToyLDMConfig(**base)
 
