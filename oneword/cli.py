@@ -297,7 +297,9 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps, "lr": args.lr,
              "decoder_steps": args.decoder_steps,
              "init_from": args.init_from, "train_text": False if args.freeze_text else None,
-             "min_snr_gamma": args.min_snr_gamma, "text_aux_weight": args.text_aux_weight,
+             "min_snr_gamma": args.min_snr_gamma,
+             # a frozen text encoder has nothing for the auxiliary text loss to train
+             "text_aux_weight": 0.0 if args.freeze_text and args.text_aux_weight is None else args.text_aux_weight,
              "cross_attention_levels": tuple(args.cross_attention_levels) if args.cross_attention_levels else None}
     try:
         cfg = ToyBuildConfig(ldm=ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None}))
