@@ -61,7 +61,7 @@ BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
 
 SUPERSAMPLE = 4
 #: Pose ranges: the object's diameter as a fraction of the image side, rotation in degrees.
-SCALE_RANGE = (0.45, 0.75)
+SCALE_RANGE = (0.5, 0.8)
 ROTATION_RANGE = (-30.0, 30.0)
 _EXTENT = 1.12  # the farthest any shape (outline included) reaches, in units of its radius
 
@@ -224,11 +224,11 @@ def _sharp_vertices(shape: str, min_turn_deg: float = 12.0) -> tuple[int, ...]:
     return tuple(int(i) for i in np.nonzero(turn > math.radians(min_turn_deg))[0])
 
 
-_STRIPE_PERIOD = 0.5
-_STRIPE_WIDTH = 0.21  # the tone covers ~40%: the fill stays the main colour
-_DOT_PERIOD = 0.52
-_DOT_RADIUS = 0.15
-_CHECK_CELL = 0.42
+_STRIPE_PERIOD = 0.7
+_STRIPE_WIDTH = 0.3  # the tone covers ~43%: the fill stays the main colour
+_DOT_PERIOD = 0.68
+_DOT_RADIUS = 0.2
+_CHECK_CELL = 0.55
 
 
 @cache
@@ -269,14 +269,16 @@ def _dot_centres() -> np.ndarray:
 
 #: Fills dark enough that their pattern is drawn lighter, not darker.
 _LIGHTER_PATTERN = frozenset({"blue", "purple"})
+_DARKEN = 0.35
+_LIGHTEN = 0.65
 
 
 def pattern_rgb(fill: str) -> tuple[int, int, int]:
     """The tone a pattern is drawn in: the fill darkened, or lightened for dark fills."""
     r, g, b = FILL_RGB[fill]
     if fill in _LIGHTER_PATTERN:
-        return (round(r + (255 - r) * 0.5), round(g + (255 - g) * 0.5), round(b + (255 - b) * 0.5))
-    return (round(r * 0.58), round(g * 0.58), round(b * 0.58))
+        return (round(r + (255 - r) * _LIGHTEN), round(g + (255 - g) * _LIGHTEN), round(b + (255 - b) * _LIGHTEN))
+    return (round(r * _DARKEN), round(g * _DARKEN), round(b * _DARKEN))
 
 
 def color_rgb(name: str) -> tuple[int, int, int]:
