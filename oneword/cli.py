@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="min-SNR-gamma loss weighting of the diffusion stage, 0 = off (default: 0)")
     t.add_argument("--text-aux-weight", type=float, default=None,
                    help="weight of an auxiliary loss that makes the text encoder tell apart every attribute "
-                        "value a caption names (default: 0.05; 0 = off; see ToyLDMConfig.text_aux_weight)")
+                        "value a caption names (default: 0.05, 0 with --freeze-text; 0 = off; see ToyLDMConfig.text_aux_weight)")
     t.add_argument("--freeze-text", action="store_true",
                    help="with --init-from: keep the text encoder (and every word embedding) as loaded")
     d = sub.add_parser("data", help="training data for the encoder")
@@ -297,9 +297,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps, "lr": args.lr,
              "decoder_steps": args.decoder_steps,
              "init_from": args.init_from, "train_text": False if args.freeze_text else None,
-             "min_snr_gamma": args.min_snr_gamma,
-             # a frozen text encoder has nothing for the auxiliary text loss to train
-             "text_aux_weight": 0.0 if args.freeze_text and args.text_aux_weight is None else args.text_aux_weight,
+             "min_snr_gamma": args.min_snr_gamma, "text_aux_weight": args.text_aux_weight,
              "cross_attention_levels": tuple(args.cross_attention_levels) if args.cross_attention_levels else None}
     try:
         cfg = ToyBuildConfig(ldm=ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None}))

@@ -113,7 +113,7 @@ def test_grow_cross_attention_preserves_the_model_then_trains_it(tmp_path):
         assert torch.allclose(pipe.unet(x, t, c).sample, base.unet.float()(x, t, c).sample, atol=1e-5)
     # Continued training with a frozen text encoder: the UNet learns, the words stay.
     second = tmp_path / "ldm2"
-    train_toy_ldm(tmp_path / "work2", second, tiny_cfg(init_from=str(first), train_text=False, text_aux_weight=0, ldm_steps=2,
+    train_toy_ldm(tmp_path / "work2", second, tiny_cfg(init_from=str(first), train_text=False, ldm_steps=2,
                                                        cross_attention_levels=(0, 1, 2)), progress=False)
     grown = load_model(str(second))
     assert grown.unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
@@ -127,7 +127,12 @@ def test_grow_cross_attention_preserves_the_model_then_trains_it(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         grow_unet(build_pipeline(tiny_cfg()).unet, grown.unet.float().state_dict())
     with pytest.raises(ValueError, match="train_text"):
-        tiny_cfg(train_text=False, text_aux_weight=0)
+        tiny_cfg(train_text=False)
+    # the auxiliary text loss defaults to on, and to off where the text encoder is frozen
+    assert tiny_cfg().text_aux_weight == 0.05
+    assert tiny_cfg(init_from=str(first), train_text=False).text_aux_weight == 0.0
+    with pytest.raises(ValueError, match="text_aux_weight needs"):
+        tiny_cfg(init_from=str(first), train_text=False, text_aux_weight=0.1)
     with pytest.raises(ValueError, match="cross_attention_levels"):
         tiny_cfg(cross_attention_levels=(0, 3))
 

@@ -86,12 +86,13 @@ class ToyLDMConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023: min(SNR, gamma) / SNR); 0 (the default)
     turns it off. Weighting down the low-noise steps, where texture forms, kept the toy model from
     drawing patterns (gamma 5 gave 0.59 pattern accuracy; NOTES.md)."""
-    text_aux_weight: float = 0.05
+    text_aux_weight: float | None = None
     """Weight of an auxiliary loss on the text encoder: a linear head reads, from the mean of the
     caption's token states, which value of each attribute the caption names (or that it names
     none). The denoising loss alone barely separates the pattern words (the three gave nearly equal
     text states in the shipped model, NOTES.md); this makes every named attribute visible to the
-    UNet's cross-attention. Training-only: the head is not exported. 0 turns it off."""
+    UNet's cross-attention. Training-only: the head is not exported. 0 turns it off; None (the
+    default) means 0.05 when the text encoder trains and 0 when ``train_text`` is False."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of stage-2 weights, exported as the model."""
     train_text: bool = True
@@ -125,6 +126,8 @@ class ToyLDMConfig:
             raise ValueError("name_background must be in [0, 1]")
         if self.min_snr_gamma < 0:
             raise ValueError("min_snr_gamma must be >= 0")
+        if self.text_aux_weight is None:
+            self.text_aux_weight = 0.05 if self.train_text else 0.0
         if self.text_aux_weight < 0:
             raise ValueError("text_aux_weight must be >= 0")
         if self.text_aux_weight and not self.train_text:
