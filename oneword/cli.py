@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--continue", dest="continue_targets", action="store_true",
                     help="SHARDS already carry targets: run --steps more steps from them (e.g. on a "
                          "fine-tuned model) instead of from the initializer words")
+    tg.add_argument("--from-encoder", default=None, metavar="ENCODER",
+                    help="start each inversion from this encoder's prediction for the concept's images "
+                         "(an encoder file, or toy for the shipped one): a self-distillation round whose "
+                         "targets are the encoder's refined words (then train the next encoder on OUT)")
     tg.add_argument("--out", required=True, help="folder for the shards with targets")
 
     from oneword.eval.cli import add_eval_parser
@@ -337,9 +341,15 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
                               base_lr=args.base_lr, template=args.template, seed=args.seed)
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from err
+    encoder = None
+    if args.from_encoder:
+        from oneword.encoder.encode import SHIPPED
+        from oneword.encoder.model import load_encoder
+
+        encoder = load_encoder(SHIPPED if args.from_encoder == "toy" else args.from_encoder)
     t0 = time.perf_counter()
     paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device), group=args.group,
-                        continue_targets=args.continue_targets)
+                        continue_targets=args.continue_targets, encoder=encoder)
     print(f"{len(paths)} shards with targets ({args.steps} steps, lr {cfg.lr:g}) in {time.perf_counter() - t0:.0f} s:",
           file=sys.stderr)
     for p in paths:

@@ -299,3 +299,28 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
         torch.testing.assert_close(new.target[0], old.target[0], atol=1e-6, rtol=0)
     assert main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--continue",
                  "--out", str(tmp_path / "t3")]) == 2  # nothing to continue from
+
+
+def test_ti_data_targets_from_an_encoder(tiny_dirs, tmp_path):
+    """--from-encoder starts each inversion at the encoder's prediction for the sample's images: at a
+    negligible rate the targets are that prediction."""
+    from oneword.cli import main
+    from oneword.encoder.model import predict_embeddings
+    from oneword.encoder.shards import read_shard
+
+    enc, model = tiny_encoder()
+    path = save_encoder(enc, tmp_path / "enc.safetensors")
+    write_shards(toy_samples(limit=3, images=2, size=32), tmp_path / "s", per_shard=4)
+    args = ["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--steps", "1", "--base-lr", "1e-12",
+            "--from-encoder", str(path), "--out", str(tmp_path / "t")]
+    assert main(args) == 0
+    samples = read_shard(next((tmp_path / "t").glob("*.tar")))
+    expected = predict_embeddings(load_encoder(path), model, [s.images for s in samples], [s.init for s in samples])
+    init = model.initializer_vectors(samples[0].init, 1)[0]
+    for s, e in zip(samples, expected):
+        torch.testing.assert_close(s.target[0], e[0], atol=1e-5, rtol=0)
+        assert not torch.allclose(s.target[0], init, atol=1e-3)  # the encoder moved it off the initializer
+    assert main(args[:-2] + ["--continue", "--out", str(tmp_path / "t2")]) == 2  # one start, not two
+    other, _ = tiny_encoder("sdxl")  # two text encoders: not for tiny-sd1
+    save_encoder(other, tmp_path / "sdxl.safetensors")
+    assert main(args[:7] + ["--from-encoder", str(tmp_path / "sdxl.safetensors"), "--out", str(tmp_path / "t3")]) == 2

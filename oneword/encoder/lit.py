@@ -260,8 +260,9 @@ class ExportEncoder(L.Callback):
             return
         metric = trainer.callback_metrics.get(self.monitor)
         if metric is None:
-            raise KeyError(f"ExportEncoder monitors {self.monitor!r}, which validation did not log; "
-                           f"logged: {sorted(trainer.callback_metrics)}")
+            raise KeyError(f"ExportEncoder monitors {self.monitor!r}, which validation did not log "
+                           f"(an empty validation split logs nothing: too few concepts for "
+                           f"data.val_fraction?); logged: {sorted(trainer.callback_metrics)}")
         value = float(metric)
         if value == value and self._improved(value):  # NaN never counts as best
             self.best = value

@@ -5,6 +5,11 @@
 writes the same samples with ``target.safetensors`` added to ``OUT/<same shard name>``. A shard
 appears atomically when all its concepts are done, and shards already in ``OUT`` are skipped, so an
 interrupted run resumes where it stopped (losing at most the shard in progress).
+
+With ``--from-encoder`` each inversion starts from a trained encoder's prediction for the concept's
+images instead of from the initializer word: a round of self-distillation (expert iteration), whose
+targets are the encoder's own words refined, so they lie on one smooth map from images to words
+instead of wherever an inversion from the initializer happened to land.
 """
 
 from __future__ import annotations
@@ -12,27 +17,45 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from oneword.encoder.model import predict_embeddings
 from oneword.encoder.shards import expand_shards, read_shard, write_shard
 from oneword.errors import InputError
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.multi import invert_many
 from oneword.models import FrozenLDM
 
+if TYPE_CHECKING:
+    from oneword.encoder.model import ConceptEncoder
+
 logger = logging.getLogger(__name__)
 
 
 def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: FrozenLDM,
-                group: int = 32, progress: bool = True, continue_targets: bool = False) -> list[Path]:
+                group: int = 32, progress: bool = True, continue_targets: bool = False,
+                encoder: ConceptEncoder | None = None) -> list[Path]:
     """Write ``out/<shard name>`` for every shard of ``shards``, each sample with a target embedding
     from ``cfg.steps`` steps of textual inversion on ``model`` (a frozen model without placeholders
     of its own). With ``continue_targets`` the inversion starts from each sample's existing target
-    (``cfg.steps`` more steps) instead of from its initializer word. Returns the shard paths,
-    skipped ones included."""
+    (``cfg.steps`` more steps) instead of from its initializer word; with ``encoder`` it starts
+    from the encoder's prediction for the sample's images (all its stored views). Returns the shard
+    paths, skipped ones included."""
     if group < 1:
         raise InputError("--group must be at least 1")
+    if continue_targets and encoder is not None:
+        raise InputError("--continue and --from-encoder both choose where the inversion starts: give one")
+    if encoder is not None:
+        if tuple(encoder.cfg.widths) != tuple(model.widths):
+            raise InputError(f"the encoder was trained for text-encoder widths {encoder.cfg.widths} "
+                             f"({encoder.cfg.model}); the model has {model.widths}")
+        if encoder.cfg.num_vectors != cfg.num_vectors:
+            raise InputError(f"the encoder predicts {encoder.cfg.num_vectors} vector(s) per word; "
+                             f"the targets have {cfg.num_vectors}")
+        encoder.to(model.device)
+        encoder.space.to(model.device)
     out = Path(out)
     urls = expand_shards(shards)
     if any(Path(u).resolve().parent == out.resolve() for u in urls):
@@ -51,7 +74,10 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
         bar = tqdm(total=len(samples), desc=Path(url).name, unit="concept", disable=not progress)
         for i in range(0, len(samples), group):
             chunk = samples[i:i + group]
-            starts = [s.target for s in chunk] if continue_targets else None
+            if encoder is not None:
+                starts = predict_embeddings(encoder, model, [s.images for s in chunk], [s.init for s in chunk])
+            else:
+                starts = [s.target for s in chunk] if continue_targets else None
             vectors = invert_many(model, [s.images for s in chunk], [s.init for s in chunk], cfg, starts=starts)
             for s, v in zip(chunk, vectors):
                 s.target = v
