@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = load_model(args.model)
     print(f"model: {args.model}")
-    print(f"| attribute | text separation | " + " | ".join(f"gap t={t}" for t in args.timesteps) + " |")
+    print("| attribute | text separation | " + " | ".join(f"gap t={t}" for t in args.timesteps) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in args.timesteps) + " |")
     for attr in ATTRIBUTES:
         gap = conditioning_gap(model, attr, n=args.n, timesteps=args.timesteps)

@@ -12,6 +12,7 @@ checkpoints hold only the mapper and its optimizer.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -264,7 +265,7 @@ class ExportEncoder(L.Callback):
                            f"(an empty validation split logs nothing: too few concepts for "
                            f"data.val_fraction?); logged: {sorted(trainer.callback_metrics)}")
         value = float(metric)
-        if value == value and self._improved(value):  # NaN never counts as best
+        if not math.isnan(value) and self._improved(value):  # NaN never counts as best
             self.best = value
             self._export(trainer, module, {"monitor": self.monitor, "best": repr(value)})
             logger.info("exported the encoder at step %d: %s = %.4g (best so far)",
