@@ -17,19 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from oneword.encoder.model import predict_embeddings
+from oneword.encoder.model import ConceptEncoder, predict_embeddings
 from oneword.encoder.shards import expand_shards, read_shard, write_shard
 from oneword.errors import InputError
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.multi import invert_many
 from oneword.models import FrozenLDM
-
-if TYPE_CHECKING:
-    from oneword.encoder.model import ConceptEncoder
 
 logger = logging.getLogger(__name__)
 
