@@ -343,10 +343,10 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
         raise OneWordError(f"invalid setting: {err}") from err
     encoder = None
     if args.from_encoder:
-        from oneword.encoder.encode import SHIPPED
+        from oneword.encoder.encode import encoder_path
         from oneword.encoder.model import load_encoder
 
-        encoder = load_encoder(SHIPPED if args.from_encoder == "toy" else args.from_encoder)
+        encoder = load_encoder(encoder_path(args.from_encoder))
     t0 = time.perf_counter()
     paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device), group=args.group,
                         continue_targets=args.continue_targets, encoder=encoder)

@@ -25,6 +25,11 @@ logger = logging.getLogger("oneword")
 SHIPPED = Path(__file__).resolve().parents[1] / "toy" / "weights" / "encoder.safetensors"
 
 
+def encoder_path(name: str | None) -> Path:
+    """``--encoder``/``--from-encoder`` values: None or ``toy`` is the shipped toy encoder."""
+    return SHIPPED if name in (None, "toy") else Path(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from oneword.cli import add_dataclass_options
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oneword.encoder.model import load_encoder, predict_embeddings
+    from oneword.encoder.model import check_fits, load_encoder, predict_embeddings
     from oneword.eval.protocol import load_concept
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
     from oneword.inversion.train import safe_file_stem
@@ -77,14 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.refine < 0:
         raise OneWordError("--refine must be 0 or more")
-    enc_path = SHIPPED if args.encoder in (None, "toy") else Path(args.encoder)
+    enc_path = encoder_path(args.encoder)
     encoder = load_encoder(enc_path)
     model_name = args.model or encoder.cfg.model
     load = lambda: load_model(model_name, device=args.device)  # noqa: E731
     model = load()
-    if model.widths != encoder.cfg.widths:
-        raise OneWordError(f"the encoder was trained for text-encoder widths {encoder.cfg.widths} "
-                           f"({encoder.cfg.model}); {model_name} has {model.widths}")
+    check_fits(encoder, model)
     n = len(args.images)
     inits = _per_concept(args.init, n, "--init")
     tokens = _per_concept(args.token, n, "--token")

@@ -207,6 +207,13 @@ def load_encoder(path: str | Path, space=None) -> ConceptEncoder:
     return enc.eval()
 
 
+def check_fits(encoder: ConceptEncoder, model) -> None:
+    """Raise :class:`InputError` unless ``encoder`` predicts words for ``model``'s text encoders."""
+    if tuple(model.widths) != tuple(encoder.cfg.widths):
+        raise InputError(f"the encoder was trained for text-encoder widths {encoder.cfg.widths} "
+                         f"({encoder.cfg.model}); the model has {model.widths}")
+
+
 def token_scale(model) -> list[float]:
     """Median L2 norm of each text encoder's (base) token embeddings: the scale of real words."""
     out = []

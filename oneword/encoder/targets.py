@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from oneword.encoder.model import ConceptEncoder, predict_embeddings
+from oneword.encoder.model import ConceptEncoder, check_fits, predict_embeddings
 from oneword.encoder.shards import expand_shards, read_shard, write_shard
 from oneword.errors import InputError
 from oneword.inversion.config import InversionConfig
@@ -44,9 +44,7 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
     if continue_targets and encoder is not None:
         raise InputError("--continue and --from-encoder both choose where the inversion starts: give one")
     if encoder is not None:
-        if tuple(encoder.cfg.widths) != tuple(model.widths):
-            raise InputError(f"the encoder was trained for text-encoder widths {encoder.cfg.widths} "
-                             f"({encoder.cfg.model}); the model has {model.widths}")
+        check_fits(encoder, model)
         if encoder.cfg.num_vectors != cfg.num_vectors:
             raise InputError(f"the encoder predicts {encoder.cfg.num_vectors} vector(s) per word; "
                              f"the targets have {cfg.num_vectors}")
