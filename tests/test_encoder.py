@@ -9,20 +9,28 @@ import pytest
 import torch
 from PIL import Image
 
-from oneword.encoder.model import ConceptEncoder, EncoderConfig, load_encoder, save_encoder, token_scale
+from oneword.encoder.model import (
+    FORMAT,
+    ConceptEncoder,
+    EncoderConfig,
+    load_encoder,
+    save_encoder,
+    token_scale,
+)
 from oneword.encoder.shards import decode_sample, encode_sample, expand_shards, toy_samples, write_shards
 from oneword.encoder.unet_features import unet_feature_dim, unet_features
 from oneword.errors import InputError
 from oneword.eval.space import load_space
 from oneword.models import load_model
+from oneword.trainstate import read_safetensors, write_safetensors
 
 
 def tiny_encoder(family: str = "sd1", num_vectors: int = 1, randomize: bool = True,
-                 unet: bool = False) -> tuple[ConceptEncoder, object]:
+                 unet: bool = False, layout: str = "blocks") -> tuple[ConceptEncoder, object]:
     model = load_model(f"tiny-{family}")
     space = load_space("random")
-    unet_dim = unet_feature_dim(model.unet) if unet else 0
-    cfg = EncoderConfig(clip="random", feature_dim=32, unet_dim=unet_dim, widths=model.widths,
+    unet_dim = unet_feature_dim(model.unet, layout) if unet else 0
+    cfg = EncoderConfig(clip="random", feature_dim=32, unet_dim=unet_dim, unet_layout=layout, widths=model.widths,
                         num_vectors=num_vectors, hidden=32,
                         depth=1, offset_scale=token_scale(model), family=model.family, model=f"tiny-{family}")
     enc = ConceptEncoder(cfg, space)
@@ -70,15 +78,28 @@ def test_order_invariance_and_set_size(tiny_dirs):
         enc.predict([imgs, []], _init(model, 2), model)
 
 
-def test_unet_features_see_the_image_and_need_the_model(tiny_dirs):
-    enc, model = tiny_encoder(unet=True)
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("layout", ["blocks", "resnets"])
+def test_unet_features_see_the_image_and_need_the_model(tiny_dirs, layout, family):
+    enc, model = tiny_encoder(family, unet=True, layout=layout)
     imgs = _images(3)
-    f = unet_features(model, imgs)
-    assert f.shape == (3, unet_feature_dim(model.unet)) and torch.isfinite(f).all()
-    assert torch.allclose(unet_features(model, imgs[:1]), f[:1], rtol=1e-4, atol=1e-4)  # batch-independent
+    f = unet_features(model, imgs, layout)
+    assert f.shape == (3, unet_feature_dim(model.unet, layout)) and torch.isfinite(f).all()
+    assert torch.allclose(unet_features(model, imgs[:1], layout), f[:1], rtol=1e-4, atol=1e-4)  # batch-independent
     assert not torch.allclose(f[0], f[1])  # different images, different features
+    assert enc.predict([imgs], _init(model, 1), model)[0][0].shape == (1, model.widths[0])
     with pytest.raises(ValueError, match="UNet features"):
         enc.predict([imgs], _init(model, 1))
+
+
+def test_resnets_layout_extends_blocks(tiny_dirs):
+    """The ``resnets`` layout keeps every down-path map (the blocks' outputs among them) and their spread."""
+    model = load_model("tiny-sd1")
+    assert unet_feature_dim(model.unet, "resnets") > unet_feature_dim(model.unet, "blocks")
+    with pytest.raises(ValueError, match="layout"):
+        unet_features(model, _images(1), "pixels")
+    with pytest.raises(ValueError, match="unet_layout"):
+        EncoderConfig(unet_layout="pixels")
 
 
 def test_export_import_round_trip(tiny_dirs, tmp_path):
@@ -86,6 +107,13 @@ def test_export_import_round_trip(tiny_dirs, tmp_path):
     path = save_encoder(enc, tmp_path / "enc.safetensors")
     back = load_encoder(path, space=enc.space)
     assert back.cfg == enc.cfg
+    layered, _ = tiny_encoder(unet=True, layout="resnets")
+    assert load_encoder(save_encoder(layered, tmp_path / "l.safetensors"), space=enc.space).cfg.unet_layout == "resnets"
+    tensors, meta = read_safetensors(path, fmt=FORMAT)  # a file from before unet_layout existed
+    cfg = json.loads(meta["config"])
+    del cfg["unet_layout"]
+    old = write_safetensors(tmp_path / "old.safetensors", tensors, {**meta, "config": json.dumps(cfg)})
+    assert load_encoder(old, space=enc.space).cfg.unet_layout == "blocks"
     imgs = _images(3)
     assert torch.equal(enc.predict([imgs], _init(model, 1))[0][0], back.predict([imgs], _init(model, 1))[0][0])
     half = load_encoder(save_encoder(enc, tmp_path / "half.safetensors", dtype=torch.float16), space=enc.space)

@@ -16,6 +16,7 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -99,7 +100,8 @@ class EncoderModule(L.LightningModule):
                  depth: int = 2, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 200,
                  reg_weight: float = 1e-3, distill_weight: float = 0.0, template: str = "object",
                  background_prompt_p: float = 0.5, flip_p: float = 0.5, dtype: str = "fp32",
-                 unet_features: bool = False, seed: int = 0) -> None:
+                 unet_features: bool = False, unet_layout: Literal["blocks", "resnets"] = "blocks",
+                 seed: int = 0) -> None:
         """
         Args:
             model: diffusion model to train for (preset, folder or checkpoint, as ``--model``).
@@ -121,6 +123,8 @@ class EncoderModule(L.LightningModule):
                 trainer's ``precision``.
             unet_features: also feed the mapper the frozen model's own UNet features of the
                 reference images (E4T-style; :mod:`oneword.encoder.unet_features`).
+            unet_layout: which UNet activations those features pool: ``blocks`` (each down
+                block's output) or ``resnets`` (every layer's, with their spread: more texture).
             seed: seed of noise, timesteps and prompts.
         """
         super().__init__()
@@ -132,8 +136,9 @@ class EncoderModule(L.LightningModule):
         ldm.add_placeholder(TOKEN, ldm.initializer_vectors("object", num_vectors))
         space = load_space(clip)
         probe = space.images([_blank()])
-        unet_dim = unet_feature_dim(ldm.unet) if unet_features else 0
-        cfg = EncoderConfig(clip=clip, feature_dim=int(probe.shape[1]), unet_dim=unet_dim, widths=ldm.widths,
+        unet_dim = unet_feature_dim(ldm.unet, unet_layout) if unet_features else 0
+        cfg = EncoderConfig(clip=clip, feature_dim=int(probe.shape[1]), unet_dim=unet_dim,
+                            unet_layout=unet_layout, widths=ldm.widths,
                             num_vectors=num_vectors,
                             hidden=hidden, depth=depth, offset_scale=token_scale(ldm), family=ldm.family, model=model)
         self.encoder = ConceptEncoder(cfg, space)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from oneword.encoder.unet_features import LAYOUTS, unet_features
 from oneword.errors import InputError
 from oneword.trainstate import read_safetensors, write_safetensors
 
@@ -28,6 +29,9 @@ class EncoderConfig:
     unet_dim: int = 0
     """Width of the E4T-style UNet features (:mod:`oneword.encoder.unet_features`) fed beside
     CLIP's; 0 leaves them out."""
+    unet_layout: str = "blocks"
+    """Which UNet activations those features pool: ``blocks`` or ``resnets``
+    (:data:`oneword.encoder.unet_features.LAYOUTS`)."""
     widths: list[int] = field(default_factory=lambda: [128])
     """Token-embedding width of each text encoder of the target model (SDXL: [768, 1280])."""
     num_vectors: int = 1
@@ -51,6 +55,8 @@ class EncoderConfig:
             raise ValueError("widths, num_vectors and hidden must be positive, depth >= 0")
         if self.unet_dim < 0:
             raise ValueError("unet_dim must be >= 0")
+        if self.unet_layout not in LAYOUTS:
+            raise ValueError(f"unknown unet_layout {self.unet_layout!r}; expected one of {LAYOUTS}")
 
 
 class _Block(nn.Module):
@@ -143,9 +149,7 @@ class ConceptEncoder(nn.Module):
         if self.cfg.unet_dim:
             if model is None:
                 raise ValueError("this encoder reads UNet features: pass the diffusion model")
-            from oneword.encoder.unet_features import unet_features
-
-            extra = unet_features(model, images)
+            extra = unet_features(model, images, self.cfg.unet_layout)
             if extra.shape[1] != self.cfg.unet_dim:
                 raise InputError(f"{model.source}'s UNet gives {extra.shape[1]}-d features, the encoder "
                                  f"was trained on {self.cfg.unet_dim}-d ones ({self.cfg.model})")
