@@ -7,7 +7,7 @@ CLIP embedding and the toy model's UNet features in each layout
 (:mod:`oneword.encoder.unet_features`). A feature set that reads an attribute well on the held-out
 split gives the encoder a chance to get it right on new concepts.
 
-    python bench/feature_probe.py            # 600 training concepts x 2 renders, 4 x 92 held out (~4 min)
+    python bench/feature_probe.py            # 600 training concepts x 2 renders, 102 held out x 4 (30 s)
 """
 
 from __future__ import annotations

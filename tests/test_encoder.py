@@ -286,7 +286,8 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     assert (run / "encoder.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()
     assert list((run / "tb").rglob("events.out.tfevents.*"))
-    assert load_encoder(run / "encoder.safetensors").cfg.unet_dim > 0  # the UNet features were wired in
+    cfg = load_encoder(run / "encoder.safetensors").cfg
+    assert cfg.unet_dim > 0 and cfg.unet_layout == "resnets"  # the config's UNet features were wired in
 
 
 def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):
