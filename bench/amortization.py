@@ -58,13 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.inversion.config import InversionConfig
     from oneword.models import load_model
     from oneword.toy.clip import DEFAULT_PATH as CLIP_PATH
-    from oneword.toy.concepts import pick_concepts, write_concept_folder
+    from oneword.toy.concepts import write_bench_concepts
     from oneword.toy.oracle import load_oracle
 
     tmp = Path(tempfile.mkdtemp(prefix="oneword-amortization-"))
-    folders = [write_concept_folder(c, tmp, n_images=5, seed=7, size=64)[0]
-               for c in pick_concepts(args.concepts, held_out=True, seed=1)]
-    concepts = [load_concept(f) for f in folders]
+    concepts = [load_concept(f) for f in write_bench_concepts(args.concepts, tmp)]
     settings = EvalSettings(samples=args.samples, steps=args.sample_steps, guidance=5.0)
     space = load_space("toy") if CLIP_PATH.is_file() else None
     oracle = load_oracle()

@@ -34,14 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.eval.protocol import RECONSTRUCTION_PROMPT, EvalSettings, load_concept
     from oneword.generate import generate_images
     from oneword.models import load_model
-    from oneword.toy.concepts import pick_concepts, write_concept_folder
+    from oneword.toy.concepts import write_bench_concepts
     from oneword.toy.oracle import load_oracle
 
     started = time.perf_counter()
     encoder = load_encoder(Path(args.encoder) if args.encoder else SHIPPED)
     tmp = Path(tempfile.mkdtemp(prefix="oneword-misses-"))
-    concepts = [load_concept(write_concept_folder(c, tmp, n_images=5, seed=7, size=64)[0])
-                for c in pick_concepts(args.concepts, held_out=True, seed=1)]
+    concepts = [load_concept(f) for f in write_bench_concepts(args.concepts, tmp)]
     model = load_model("toy")
     oracle = load_oracle()
     sampling = EvalSettings(samples=args.samples, steps=25, guidance=5.0).sampling()

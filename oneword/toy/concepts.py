@@ -35,6 +35,13 @@ def write_concept_folder(concept: Concept, out: Path, n_images: int = 5, seed: i
     return folder, list(renders)
 
 
+def write_bench_concepts(n: int, out: Path) -> list[Path]:
+    """The benchmarks' held-out concepts: the first ``n`` of a fixed pick, 5 references of 64 px
+    each (seed 7), written under ``out``; the same folders for every bench script."""
+    return [write_concept_folder(c, out, n_images=5, seed=7, size=64)[0]
+            for c in pick_concepts(n, held_out=True, seed=1)]
+
+
 def write_concepts(out: Path, n_concepts: int, n_images: int = 5, seed: int = 0, held_out: bool = True,
                    size: int = 64) -> tuple[list[Path], Path]:
     """Concept folders plus ``contact_sheet.png`` (one row per concept)."""
