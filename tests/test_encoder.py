@@ -79,7 +79,7 @@ def test_order_invariance_and_set_size(tiny_dirs):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("layout", ["blocks", "resnets"])
+@pytest.mark.parametrize("layout", ["blocks", "resnets", "multiscale"])
 def test_unet_features_see_the_image_and_need_the_model(tiny_dirs, layout, family):
     enc, model = tiny_encoder(family, unet=True, layout=layout)
     imgs = _images(3)
