@@ -7,7 +7,7 @@ CLIP embedding and the toy model's UNet features in each layout
 (:mod:`oneword.encoder.unet_features`). A feature set that reads an attribute well on the held-out
 split gives the encoder a chance to get it right on new concepts.
 
-    python bench/feature_probe.py            # 600 training concepts x 2 renders, 102 held out x 4 (30 s)
+    python bench/feature_probe.py            # 600 training concepts x 2 renders, 102 held out x 4 (1 min)
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         feats[split] = {"toy CLIP": space.images(images).float()}
         for layout in LAYOUTS:
             feats[split][f"UNet {layout}"] = unet_features(model, images, layout)
-        feats[split][f"toy CLIP + UNet {LAYOUTS[-1]}"] = torch.cat(
-            [feats[split]["toy CLIP"], feats[split][f"UNet {LAYOUTS[-1]}"]], 1)
+        for layout in LAYOUTS[1:]:  # what the toy encoders read
+            feats[split][f"toy CLIP + UNet {layout}"] = torch.cat(
+                [feats[split]["toy CLIP"], feats[split][f"UNet {layout}"]], 1)
     print(f"{len(train)} training concepts x {args.train_views} renders, {len(test)} held-out x "
           f"{args.test_views}; accuracy on the held-out renders (training fit in brackets)\n")
     print("| features | dims | " + " | ".join(CONCEPT_ATTRIBUTES) + " |")

@@ -79,7 +79,7 @@ def test_order_invariance_and_set_size(tiny_dirs):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("layout", ["blocks", "resnets"])
+@pytest.mark.parametrize("layout", ["blocks", "resnets", "multiscale"])
 def test_unet_features_see_the_image_and_need_the_model(tiny_dirs, layout, family):
     enc, model = tiny_encoder(family, unet=True, layout=layout)
     imgs = _images(3)
@@ -100,6 +100,16 @@ def test_resnets_layout_extends_blocks(tiny_dirs):
         unet_features(model, _images(1), "pixels")
     with pytest.raises(ValueError, match="unet_layout"):
         EncoderConfig(unet_layout="pixels")
+
+
+def test_multiscale_layout_is_resnets_at_two_scales(tiny_dirs):
+    """``multiscale`` = ``resnets`` at the model's resolution, then ``resnets`` of the 2x-upsampled view."""
+    model = load_model("tiny-sd1")
+    imgs = _images(2)
+    ms, one = unet_features(model, imgs, "multiscale"), unet_features(model, imgs, "resnets")
+    assert unet_feature_dim(model.unet, "multiscale") == 2 * one.shape[1] == ms.shape[1]
+    assert torch.allclose(ms[:, :one.shape[1]], one, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ms[:, one.shape[1]:], one, rtol=1e-2, atol=1e-2)  # the finer view reads differently
 
 
 def test_export_import_round_trip(tiny_dirs, tmp_path):
@@ -287,7 +297,7 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()
     assert list((run / "tb").rglob("events.out.tfevents.*"))
     cfg = load_encoder(run / "encoder.safetensors").cfg
-    assert cfg.unet_dim > 0 and cfg.unet_layout == "resnets"  # the config's UNet features were wired in
+    assert cfg.unet_dim > 0 and cfg.unet_layout == "multiscale"  # the config's UNet features were wired in
 
 
 def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):

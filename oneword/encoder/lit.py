@@ -100,7 +100,7 @@ class EncoderModule(L.LightningModule):
                  depth: int = 2, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 200,
                  reg_weight: float = 1e-3, distill_weight: float = 0.0, template: str = "object",
                  background_prompt_p: float = 0.5, flip_p: float = 0.5, dtype: str = "fp32",
-                 unet_features: bool = False, unet_layout: Literal["blocks", "resnets"] = "blocks",
+                 unet_features: bool = False, unet_layout: Literal["blocks", "resnets", "multiscale"] = "blocks",
                  seed: int = 0) -> None:
         """
         Args:
