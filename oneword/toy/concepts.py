@@ -13,7 +13,9 @@ from oneword.toy.render import Concept, render_concept_images, split_concepts
 
 
 def pick_concepts(n: int, held_out: bool = True, seed: int = 0) -> list[Concept]:
-    """``n`` concepts from the held-out split (never seen by the toy model) or the training split."""
+    """``n`` concepts from the held-out split (never seen by the toy model) or the training split,
+    spread evenly over it (every ``len(split) // n``-th): a different set for each ``n``, not a
+    prefix of a larger pick."""
     train, test = split_concepts()
     pool = test if held_out else train
     step = max(1, len(pool) // max(1, n))
@@ -36,8 +38,8 @@ def write_concept_folder(concept: Concept, out: Path, n_images: int = 5, seed: i
 
 
 def write_bench_concepts(n: int, out: Path) -> list[Path]:
-    """The benchmarks' held-out concepts: the first ``n`` of a fixed pick, 5 references of 64 px
-    each (seed 7), written under ``out``; the same folders for every bench script."""
+    """The benchmarks' held-out concepts: :func:`pick_concepts` ``(n, seed=1)``, 5 references of
+    64 px each (seed 7), written under ``out``; the same folders for every bench script."""
     return [write_concept_folder(c, out, n_images=5, seed=7, size=64)[0]
             for c in pick_concepts(n, held_out=True, seed=1)]
 
