@@ -100,6 +100,11 @@ def test_resnets_layout_extends_blocks(tiny_dirs):
         unet_features(model, _images(1), "pixels")
     with pytest.raises(ValueError, match="unet_layout"):
         EncoderConfig(unet_layout="pixels")
+    from typing import get_args, get_type_hints
+
+    from oneword.encoder.lit import EncoderModule
+    from oneword.encoder.unet_features import LAYOUTS
+    assert get_args(get_type_hints(EncoderModule.__init__)["unet_layout"]) == LAYOUTS  # the CLI offers them all
 
 
 def test_multiscale_layout_is_resnets_at_two_scales(tiny_dirs):

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -38,6 +39,8 @@ BATCH = 8
 
 LAYOUTS = ("blocks", "resnets", "multiscale")
 """Which UNet activations :func:`unet_features` pools (module docstring)."""
+_SCALES = {"blocks": (1,), "resnets": (1,), "multiscale": (1, 2)}
+"""Input upsampling factors per layout; ``multiscale`` reads every map as ``resnets`` does."""
 
 
 def _check_layout(layout: str) -> None:
@@ -51,20 +54,18 @@ def unet_feature_dim(unet, layout: str = "blocks") -> int:
     channels = list(unet.config.block_out_channels)
     if layout == "blocks":
         return 2 * (sum(channels) + channels[-1])
-    if layout == "multiscale":
-        return 2 * unet_feature_dim(unet, "resnets")
     per_block = unet.config.layers_per_block
     if isinstance(per_block, int):
         per_block = [per_block] * len(channels)
     last = len(channels) - 1  # every down block but the last one ends with a downsampler
     maps = sum(c * (n + (i < last)) for i, (c, n) in enumerate(zip(channels, per_block)))
-    return 3 * (maps + channels[-1])
+    return 3 * (maps + channels[-1]) * len(_SCALES[layout])
 
 
 def _pool(h: Tensor, layout: str) -> Tensor:
     h = h.float()
     parts = [h.mean((2, 3)), h.amax((2, 3))]
-    if layout == "resnets":
+    if layout != "blocks":
         parts.append(h.std((2, 3), correction=0))
     return torch.cat(parts, -1)
 
@@ -75,13 +76,6 @@ def unet_features(model, images: Sequence[Image.Image], layout: str = "blocks") 
     if not images:
         raise ValueError("no images to encode")
     _check_layout(layout)
-    if layout == "multiscale":  # resnets of the image at the model's resolution and upsampled 2x
-        return torch.cat([_unet_features(model, images, "resnets", 1),
-                          _unet_features(model, images, "resnets", 2)], 1)
-    return _unet_features(model, images, layout, 1)
-
-
-def _unet_features(model, images: Sequence[Image.Image], layout: str, upsample: int) -> Tensor:
     unet, vae = model.unet, model.vae
     captured: list[Tensor] = []
 
@@ -100,14 +94,16 @@ def _unet_features(model, images: Sequence[Image.Image], layout: str, upsample: 
         for i in range(0, len(images), BATCH):
             chunk = images[i:i + BATCH]
             x = torch.stack([image_to_tensor(resize_and_crop(im, model.resolution)) for im in chunk])
-            if upsample > 1:  # the same view, larger: the UNet's maps get finer
-                x = torch.nn.functional.interpolate(x, scale_factor=upsample, mode="bicubic").clamp(-1, 1)
-            latents = vae.encode(x.to(model.device, model.dtype)).latent_dist.mean * vae.config.scaling_factor
             cond = type(empty)(empty.hidden_states.expand(len(chunk), -1, -1),
                                None if empty.pooled is None else empty.pooled.expand(len(chunk), -1))
-            captured.clear()
-            unet_forward(model, latents, torch.full((len(chunk),), TIMESTEP, device=model.device), cond)
-            parts.append(torch.cat([_pool(h, layout) for h in captured], -1).cpu())
+            per_scale = []
+            for scale in _SCALES[layout]:  # >1: the same view, larger, so the UNet's maps get finer
+                xs = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bicubic").clamp(-1, 1)
+                latents = vae.encode(xs.to(model.device, model.dtype)).latent_dist.mean * vae.config.scaling_factor
+                captured.clear()
+                unet_forward(model, latents, torch.full((len(chunk),), TIMESTEP, device=model.device), cond)
+                per_scale.append(torch.cat([_pool(h, layout) for h in captured], -1))
+            parts.append(torch.cat(per_scale, -1).cpu())
         return torch.cat(parts)
     finally:
         for h in hooks:
