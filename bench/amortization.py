@@ -13,6 +13,7 @@ encoder it runs the scratch curve only (the baseline of the evaluation issue).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -25,19 +26,28 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from oneword.encoder.encode import REFINE_DEFAULTS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concepts", type=int, default=6, help="held-out toy concepts (default: 6)")
+    p.add_argument("--draw", type=int, default=0,
+                   help="which disjoint set of held-out concepts (default: 0, the README's; e.g. 1 to choose a "
+                        "setting on concepts the README's numbers do not use)")
     p.add_argument("--scratch-budgets", type=int, nargs="+", default=[0, 50, 100, 200, 500, 1000, 2000, 3000])
     p.add_argument("--encoder-budgets", type=int, nargs="+", default=[0, 25, 50, 100, 200])
     p.add_argument("--compare-at", type=int, default=500, help="scratch budget the encoder alone must beat")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (default: 8)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the samples (default: 25)")
     p.add_argument("--encoder", default=None, help="encoder file (default: the shipped toy encoder, if any)")
-    p.add_argument("--refine-base-lr", type=float, nargs="+", default=[5e-3], metavar="LR",
-                   help="base learning rates of the refinement, one encoder line each (default: 5e-3, as scratch)")
+    p.add_argument("--refine-base-lr", type=float, nargs="+", default=[REFINE_DEFAULTS["base_lr"]], metavar="LR",
+                   help="base learning rates of the refinement, one encoder line each (default: ti-encode's, "
+                        f"{REFINE_DEFAULTS['base_lr']:g})")
     p.add_argument("--refine-schedule", choices=["constant", "cosine"], nargs="+", default=["constant"],
                    help="learning-rate schedules of the refinement, one encoder line per (schedule, rate) "
                         "(default: constant, as scratch; cosine decays to 0 at the largest encoder budget)")
+    p.add_argument("--refine-reg-weight", type=float, nargs="+", default=[0.0], metavar="W",
+                   help="weights of the refinement's L2 pull toward the encoder's prediction, one encoder line "
+                        "per (schedule, rate, weight) (default: 0, as ti-encode)")
     p.add_argument("--quick", action="store_true",
                    help="bounded run for make bench: 2 concepts, budgets 0/100/300/1000 vs 0/50, 4 samples")
     p.add_argument("--out", default="runs/bench/amortization", help="results folder")
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.toy.oracle import load_oracle
 
     tmp = Path(tempfile.mkdtemp(prefix="oneword-amortization-"))
-    concepts = [load_concept(f) for f in write_bench_concepts(args.concepts, tmp)]
+    concepts = [load_concept(f) for f in write_bench_concepts(args.concepts, tmp, args.draw)]
     settings = EvalSettings(samples=args.samples, steps=args.sample_steps, guidance=5.0)
     space = load_space("toy") if CLIP_PATH.is_file() else None
     oracle = load_oracle()
@@ -76,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         def predict(model, concept):
             return predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[0]
 
-        for sched in args.refine_schedule:
-            for lr in args.refine_base_lr:
-                notes = ([] if lr == base.base_lr else [f"base_lr {lr:g}"]) + ([] if sched == "constant" else [sched])
-                name = "encoder + refinement" + (f" ({', '.join(notes)})" if notes else "")
-                methods.append(Method(name, overrides={"base_lr": lr, "lr_schedule": sched}, init_fn=predict,
-                                      budgets=tuple(args.encoder_budgets)))
+        for sched, lr, reg in itertools.product(args.refine_schedule, args.refine_base_lr, args.refine_reg_weight):
+            notes = (([] if lr == base.base_lr else [f"base_lr {lr:g}"]) + ([] if sched == "constant" else [sched])
+                     + ([] if reg == base.reg_weight else [f"reg {reg:g}"]))
+            name = "encoder + refinement" + (f" ({', '.join(notes)})" if notes else "")
+            methods.append(Method(name, overrides={"base_lr": lr, "lr_schedule": sched, "reg_weight": reg},
+                                  init_fn=predict, budgets=tuple(args.encoder_budgets)))
     else:
         print(f"no encoder at {enc_path}: scratch curve only", file=sys.stderr)
     print(f"{len(concepts)} held-out concepts, {args.samples} samples x {args.sample_steps} steps, "
@@ -90,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_curve(lambda: load_model("toy"), concepts, base, methods, [0],
                      lambda m: Scorer(m, settings, space, oracle))
     took = time.perf_counter() - t0
-    files = write_report(rows, Path(args.out), {"concepts": [c.name for c in concepts], "samples": args.samples,
-                                                 "sample_steps": args.sample_steps, "seconds": round(took, 1)})
+    files = write_report(rows, Path(args.out), {"concepts": [c.name for c in concepts], "draw": args.draw,
+                                                 "samples": args.samples, "sample_steps": args.sample_steps,
+                                                 "seconds": round(took, 1)})
     summary = summarize(rows)
     print(files["markdown"].read_text())
     metrics = [m for m in ("recon_oracle", "edit_oracle", "recon_clip", "edit_clip")

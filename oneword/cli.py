@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -39,9 +40,10 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def add_dataclass_options(
     parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset(),
-    required: frozenset[str] = frozenset(),
+    required: frozenset[str] = frozenset(), defaults: Mapping[str, Any] | None = None,
 ) -> None:
-    """One ``--option`` per field, typed, with the field's docstring and default as help."""
+    """One ``--option`` per field, typed, with the field's docstring and default as help;
+    ``defaults`` replaces some fields' defaults for this command (e.g. a refinement's rate)."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -50,6 +52,8 @@ def add_dataclass_options(
         name = _RENAMES.get(f.name, f.name)
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
         kind = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "default": default}
         if f.name in required:

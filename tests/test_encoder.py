@@ -226,7 +226,8 @@ def _encoder_file(tmp_path):
 
 @pytest.mark.parametrize("refine", [0, 2])
 def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, capsys):
-    from oneword.encoder.encode import main
+    from oneword.encoder.encode import REFINE_DEFAULTS, main
+    from oneword.inversion.config import InversionConfig
     from oneword.inversion.embedding_io import load_embedding
     from tests.conftest import make_concept_images
 
@@ -244,6 +245,18 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, capsys):
         assert e.token == token and e.metadata["oneword.steps"] == str(refine)
         assert json.loads((run / "encode.json").read_text())["refinement"].startswith(f"{refine} steps")
         assert ((run / "loss.csv").is_file()) == (refine > 0)
+        if refine:  # refinement runs at ti-encode's own rate, not scratch inversion's
+            cfg = InversionConfig.from_yaml((run / "config.yaml").read_text())
+            assert cfg.base_lr == REFINE_DEFAULTS["base_lr"] != InversionConfig.base_lr
+
+
+def test_ti_encode_refinement_defaults_show_in_help():
+    from oneword.encoder.encode import REFINE_DEFAULTS, build_parser
+
+    p = build_parser()
+    assert p.parse_args(["x"]).base_lr == REFINE_DEFAULTS["base_lr"]
+    assert p.parse_args(["x", "--base_lr", "0.02"]).base_lr == 0.02
+    assert f"(default: {REFINE_DEFAULTS['base_lr']})" in " ".join(p.format_help().split())
 
 
 def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):

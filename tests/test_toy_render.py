@@ -265,6 +265,20 @@ def test_split_concepts():
             split_concepts(holdout_fraction=bad)
 
 
+def test_bench_draws_are_disjoint_held_out_sets(tmp_path):
+    from oneword.toy.concepts import write_bench_concepts
+
+    held = set(split_concepts()[1])
+    names = [sorted(p.name for p in write_bench_concepts(3, tmp_path / str(d), draw=d)) for d in (0, 1)]
+    assert all(len(n) == 3 for n in names) and not set(names[0]) & set(names[1])
+    assert {c.slug for c in held} >= set(names[0]) | set(names[1])
+    assert names[0] == sorted(p.name for p in write_bench_concepts(3, tmp_path / "again"))  # draw 0 is the default
+    step = len(held) // 3
+    for bad in (-1, step - 1):
+        with pytest.raises(ValueError, match="draw must be in"):
+            write_bench_concepts(3, tmp_path / "bad", draw=bad)
+
+
 # --------------------------------------------------------------------------------------------------
 # Contact sheets
 

@@ -22,6 +22,13 @@ from oneword.errors import OneWordError
 
 logger = logging.getLogger("oneword")
 
+# Refinement starts near the answer, so it runs at a fifth of scratch inversion's rate: on held-out
+# toy concepts 0.885 of the attributes after 200 steps at base_lr 1e-3 against 0.87 at 5e-3
+# (`python bench/amortization.py --concepts 6 --refine-base-lr 5e-3 1e-3`, session 11). An L2 pull
+# toward the prediction (--reg_weight 0.03 / 0.3) did not help (0.911 / 0.901 against 0.911,
+# session 13), so it stays off.
+REFINE_DEFAULTS: dict[str, float] = {"base_lr": 1e-3}
+
 SHIPPED = Path(__file__).resolve().parents[1] / "toy" / "weights" / "encoder.safetensors"
 
 
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_dataclass_options(p, InversionConfig, skip=PER_RUN_FIELDS | {"num_vectors"})
+    add_dataclass_options(p, InversionConfig, skip=PER_RUN_FIELDS | {"num_vectors"}, defaults=REFINE_DEFAULTS)
     return p
 
 

@@ -37,11 +37,16 @@ def write_concept_folder(concept: Concept, out: Path, n_images: int = 5, seed: i
     return folder, list(renders)
 
 
-def write_bench_concepts(n: int, out: Path) -> list[Path]:
-    """The benchmarks' held-out concepts: :func:`pick_concepts` ``(n, seed=1)``, 5 references of
-    64 px each (seed 7), written under ``out``; the same folders for every bench script."""
+def write_bench_concepts(n: int, out: Path, draw: int = 0) -> list[Path]:
+    """The benchmarks' held-out concepts: :func:`pick_concepts` ``(n, seed=1 + draw)``, 5
+    references of 64 px each (seed 7), written under ``out``; the same folders for every bench
+    script. Draws ``0 .. len(held_out) // n - 2`` are disjoint sets of ``n`` (e.g. to choose a
+    setting on one draw and report it on draw 0)."""
+    step = max(1, len(split_concepts()[1]) // max(1, n))
+    if draw < 0 or (draw and draw + 1 >= step):
+        raise ValueError(f"draw must be in 0..{max(0, step - 2)} for {n} held-out concepts, got {draw}")
     return [write_concept_folder(c, out, n_images=5, seed=7, size=64)[0]
-            for c in pick_concepts(n, held_out=True, seed=1)]
+            for c in pick_concepts(n, held_out=True, seed=1 + draw)]
 
 
 def write_concepts(out: Path, n_concepts: int, n_images: int = 5, seed: int = 0, held_out: bool = True,
