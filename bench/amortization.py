@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-reg-weight", type=float, nargs="+", default=[0.0], metavar="W",
                    help="weights of the refinement's L2 pull toward the encoder's prediction, one encoder line "
                         "per (schedule, rate, weight) (default: 0, as ti-encode)")
+    p.add_argument("--refine-batch-size", type=int, nargs="+", default=[4], metavar="B",
+                   help="batch sizes of the refinement, one encoder line per (schedule, rate, weight, batch) "
+                        "(default: 4, as scratch; the rate is scaled by the batch size)")
     p.add_argument("--quick", action="store_true",
                    help="bounded run for make bench: 2 concepts, budgets 0/100/300/1000 vs 0/50, 4 samples")
     p.add_argument("--out", default="runs/bench/amortization", help="results folder")
@@ -86,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         def predict(model, concept):
             return predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[0]
 
-        for sched, lr, reg in itertools.product(args.refine_schedule, args.refine_base_lr, args.refine_reg_weight):
+        for sched, lr, reg, batch in itertools.product(args.refine_schedule, args.refine_base_lr,
+                                                       args.refine_reg_weight, args.refine_batch_size):
             notes = (([] if lr == base.base_lr else [f"base_lr {lr:g}"]) + ([] if sched == "constant" else [sched])
-                     + ([] if reg == base.reg_weight else [f"reg {reg:g}"]))
+                     + ([] if reg == base.reg_weight else [f"reg {reg:g}"])
+                     + ([] if batch == base.batch_size else [f"batch {batch}"]))
             name = "encoder + refinement" + (f" ({', '.join(notes)})" if notes else "")
-            methods.append(Method(name, overrides={"base_lr": lr, "lr_schedule": sched, "reg_weight": reg},
-                                  init_fn=predict, budgets=tuple(args.encoder_budgets)))
+            overrides = {"base_lr": lr, "lr_schedule": sched, "reg_weight": reg, "batch_size": batch}
+            methods.append(Method(name, overrides=overrides, init_fn=predict, budgets=tuple(args.encoder_budgets)))
     else:
         print(f"no encoder at {enc_path}: scratch curve only", file=sys.stderr)
     print(f"{len(concepts)} held-out concepts, {args.samples} samples x {args.sample_steps} steps, "
