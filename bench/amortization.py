@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.toy.oracle import load_oracle
 
     tmp = Path(tempfile.mkdtemp(prefix="oneword-amortization-"))
-    concepts = [load_concept(f) for f in write_bench_concepts(args.concepts, tmp, args.draw)]
+    try:
+        folders = write_bench_concepts(args.concepts, tmp, args.draw)
+    except ValueError as err:
+        p.error(str(err))
+    concepts = [load_concept(f) for f in folders]
     settings = EvalSettings(samples=args.samples, steps=args.sample_steps, guidance=5.0)
     space = load_space("toy") if CLIP_PATH.is_file() else None
     oracle = load_oracle()

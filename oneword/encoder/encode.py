@@ -25,8 +25,8 @@ logger = logging.getLogger("oneword")
 # Refinement starts near the answer, so it runs at a fifth of scratch inversion's rate: on held-out
 # toy concepts 0.885 of the attributes after 200 steps at base_lr 1e-3 against 0.87 at 5e-3
 # (`python bench/amortization.py --concepts 6 --refine-base-lr 5e-3 1e-3`, session 11). An L2 pull
-# toward the prediction (--reg_weight 0.03 / 0.3) did not help (0.911 / 0.901 against 0.911,
-# session 13), so it stays off.
+# toward the prediction (--reg_weight 0.03 / 0.3: 0.911 / 0.901 against 0.911) and a batch of 8 at
+# the same effective rate (0.930 against 0.935) did not help (session 13), so both stay as scratch's.
 REFINE_DEFAULTS: dict[str, float] = {"base_lr": 1e-3}
 
 SHIPPED = Path(__file__).resolve().parents[1] / "toy" / "weights" / "encoder.safetensors"
