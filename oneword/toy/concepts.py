@@ -18,9 +18,13 @@ def pick_concepts(n: int, held_out: bool = True, seed: int = 0) -> list[Concept]
     prefix of a larger pick."""
     train, test = split_concepts()
     pool = test if held_out else train
-    step = max(1, len(pool) // max(1, n))
-    start = seed % step
-    return pool[start::step][:n]
+    step = _spacing(len(pool), n)
+    return pool[seed % step::step][:n]
+
+
+def _spacing(pool_size: int, n: int) -> int:
+    """The stride :func:`pick_concepts` takes through a split of ``pool_size`` to pick ``n``."""
+    return max(1, pool_size // max(1, n))
 
 
 def write_concept_folder(concept: Concept, out: Path, n_images: int = 5, seed: int = 0,
@@ -42,7 +46,7 @@ def write_bench_concepts(n: int, out: Path, draw: int = 0) -> list[Path]:
     references of 64 px each (seed 7), written under ``out``; the same folders for every bench
     script. Draws ``0 .. len(held_out) // n - 2`` are disjoint sets of ``n`` (e.g. to choose a
     setting on one draw and report it on draw 0)."""
-    step = max(1, len(split_concepts()[1]) // max(1, n))
+    step = _spacing(len(split_concepts()[1]), n)
     if draw < 0 or (draw and draw + 1 >= step):
         raise ValueError(f"draw must be in 0..{max(0, step - 2)} for {n} held-out concepts, got {draw}")
     return [write_concept_folder(c, out, n_images=5, seed=7, size=64)[0]
