@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,21 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.encoder.encode import SHIPPED
     from oneword.encoder.model import load_encoder, predict_embeddings
     from oneword.eval.curves import Method, run_curve
-    from oneword.eval.protocol import EvalSettings, Scorer, load_concept
+    from oneword.eval.protocol import EvalSettings, Scorer
     from oneword.eval.report import row_at, steps_to_match, summarize, write_report
     from oneword.eval.space import load_space
     from oneword.inversion.config import InversionConfig
     from oneword.models import load_model
     from oneword.toy.clip import DEFAULT_PATH as CLIP_PATH
-    from oneword.toy.concepts import write_bench_concepts
+    from oneword.toy.concepts import load_bench_concepts
     from oneword.toy.oracle import load_oracle
 
-    tmp = Path(tempfile.mkdtemp(prefix="oneword-amortization-"))
     try:
-        folders = write_bench_concepts(args.concepts, tmp, args.draw)
+        concepts = load_bench_concepts(args.concepts, args.draw)
     except ValueError as err:
         p.error(str(err))
-    concepts = [load_concept(f) for f in folders]
     settings = EvalSettings(samples=args.samples, steps=args.sample_steps, guidance=5.0)
     space = load_space("toy") if CLIP_PATH.is_file() else None
     oracle = load_oracle()

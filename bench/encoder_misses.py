@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,16 +30,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from oneword.encoder.encode import SHIPPED
     from oneword.encoder.model import load_encoder, predict_embeddings
-    from oneword.eval.protocol import RECONSTRUCTION_PROMPT, EvalSettings, load_concept
+    from oneword.eval.protocol import RECONSTRUCTION_PROMPT, EvalSettings
     from oneword.generate import generate_images
     from oneword.models import load_model
-    from oneword.toy.concepts import write_bench_concepts
+    from oneword.toy.concepts import load_bench_concepts
     from oneword.toy.oracle import load_oracle
 
     started = time.perf_counter()
     encoder = load_encoder(Path(args.encoder) if args.encoder else SHIPPED)
-    tmp = Path(tempfile.mkdtemp(prefix="oneword-misses-"))
-    concepts = [load_concept(f) for f in write_bench_concepts(args.concepts, tmp)]
+    concepts = load_bench_concepts(args.concepts)
     model = load_model("toy")
     oracle = load_oracle()
     sampling = EvalSettings(samples=args.samples, steps=25, guidance=5.0).sampling()

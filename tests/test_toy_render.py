@@ -279,6 +279,22 @@ def test_bench_draws_are_disjoint_held_out_sets(tmp_path):
             write_bench_concepts(3, tmp_path / "bad", draw=bad)
 
 
+def test_load_bench_concepts_loads_the_draw_and_removes_its_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from oneword.toy.concepts import load_bench_concepts, write_bench_concepts
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    concepts = load_bench_concepts(3, draw=1)
+    assert [c.name for c in concepts] == [p.name for p in write_bench_concepts(3, tmp_path / "w", draw=1)]
+    assert all(len(c.images) == 5 and c.init == c.attributes["shape"] for c in concepts)
+    assert not any((tmp_path / "scratch").iterdir())  # nothing left behind
+    with pytest.raises(ValueError, match="draw must be in"):
+        load_bench_concepts(3, draw=-1)
+    assert not any((tmp_path / "scratch").iterdir())
+
+
 # --------------------------------------------------------------------------------------------------
 # Contact sheets
 

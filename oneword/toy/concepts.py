@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -51,6 +52,15 @@ def write_bench_concepts(n: int, out: Path, draw: int = 0) -> list[Path]:
         raise ValueError(f"draw must be in 0..{max(0, step - 2)} for {n} held-out concepts, got {draw}")
     return [write_concept_folder(c, out, n_images=5, seed=7, size=64)[0]
             for c in pick_concepts(n, held_out=True, seed=1 + draw)]
+
+
+def load_bench_concepts(n: int, draw: int = 0) -> list:
+    """:func:`write_bench_concepts` into a temporary folder, loaded into memory (one
+    :class:`~oneword.eval.protocol.ConceptRef` each); the folder is removed afterwards."""
+    from oneword.eval.protocol import load_concept
+
+    with tempfile.TemporaryDirectory(prefix="oneword-bench-") as tmp:
+        return [load_concept(f) for f in write_bench_concepts(n, Path(tmp), draw)]
 
 
 def write_concepts(out: Path, n_concepts: int, n_images: int = 5, seed: int = 0, held_out: bool = True,
