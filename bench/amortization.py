@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.encoder.model import load_encoder, predict_embeddings
     from oneword.eval.curves import Method, run_curve
     from oneword.eval.protocol import EvalSettings, Scorer
-    from oneword.eval.report import row_at, steps_to_match, summarize, write_report
+    from oneword.eval.report import goal_gaps, row_at, steps_to_match, summarize, write_report
     from oneword.eval.space import load_space
     from oneword.inversion.config import InversionConfig
     from oneword.models import load_model
@@ -130,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             wins = all(alone[m] >= mid[m] for m in metrics)
             print(f"encoder alone vs scratch @ {args.compare_at}: " + ", ".join(
                 f"{m} {alone[m]:.3f} vs {mid[m]:.3f}" for m in metrics) + (" -> beats it" if wins else " -> does not"))
+    if len(methods) > 1:
+        enc = methods[1]
+        pairs = [((enc.name, 0), ("scratch", args.compare_at)),
+                 ((enc.name, max(args.encoder_budgets)), ("scratch", scratch_top))]
+        for line in goal_gaps(rows, pairs, metrics):
+            print(line)
     print(f"took {took / 60:.1f} min; wrote {', '.join(str(f) for f in files.values())}")
     return 0
 

@@ -4,6 +4,7 @@ curve harness and its report, curation, and `ti eval` / `ti generate --curate` e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,15 @@ from oneword.eval.metrics import (
     paired_similarity,
 )
 from oneword.eval.protocol import EvalSettings, Scorer, load_concept, without_word
-from oneword.eval.report import markdown_table, row_at, steps_to_match, summarize, write_report
+from oneword.eval.report import (
+    goal_gaps,
+    markdown_table,
+    paired_gap,
+    row_at,
+    steps_to_match,
+    summarize,
+    write_report,
+)
 from oneword.eval.space import ClipSpace, load_space
 from oneword.generate import SampleSettings
 from oneword.inversion.config import InversionConfig
@@ -125,6 +134,47 @@ def test_steps_to_match_and_row_at():
     assert steps_to_match(summary, "e", ref, ["a"])["steps"] == 0
     assert steps_to_match(summary, "e", {"a": 0.9, "b": 0.0}, ["a", "b"]) is None
     assert row_at(summary, "s", 7) is None
+
+
+def _gap_rows(diffs):
+    rows = []
+    for i, d in enumerate(diffs):
+        rows += [{"method": "s", "concept": f"c{i}", "steps": 500, "x": 0.5},
+                 {"method": "e", "concept": f"c{i}", "steps": 0, "x": 0.5 + d}]
+    return rows
+
+
+def test_paired_gap_bootstraps_concepts():
+    same = paired_gap(_gap_rows([0.1] * 5), ("e", 0), ("s", 500), "x")
+    assert same["gap"] == pytest.approx(0.1) and same["lo"] == pytest.approx(0.1) and same["hi"] == pytest.approx(0.1)
+    assert same["concepts"] == 5
+    mixed = paired_gap(_gap_rows([-0.3, 0.2, 0.0, 0.1, -0.1, 0.05]), ("e", 0), ("s", 500), "x")
+    assert mixed["gap"] == pytest.approx(-0.05 / 6)
+    assert -0.3 < mixed["lo"] < mixed["gap"] < mixed["hi"] < 0.2  # straddles 0: these concepts cannot tell
+    assert paired_gap(_gap_rows([0.1]), ("e", 0), ("s", 3000), "x") is None  # budget never measured
+    line, = goal_gaps(_gap_rows([0.1, 0.2]), [(("e", 0), ("s", 500))], ["x", "missing"])
+    assert line.startswith("e @ 0 minus s @ 500 (2 concepts") and "x +0.150 [+0.100, +0.200]" in line
+    assert "missing" not in line
+
+
+def test_pool_results_pools_disjoint_draws(tmp_path, capsys):
+    import runpy
+
+    pool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "pool_results.py"))["main"]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    rows = _gap_rows([0.1, 0.3])
+    for r in rows:
+        r["recon_oracle"] = r.pop("x")
+        r["method"] = {"s": "scratch", "e": "enc"}[r["method"]]
+    a.write_text(json.dumps({"rows": rows[:2]}))
+    b.write_text(json.dumps({"rows": rows[2:]}))
+    assert pool([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "2 concepts from 2 run(s)" in out and "| enc | 0 |" in out
+    assert "enc @ 0 minus scratch @ 500 (2 concepts, 95% interval): recon_oracle +0.200 [+0.100, +0.300]" in out
+    with pytest.raises(SystemExit):
+        pool([str(a), str(a)])  # the same concepts twice would count them twice
+    assert "repeats concepts" in capsys.readouterr().err
 
 
 def test_summarize_means_over_concepts():

@@ -8,6 +8,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from oneword.eval.protocol import Scores
 from oneword.fileio import atomic_path, atomic_write_text
 
@@ -135,6 +137,48 @@ def steps_to_match(summary: Sequence[dict], method: str, reference: dict, metric
         if all(r.get(m) is not None and reference.get(m) is not None and r[m] >= reference[m] for m in metrics):
             return r
     return None
+
+
+def paired_gap(rows: Sequence[dict], a: tuple[str, int], b: tuple[str, int], metric: str,
+               resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict | None:
+    """Mean over concepts of ``a``'s score minus ``b``'s (each a ``(method, steps)``), with a
+    percentile bootstrap interval that resamples concepts (paired: both scores of a concept move
+    together, so what varies is which concepts were drawn and their samples). None when no concept
+    has both scores. ``{"gap", "lo", "hi", "concepts"}``."""
+    def by_concept(method: str, steps: int) -> dict[str, float]:
+        return {r["concept"]: r[metric] for r in rows
+                if r["method"] == method and r["steps"] == steps and r.get(metric) is not None}
+
+    left, right = by_concept(*a), by_concept(*b)
+    names = [c for c in left if c in right]
+    if not names:
+        return None
+    diffs = torch.tensor([left[c] - right[c] for c in names], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(names), (resamples, len(names)), generator=gen)
+    means = diffs[picks].mean(1)
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return {"gap": float(diffs.mean()), "lo": lo, "hi": hi, "concepts": len(names)}
+
+
+def format_gap(gap: dict, metric: str) -> str:
+    """``recon_oracle -0.013 [-0.035, +0.008]`` (the bootstrap interval in brackets)."""
+    return f"{metric} {gap['gap']:+.3f} [{gap['lo']:+.3f}, {gap['hi']:+.3f}]"
+
+
+def goal_gaps(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, int], tuple[str, int]]],
+              metrics: Sequence[str]) -> list[str]:
+    """One line per ``(a, b)`` pair: ``a``'s gap to ``b`` on every metric, with bootstrap intervals.
+    An interval that straddles 0 means the concepts measured cannot tell the two apart."""
+    lines = []
+    for a, b in pairs:
+        gaps = [(m, paired_gap(rows, a, b, m)) for m in metrics]
+        shown = [format_gap(g, m) for m, g in gaps if g is not None]
+        if shown:
+            n = next(g["concepts"] for _, g in gaps if g is not None)
+            lines.append(f"{a[0]} @ {a[1]} minus {b[0]} @ {b[1]} ({n} concepts, 95% interval): " + ", ".join(shown))
+    return lines
 
 
 def _clean(value):
