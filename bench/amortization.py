@@ -8,12 +8,16 @@ encoder it runs the scratch curve only (the baseline of the evaluation issue).
 
     python bench/amortization.py                        # the README's numbers (long)
     python bench/amortization.py --quick                # what `make bench` runs (minutes)
+
+The rows are saved after every concept (``progress.json`` in ``--out``): rerunning the same command
+after an interruption measures only the concepts still missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,34 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+#: Written after every concept, so an interrupted run loses at most the concept it was on.
+PROGRESS = "progress.json"
+
+
+def load_progress(path: Path, plan: dict) -> tuple[list[dict], float]:
+    """Rows and optimization seconds measured so far by a run with the same ``plan`` (none if
+    ``path`` is missing); ValueError if the run there was started with another plan."""
+    if not path.is_file():
+        return [], 0.0
+    try:
+        doc = json.loads(path.read_text())
+        same = doc["plan"] == json.loads(json.dumps(plan))
+        rows, took = list(doc["rows"]), float(doc["seconds"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a progress file of this benchmark ({err}); delete it or choose another --out") from None
+    if not same:
+        raise ValueError(f"{path} belongs to a run with other concepts, methods or settings; "
+                         "rerun that command to finish it, or choose another --out")
+    return rows, took
+
+
+def save_progress(path: Path, plan: dict, rows: list[dict], took: float) -> None:
+    from oneword.fileio import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"plan": plan, "seconds": took, "rows": rows}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,13 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no encoder at {enc_path}: scratch curve only", file=sys.stderr)
     print(f"{len(concepts)} held-out concepts, {args.samples} samples x {args.sample_steps} steps, "
           f"CLIP: {'toy' if space else 'none'}, oracle: yes", file=sys.stderr)
-    t0 = time.perf_counter()
-    rows = run_curve(lambda: load_model("toy"), concepts, base, methods, [0],
-                     lambda m: Scorer(m, settings, space, oracle))
-    took = time.perf_counter() - t0
-    files = write_report(rows, Path(args.out), {"concepts": [c.name for c in concepts], "draw": args.draw,
-                                                 "samples": args.samples, "sample_steps": args.sample_steps,
-                                                 "seconds": round(took, 1)})
+    out = Path(args.out)
+    plan = {"concepts": [c.name for c in concepts], "draw": args.draw, "samples": args.samples,
+            "sample_steps": args.sample_steps, "encoder": str(enc_path) if len(methods) > 1 else None,
+            "methods": [[m.name, list(m.budgets or ()), m.overrides] for m in methods]}
+    try:
+        rows, took = load_progress(out / PROGRESS, plan)
+    except ValueError as err:
+        p.error(str(err))
+    done = {r["concept"] for r in rows}
+    if done:
+        print(f"resuming: {len(done)} of {len(concepts)} concepts already measured in {out / PROGRESS}", file=sys.stderr)
+    for concept in concepts:
+        if concept.name in done:
+            continue
+        t0 = time.perf_counter()
+        rows += run_curve(lambda: load_model("toy"), [concept], base, methods, [0],
+                          lambda m: Scorer(m, settings, space, oracle))
+        took += time.perf_counter() - t0
+        save_progress(out / PROGRESS, plan, rows, took)
+    files = write_report(rows, out, {**{k: plan[k] for k in ("concepts", "draw", "samples", "sample_steps")},
+                                     "seconds": round(took, 1)})
     summary = summarize(rows)
     print(files["markdown"].read_text())
     metrics = [m for m in ("recon_oracle", "edit_oracle", "recon_clip", "edit_clip")

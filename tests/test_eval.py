@@ -255,3 +255,20 @@ def _embedding(tmp_path):
         model = load_model("tiny-sd1")
         save_single_file(Embedding("<e>", model.initializer_vectors("disc", 1)), path)
     return path
+
+
+def test_amortization_progress_resumes_only_the_same_plan(tmp_path):
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "amortization.py"))
+    load, save, path = bench["load_progress"], bench["save_progress"], tmp_path / "out" / "progress.json"
+    plan = {"concepts": ["a", "b"], "methods": [["scratch", [0, 5], {}]]}
+    assert load(path, plan) == ([], 0.0)  # a fresh run
+    save(path, plan, [{"method": "scratch", "concept": "a", "steps": 5, "recon_oracle": 0.5}], 12.5)
+    rows, took = load(path, {"concepts": ["a", "b"], "methods": [("scratch", [0, 5], {})]})  # tuples as JSON lists
+    assert [r["concept"] for r in rows] == ["a"] and took == 12.5
+    with pytest.raises(ValueError, match="other concepts, methods or settings"):
+        load(path, {**plan, "concepts": ["a", "c"]})
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a progress file"):
+        load(path, plan)
