@@ -1,6 +1,7 @@
 """Pool the per-concept rows of several amortization runs (disjoint draws) and test the goals.
 
-Each ``results.json`` of ``bench/amortization.py`` holds one row per (method, concept, budget).
+Each ``results.json`` of ``bench/amortization.py`` holds one row per (method, concept, budget); the
+``progress.json`` of an unfinished run holds the concepts it has finished and pools the same way.
 Runs on disjoint draws of held-out concepts pool into one table over all their concepts, and the
 project's two goals are checked with paired bootstrap intervals over those concepts: the encoder
 alone against scratch at ``--compare-at`` steps, and the encoder at its largest budget against
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.eval.report import REFERENCES, goal_gaps, markdown_table, summarize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", help="results.json files of bench/amortization.py")
+    p.add_argument("results", nargs="+", help="results.json (or progress.json) files of bench/amortization.py")
     p.add_argument("--compare-at", type=int, default=500, help="scratch budget the encoder alone must beat")
     args = p.parse_args(argv)
     rows: list[dict] = []
