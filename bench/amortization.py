@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.eval.protocol import EvalSettings, Scorer
     from oneword.eval.report import goal_gaps, row_at, steps_to_match, summarize, write_report
     from oneword.eval.space import load_space
+    from oneword.fileio import sha256_file
     from oneword.inversion.config import InversionConfig
     from oneword.models import load_model
     from oneword.toy.clip import DEFAULT_PATH as CLIP_PATH
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
           f"CLIP: {'toy' if space else 'none'}, oracle: yes", file=sys.stderr)
     out = Path(args.out)
     plan = {"concepts": [c.name for c in concepts], "draw": args.draw, "samples": args.samples,
-            "sample_steps": args.sample_steps, "encoder": str(enc_path) if len(methods) > 1 else None,
+            "sample_steps": args.sample_steps, "encoder": sha256_file(enc_path) if len(methods) > 1 else None,
             "methods": [[m.name, list(m.budgets or ()), m.overrides] for m in methods]}
     try:
         rows, took = load_progress(out / PROGRESS, plan)
