@@ -97,7 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.encoder.model import load_encoder, predict_embeddings
     from oneword.eval.curves import Method, run_curve
     from oneword.eval.protocol import EvalSettings, Scorer
-    from oneword.eval.report import goal_gaps, row_at, steps_to_match, summarize, write_report
+    from oneword.eval.report import (
+        GOAL_METRICS,
+        goal_gaps,
+        goal_pairs,
+        row_at,
+        steps_to_match,
+        summarize,
+        write_report,
+    )
     from oneword.eval.space import load_space
     from oneword.fileio import sha256_file
     from oneword.inversion.config import InversionConfig
@@ -158,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "seconds": round(took, 1)})
     summary = summarize(rows)
     print(files["markdown"].read_text())
-    metrics = [m for m in ("recon_oracle", "edit_oracle", "recon_clip", "edit_clip")
-               if any(r.get(m) is not None for r in summary)]
+    metrics = [m for m in GOAL_METRICS if any(r.get(m) is not None for r in summary)]
     top = row_at(summary, "scratch", scratch_top)
     print(f"scratch @ {scratch_top}: " + ", ".join(f"{m} {top[m]:.3f}" for m in metrics) + f" ({top['seconds']:.0f} s)")
     for method in methods[1:]:
@@ -178,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"encoder alone vs scratch @ {args.compare_at}: " + ", ".join(
                 f"{m} {alone[m]:.3f} vs {mid[m]:.3f}" for m in metrics) + (" -> beats it" if wins else " -> does not"))
     if len(methods) > 1:
-        enc = methods[1]
-        pairs = [((enc.name, 0), ("scratch", args.compare_at)),
-                 ((enc.name, max(args.encoder_budgets)), ("scratch", scratch_top))]
-        for line in goal_gaps(rows, pairs, metrics):
+        for line in goal_gaps(rows, goal_pairs(rows, methods[1].name, args.compare_at), metrics):
             print(line)
     print(f"took {took / 60:.1f} min; wrote {', '.join(str(f) for f in files.values())}")
     return 0

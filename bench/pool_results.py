@@ -20,11 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GOAL_METRICS = ("recon_oracle", "edit_oracle", "recon_clip", "edit_clip")
-
 
 def main(argv: list[str] | None = None) -> int:
-    from oneword.eval.report import REFERENCES, goal_gaps, markdown_table, summarize
+    from oneword.eval.report import GOAL_METRICS, REFERENCES, goal_gaps, goal_pairs, markdown_table, summarize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json (or progress.json) files of bench/amortization.py")
@@ -48,14 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(seen)} concepts from {len(args.results)} run(s)\n")
     print(markdown_table(summary))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in REFERENCES))
-    budgets = {m: sorted(r["steps"] for r in summary if r["method"] == m) for m in methods}
-    if "scratch" not in budgets:
+    if "scratch" not in methods:
         p.error("no scratch rows to compare with")
     metrics = [m for m in GOAL_METRICS if any(r.get(m) is not None for r in summary)]
     for m in methods:
         if m != "scratch":
-            pairs = [((m, 0), ("scratch", args.compare_at)), ((m, budgets[m][-1]), ("scratch", budgets["scratch"][-1]))]
-            for line in goal_gaps(rows, pairs, metrics):
+            for line in goal_gaps(rows, goal_pairs(rows, m, args.compare_at), metrics):
                 print(line)
     return 0
 

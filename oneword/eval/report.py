@@ -167,6 +167,19 @@ def format_gap(gap: dict, metric: str) -> str:
     return f"{metric} {gap['gap']:+.3f} [{gap['lo']:+.3f}, {gap['hi']:+.3f}]"
 
 
+#: The metrics the project's goals are judged on (identity is reported, not a goal).
+GOAL_METRICS = ("recon_oracle", "edit_oracle", "recon_clip", "edit_clip")
+
+
+def goal_pairs(rows: Sequence[dict], method: str, compare_at: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """The two goals as ``(a, b)`` pairs for :func:`goal_gaps`: ``method`` alone against scratch at
+    ``compare_at`` steps, and ``method`` at its largest budget against scratch at its largest."""
+    def top(m: str) -> int:
+        return max((r["steps"] for r in rows if r["method"] == m and r["steps"] is not None), default=0)
+
+    return [((method, 0), ("scratch", compare_at)), ((method, top(method)), ("scratch", top("scratch")))]
+
+
 def goal_gaps(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, int], tuple[str, int]]],
               metrics: Sequence[str]) -> list[str]:
     """One line per ``(a, b)`` pair: ``a``'s gap to ``b`` on every metric, with bootstrap intervals.
