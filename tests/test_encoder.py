@@ -18,7 +18,12 @@ from oneword.encoder.model import (
     token_scale,
 )
 from oneword.encoder.shards import decode_sample, encode_sample, expand_shards, toy_samples, write_shards
-from oneword.encoder.unet_features import unet_feature_dim, unet_features
+from oneword.encoder.unet_features import (
+    unet_feature_dim,
+    unet_features,
+    unet_features_and_map,
+    unet_map_channels,
+)
 from oneword.errors import InputError
 from oneword.eval.space import load_space
 from oneword.models import load_model
@@ -26,11 +31,13 @@ from oneword.trainstate import read_safetensors, write_safetensors
 
 
 def tiny_encoder(family: str = "sd1", num_vectors: int = 1, randomize: bool = True,
-                 unet: bool = False, layout: str = "blocks") -> tuple[ConceptEncoder, object]:
+                 unet: bool = False, layout: str = "blocks", map_width: int = 0) -> tuple[ConceptEncoder, object]:
     model = load_model(f"tiny-{family}")
     space = load_space("random")
     unet_dim = unet_feature_dim(model.unet, layout) if unet else 0
+    map_channels = unet_map_channels(model.unet) if map_width else 0
     cfg = EncoderConfig(clip="random", feature_dim=32, unet_dim=unet_dim, unet_layout=layout, widths=model.widths,
+                        map_channels=map_channels, map_width=max(map_width, 1),
                         num_vectors=num_vectors, hidden=32,
                         depth=1, offset_scale=token_scale(model), family=model.family, model=f"tiny-{family}")
     enc = ConceptEncoder(cfg, space)
@@ -50,23 +57,24 @@ def _init(model, n: int, num_vectors: int = 1, word: str = "dog"):
     return [v[None].expand(n, -1, -1) for v in model.initializer_vectors(word, num_vectors)]
 
 
-@pytest.mark.parametrize("family,unet", [("sd1", False), ("sd2", False), ("sdxl", False), ("sd1", True),
-                                         ("sdxl", True)])
-def test_mapper_shapes_and_scale(tiny_dirs, family, unet):
-    enc, model = tiny_encoder(family, num_vectors=2, unet=unet)
+@pytest.mark.parametrize("family,unet,map_width", [("sd1", False, 0), ("sd2", False, 0), ("sdxl", False, 0),
+                                                   ("sd1", True, 0), ("sdxl", True, 0), ("sdxl", True, 8)])
+def test_mapper_shapes_and_scale(tiny_dirs, family, unet, map_width):
+    enc, model = tiny_encoder(family, num_vectors=2, unet=unet, map_width=map_width)
     init = _init(model, 3, 2)
     out = enc.predict([_images(2), _images(4, 1), _images(1, 2)], init, model)
     assert len(out) == 3 and [tuple(v.shape) for v in out[0]] == [(2, w) for w in model.widths]
     for j, s in enumerate(token_scale(model)):
         offset = (out[0][j] - init[j][0]).norm(dim=-1)
         assert torch.all(offset > 0.05 * s) and torch.all(offset < 20 * s)  # on the scale of real words
-    fresh, _ = tiny_encoder(family, num_vectors=2, randomize=False, unet=unet)  # untrained = the initializer
+    fresh, _ = tiny_encoder(family, num_vectors=2, randomize=False, unet=unet, map_width=map_width)  # untrained = the initializer
     same = fresh.predict([_images(2)], [v[:1] for v in init], model)[0]
     assert all(torch.allclose(a, b[0]) for a, b in zip(same, init))
 
 
-def test_order_invariance_and_set_size(tiny_dirs):
-    enc, model = tiny_encoder(unet=True)
+@pytest.mark.parametrize("map_width", [0, 8])
+def test_order_invariance_and_set_size(tiny_dirs, map_width):
+    enc, model = tiny_encoder(unet=True, map_width=map_width)
     imgs = _images(4)
     a = enc.predict([imgs], _init(model, 1), model)[0][0]
     b = enc.predict([imgs[::-1]], _init(model, 1), model)[0][0]
@@ -117,6 +125,37 @@ def test_multiscale_layout_is_resnets_at_two_scales(tiny_dirs):
     assert not torch.allclose(ms[:, one.shape[1]:], one, rtol=1e-2, atol=1e-2)  # the finer view reads differently
 
 
+@pytest.mark.parametrize("layout", ["blocks", "multiscale"])
+def test_the_map_head_reads_the_finest_unet_map(tiny_dirs, layout, monkeypatch):
+    """The finest map comes from the same passes as the pooled features, at the largest scale, capped
+    at MAP_SIDE a side; the trained head makes the prediction depend on it."""
+    import oneword.encoder.unet_features as uf
+
+    enc, model = tiny_encoder(unet=True, layout=layout, map_width=8)
+    imgs = _images(3)
+    feats, maps = unet_features_and_map(model, imgs, layout)
+    assert torch.equal(feats, unet_features(model, imgs, layout))
+    latent = model.resolution // 2 ** (len(model.vae.config.block_out_channels) - 1)
+    side = latent * (2 if layout == "multiscale" else 1)
+    assert maps.shape == (3, unet_map_channels(model.unet), side, side) and torch.isfinite(maps).all()
+    monkeypatch.setattr(uf, "MAP_SIDE", 2)
+    assert unet_features_and_map(model, imgs, layout)[1].shape[-2:] == (2, 2)
+    monkeypatch.undo()
+    torch.manual_seed(1)
+    for p in enc.mapper.map_head.parameters():  # make the head matter at test scale
+        torch.nn.init.normal_(p, std=0.5)
+    inputs = enc.features([imgs], model)
+    assert inputs.maps is not None and inputs.maps.shape[:3] == (1, 3, unet_map_channels(model.unet))
+    init = _init(model, 1)
+    base = enc(inputs, init)[0]
+    other = enc(inputs._replace(maps=inputs.maps.flip(-1).roll(1, -2)), init)[0]
+    assert not torch.allclose(base, other)  # same pooled features, different map: different word
+    with pytest.raises(ValueError, match="maps"):
+        enc(inputs._replace(maps=None), init)
+    with pytest.raises(ValueError, match="UNet features"):
+        enc.predict([imgs], init)
+
+
 def test_export_import_round_trip(tiny_dirs, tmp_path):
     enc, model = tiny_encoder()
     path = save_encoder(enc, tmp_path / "enc.safetensors")
@@ -124,11 +163,18 @@ def test_export_import_round_trip(tiny_dirs, tmp_path):
     assert back.cfg == enc.cfg
     layered, _ = tiny_encoder(unet=True, layout="resnets")
     assert load_encoder(save_encoder(layered, tmp_path / "l.safetensors"), space=enc.space).cfg.unet_layout == "resnets"
-    tensors, meta = read_safetensors(path, fmt=FORMAT)  # a file from before unet_layout existed
+    mapped, _ = tiny_encoder(unet=True, layout="multiscale", map_width=8)
+    back_mapped = load_encoder(save_encoder(mapped, tmp_path / "m.safetensors"), space=enc.space)
+    assert back_mapped.cfg == mapped.cfg and back_mapped.cfg.map_channels > 0
+    torch.testing.assert_close(back_mapped.predict([_images(2)], _init(model, 1), model),
+                               mapped.predict([_images(2)], _init(model, 1), model))
+    tensors, meta = read_safetensors(path, fmt=FORMAT)  # a file from before unet_layout and the map head
     cfg = json.loads(meta["config"])
-    del cfg["unet_layout"]
+    for key in ("unet_layout", "map_channels", "map_width"):
+        del cfg[key]
     old = write_safetensors(tmp_path / "old.safetensors", tensors, {**meta, "config": json.dumps(cfg)})
     assert load_encoder(old, space=enc.space).cfg.unet_layout == "blocks"
+    assert load_encoder(old, space=enc.space).cfg.map_channels == 0
     imgs = _images(3)
     assert torch.equal(enc.predict([imgs], _init(model, 1))[0][0], back.predict([imgs], _init(model, 1))[0][0])
     half = load_encoder(save_encoder(enc, tmp_path / "half.safetensors", dtype=torch.float16), space=enc.space)
@@ -306,7 +352,7 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's run folders are relative
     cli_main(["fit", "--config", str(config), "--model.model", "tiny-sd1", "--model.clip", "random",
               "--model.hidden", "32", "--model.depth", "1", "--model.unet_features", "true",
-              "--data.shards", str(tmp_path / "shards"),
+              "--model.unet_map", "8", "--data.shards", str(tmp_path / "shards"),
               "--data.batch_size", "2", "--data.val_fraction", "0.3", "--trainer.max_steps", "2",
               "--trainer.log_every_n_steps", "1",
               "--trainer.enable_progress_bar", "false"])
@@ -316,6 +362,7 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     assert list((run / "tb").rglob("events.out.tfevents.*"))
     cfg = load_encoder(run / "encoder.safetensors").cfg
     assert cfg.unet_dim > 0 and cfg.unet_layout == "multiscale"  # the config's UNet features were wired in
+    assert cfg.map_channels > 0 and cfg.map_width == 8
 
 
 def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from oneword.data.images import image_to_tensor, resize_and_crop
 from oneword.encoder.model import ConceptEncoder, EncoderConfig, save_encoder, token_scale
 from oneword.encoder.shards import ConceptSample, decode_sample, expand_shards, is_validation
-from oneword.encoder.unet_features import unet_feature_dim
+from oneword.encoder.unet_features import unet_feature_dim, unet_map_channels
 from oneword.inversion.loss import denoising_loss
 from oneword.inversion.templates import sample_prompts
 from oneword.trainstate import warmup_cosine
@@ -101,7 +101,7 @@ class EncoderModule(L.LightningModule):
                  reg_weight: float = 1e-3, distill_weight: float = 0.0, template: str = "object",
                  background_prompt_p: float = 0.5, flip_p: float = 0.5, dtype: str = "fp32",
                  unet_features: bool = False, unet_layout: Literal["blocks", "resnets", "multiscale"] = "blocks",
-                 seed: int = 0) -> None:
+                 unet_map: int = 0, seed: int = 0) -> None:
         """
         Args:
             model: diffusion model to train for (preset, folder or checkpoint, as ``--model``).
@@ -124,7 +124,11 @@ class EncoderModule(L.LightningModule):
             unet_features: also feed the mapper the frozen model's own UNet features of the
                 reference images (E4T-style; :mod:`oneword.encoder.unet_features`).
             unet_layout: which UNet activations those features pool: ``blocks`` (each down
-                block's output) or ``resnets`` (every layer's, with their spread: more texture).
+                block's output), ``resnets`` (every layer's, with their spread: more texture) or
+                ``multiscale`` (``resnets`` at 1x and 2x).
+            unet_map: width of a trained convolutional head over each reference's finest UNet map
+                (at the layout's largest scale; :class:`~oneword.encoder.model.MapHead`), which reads
+                texture that pooling loses; 0 leaves it out.
             seed: seed of noise, timesteps and prompts.
         """
         super().__init__()
@@ -139,6 +143,7 @@ class EncoderModule(L.LightningModule):
         unet_dim = unet_feature_dim(ldm.unet, unet_layout) if unet_features else 0
         cfg = EncoderConfig(clip=clip, feature_dim=int(probe.shape[1]), unet_dim=unet_dim,
                             unet_layout=unet_layout, widths=ldm.widths,
+                            map_channels=unet_map_channels(ldm.unet) if unet_map else 0, map_width=max(unet_map, 1),
                             num_vectors=num_vectors,
                             hidden=hidden, depth=depth, offset_scale=token_scale(ldm), family=ldm.family, model=model)
         self.encoder = ConceptEncoder(cfg, space)
@@ -177,9 +182,9 @@ class EncoderModule(L.LightningModule):
     def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Denoising, regularizer and distillation terms (and their weighted sum, ``loss``)."""
         h, ldm = self.hparams, self.ldm
-        feats, mask = self.encoder.features(batch["refs"], ldm)
+        inputs = self.encoder.features(batch["refs"], ldm)
         init = self._init_vectors(batch["init"])
-        pred = self.encoder(feats, mask, init)
+        pred = self.encoder(inputs, init)
         with torch.no_grad():
             x = self._targets(batch["target"]).to(self.device, ldm.dtype)
             latents = ldm.vae.encode(x).latent_dist.sample(generator=generator) * ldm.vae.config.scaling_factor

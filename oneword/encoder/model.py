@@ -6,12 +6,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from oneword.encoder.unet_features import LAYOUTS, unet_features
+from oneword.encoder.unet_features import LAYOUTS, unet_features, unet_features_and_map
 from oneword.errors import InputError
 from oneword.trainstate import read_safetensors, write_safetensors
 
@@ -32,6 +33,11 @@ class EncoderConfig:
     unet_layout: str = "blocks"
     """Which UNet activations those features pool: ``blocks`` or ``resnets``
     (:data:`oneword.encoder.unet_features.LAYOUTS`)."""
+    map_channels: int = 0
+    """Channels of the UNet's finest feature map (:func:`~oneword.encoder.unet_features.unet_features_and_map`)
+    that a trained convolutional head (:class:`MapHead`) reads; 0 leaves the head out."""
+    map_width: int = 64
+    """Width of that head's convolutions."""
     widths: list[int] = field(default_factory=lambda: [128])
     """Token-embedding width of each text encoder of the target model (SDXL: [768, 1280])."""
     num_vectors: int = 1
@@ -53,8 +59,8 @@ class EncoderConfig:
             raise ValueError("offset_scale needs one value per text encoder width")
         if min(self.widths, default=0) < 1 or self.num_vectors < 1 or self.hidden < 1 or self.depth < 0:
             raise ValueError("widths, num_vectors and hidden must be positive, depth >= 0")
-        if self.unet_dim < 0:
-            raise ValueError("unet_dim must be >= 0")
+        if self.unet_dim < 0 or self.map_channels < 0 or self.map_width < 1:
+            raise ValueError("unet_dim and map_channels must be >= 0, map_width >= 1")
         if self.unet_layout not in LAYOUTS:
             raise ValueError(f"unknown unet_layout {self.unet_layout!r}; expected one of {LAYOUTS}")
 
@@ -68,6 +74,36 @@ class _Block(nn.Module):
         return x + self.net(x)
 
 
+class MapHead(nn.Module):
+    """One UNet feature map per image ``[N, C, H, W]`` -> ``[N, hidden]``: normalized, two 3x3
+    convolutions, mean and max over space, a linear layer started at a tenth of the default scale
+    (as the pooled UNet features' projection). Trained with the mapper: it learns the local
+    texture statistics (a pattern) that fixed pooling of the frozen maps averages away."""
+
+    def __init__(self, channels: int, width: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.GroupNorm(1, channels), nn.Conv2d(channels, width, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(width, width, 3, padding=1), nn.GELU())
+        self.proj = nn.Linear(2 * width, hidden)
+        with torch.no_grad():
+            self.proj.weight.mul_(0.1)
+
+    def forward(self, maps: Tensor) -> Tensor:
+        h = self.net(maps)
+        return self.proj(torch.cat([h.mean((2, 3)), h.amax((2, 3))], -1))
+
+
+class SetFeatures(NamedTuple):
+    """What the mapper reads of a batch of image sets (:meth:`ConceptEncoder.features`)."""
+
+    features: Tensor
+    """``[B, K, D]`` pooled features (the tower's, then the UNet's)."""
+    mask: Tensor
+    """``[B, K]``: which of the K slots hold an image."""
+    maps: Tensor | None = None
+    """``[B, K, C, H, W]`` UNet maps for a :class:`MapHead`, or None."""
+
+
 class SetMapper(nn.Module):
     """Features of a set of images (``[B, K, D]`` with a ``[B, K]`` mask) and the initializer's
     vectors (one ``[B, n, w]`` per text encoder) -> the pseudo-word's vectors, same shapes.
@@ -78,6 +114,7 @@ class SetMapper(nn.Module):
     the initializer exactly. UNet features enter through their own projection (layer norm, then a
     linear layer started at a tenth of the default scale), added to the tower's: hundreds of
     unit-scale UNet dims would otherwise drown the tower's 128 unit-norm ones from the first step.
+    A :class:`MapHead` over each image's finest UNet map, when configured, is added the same way.
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -90,6 +127,7 @@ class SetMapper(nn.Module):
             self.unet_proj = nn.Sequential(nn.LayerNorm(cfg.unet_dim), nn.Linear(cfg.unet_dim, h))
             with torch.no_grad():
                 self.unet_proj[1].weight.mul_(0.1)
+        self.map_head = MapHead(cfg.map_channels, cfg.map_width, h) if cfg.map_channels else None
         self.init_proj = nn.Linear(sum(cfg.widths) * cfg.num_vectors, h)
         self.blocks = nn.Sequential(*[_Block(h) for _ in range(cfg.depth)], nn.LayerNorm(h))
         self.heads = nn.ModuleList(nn.Linear(h, cfg.num_vectors * w) for w in cfg.widths)
@@ -98,7 +136,8 @@ class SetMapper(nn.Module):
             nn.init.zeros_(head.bias)
         self.register_buffer("scale", torch.tensor(cfg.offset_scale, dtype=torch.float32), persistent=False)
 
-    def forward(self, features: Tensor, mask: Tensor, init: Sequence[Tensor]) -> list[Tensor]:
+    def forward(self, features: Tensor, mask: Tensor, init: Sequence[Tensor],
+                maps: Tensor | None = None) -> list[Tensor]:
         if features.ndim != 3 or mask.shape != features.shape[:2]:
             raise ValueError(f"features must be [B, K, D] with a [B, K] mask, got {tuple(features.shape)}")
         if features.shape[-1] != self.cfg.feature_dim + self.cfg.unet_dim:
@@ -110,6 +149,11 @@ class SetMapper(nn.Module):
         x = self.per_image[0](features[..., :d])
         if self.unet_proj is not None:
             x = x + self.unet_proj(features[..., d:])
+        if self.map_head is not None:
+            if maps is None or maps.shape[:3] != (*features.shape[:2], self.cfg.map_channels):
+                raise ValueError(f"this mapper reads [B, K, {self.cfg.map_channels}, H, W] UNet maps, got "
+                                 f"{None if maps is None else tuple(maps.shape)}")
+            x = x + self.map_head(maps.flatten(0, 1)).view(*features.shape[:2], -1)
         per = self.per_image[2](self.per_image[1](x))
         pooled = (per * m).sum(1) / m.sum(1)
         flat = torch.cat([(v / s).flatten(1) for v, s in zip(init, self.scale)], dim=-1)
@@ -136,9 +180,9 @@ class ConceptEncoder(nn.Module):
         return self._space
 
     @torch.no_grad()
-    def features(self, image_sets: Sequence[Sequence[Image.Image]], model=None) -> tuple[Tensor, Tensor]:
+    def features(self, image_sets: Sequence[Sequence[Image.Image]], model=None) -> SetFeatures:
         """Features ``[B, K_max, D]`` of each concept's images and the ``[B, K_max]`` mask: the
-        tower's, then (when the encoder uses them) ``model``'s UNet features."""
+        tower's, then (when the encoder uses them) ``model``'s UNet features and maps."""
         if not image_sets or any(len(s) == 0 for s in image_sets):
             raise InputError("every concept needs at least one reference image")
         images = [im for s in image_sets for im in s]
@@ -146,10 +190,19 @@ class ConceptEncoder(nn.Module):
         if flat.shape[1] != self.cfg.feature_dim:
             raise InputError(f"the image tower {self.cfg.clip!r} gives {flat.shape[1]}-d features, "
                              f"the encoder expects {self.cfg.feature_dim}")
-        if self.cfg.unet_dim:
+        maps = None
+        if self.cfg.unet_dim or self.cfg.map_channels:
             if model is None:
                 raise ValueError("this encoder reads UNet features: pass the diffusion model")
-            extra = unet_features(model, images, self.cfg.unet_layout)
+            if self.cfg.map_channels:
+                extra, maps = unet_features_and_map(model, images, self.cfg.unet_layout)
+                if maps.shape[1] != self.cfg.map_channels:
+                    raise InputError(f"{model.source}'s UNet gives {maps.shape[1]}-channel maps, the encoder "
+                                     f"was trained on {self.cfg.map_channels} ({self.cfg.model})")
+            else:
+                extra = unet_features(model, images, self.cfg.unet_layout)
+            if not self.cfg.unet_dim:
+                extra = extra[:, :0]
             if extra.shape[1] != self.cfg.unet_dim:
                 raise InputError(f"{model.source}'s UNet gives {extra.shape[1]}-d features, the encoder "
                                  f"was trained on {self.cfg.unet_dim}-d ones ({self.cfg.model})")
@@ -157,24 +210,26 @@ class ConceptEncoder(nn.Module):
         k = max(len(s) for s in image_sets)
         feats = torch.zeros(len(image_sets), k, flat.shape[1])
         mask = torch.zeros(len(image_sets), k, dtype=torch.bool)
+        set_maps = None if maps is None else maps.new_zeros(len(image_sets), k, *maps.shape[1:])
         i = 0
         for b, s in enumerate(image_sets):
             feats[b, :len(s)] = flat[i:i + len(s)]
             mask[b, :len(s)] = True
+            if set_maps is not None:
+                set_maps[b, :len(s)] = maps[i:i + len(s)]
             i += len(s)
         device = next(self.mapper.parameters()).device
-        return feats.to(device), mask.to(device)
+        return SetFeatures(feats.to(device), mask.to(device), None if set_maps is None else set_maps.to(device))
 
-    def forward(self, features: Tensor, mask: Tensor, init: Sequence[Tensor]) -> list[Tensor]:
-        return self.mapper(features, mask, init)
+    def forward(self, inputs: SetFeatures, init: Sequence[Tensor]) -> list[Tensor]:
+        return self.mapper(inputs.features, inputs.mask, init, inputs.maps)
 
     @torch.no_grad()
     def predict(self, image_sets: Sequence[Sequence[Image.Image]], init: Sequence[Tensor],
                 model=None) -> list[list[Tensor]]:
         """One pass for several concepts: per concept, one ``[n, w]`` tensor per text encoder."""
-        feats, mask = self.features(image_sets, model)
-        device = feats.device
-        out = self.mapper(feats, mask, [v.to(device, torch.float32) for v in init])
+        inputs = self.features(image_sets, model)
+        out = self(inputs, [v.to(inputs.features.device, torch.float32) for v in init])
         return [[v[b].float().cpu() for v in out] for b in range(len(image_sets))]
 
 
