@@ -428,3 +428,30 @@ def test_ti_data_targets_from_an_encoder(tiny_dirs, tmp_path):
     other, _ = tiny_encoder("sdxl")  # two text encoders: not for tiny-sd1
     save_encoder(other, tmp_path / "sdxl.safetensors")
     assert main(args[:7] + ["--from-encoder", str(tmp_path / "sdxl.safetensors"), "--out", str(tmp_path / "t3")]) == 2
+
+
+def test_the_map_head_reads_texture_that_pooling_loses():
+    """Stripes against checks with the same per-channel mean, max and spread: a linear probe on the
+    pooled statistics (what the UNet features keep) is at chance, the trained MapHead is not."""
+    import runpy
+    from pathlib import Path
+
+    probe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "feature_probe.py"))
+    g = torch.Generator().manual_seed(0)
+    r = torch.arange(8)
+    stripes, checks = (-1.0) ** r[:, None].expand(8, 8), (-1.0) ** (r[:, None] + r[None, :])
+
+    def maps(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % 2
+        base = torch.stack([(stripes if c == 0 else checks).roll(int(s), 0)
+                            for c, s in zip(y, torch.randint(0, 2, (n,), generator=g))])
+        return base[:, None].repeat(1, 4, 1, 1) + 0.3 * torch.randn(n, 4, 8, 8, generator=g), y
+
+    (xtr, ytr), (xte, yte) = maps(256), maps(128)
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3)), x.std((2, 3))], 1)
+
+    _, linear = probe["probe_accuracy"](pooled(xtr), ytr, pooled(xte), yte, 2)
+    _, head = probe["head_accuracy"](xtr, ytr, xte, yte, 2, steps=150, width=8)
+    assert linear < 0.7 and head > 0.95, (linear, head)
