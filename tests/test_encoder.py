@@ -350,15 +350,18 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
     write_shards(toy_samples(limit=6, images=3, size=32), tmp_path / "shards", per_shard=6)
     monkeypatch.chdir(tmp_path)  # the config's run folders are relative
-    cli_main(["fit", "--config", str(config), "--model.model", "tiny-sd1", "--model.clip", "random",
-              "--model.hidden", "32", "--model.depth", "1", "--model.unet_features", "true",
-              "--model.unet_map", "8", "--data.shards", str(tmp_path / "shards"),
-              "--data.batch_size", "2", "--data.val_fraction", "0.3", "--trainer.max_steps", "2",
-              "--trainer.log_every_n_steps", "1",
-              "--trainer.enable_progress_bar", "false"])
+    args = ["fit", "--config", str(config), "--model.model", "tiny-sd1", "--model.clip", "random",
+            "--model.hidden", "32", "--model.depth", "1", "--model.unet_features", "true",
+            "--model.unet_map", "8", "--data.shards", str(tmp_path / "shards"),
+            "--data.batch_size", "2", "--data.val_fraction", "0.3", "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false"]
+    cli_main(args + ["--trainer.max_steps", "2"])
     run = tmp_path / "runs" / "encoder" / "toy"
     assert (run / "encoder.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+    first_log = (run / "logs" / "version_0" / "metrics.csv").read_text()
+    cli_main(args + ["--trainer.max_steps", "3", "--ckpt_path", "last"])  # the resume a user types
+    assert (run / "logs" / "version_0" / "metrics.csv").read_text() == first_log  # the first run's log is kept
+    assert (run / "logs" / "version_1" / "metrics.csv").is_file()
     assert list((run / "tb").rglob("events.out.tfevents.*"))
     cfg = load_encoder(run / "encoder.safetensors").cfg
     assert cfg.unet_dim > 0 and cfg.unet_layout == "multiscale"  # the config's UNet features were wired in

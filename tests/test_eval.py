@@ -177,6 +177,35 @@ def test_pool_results_pools_disjoint_draws(tmp_path, capsys):
     assert "repeats concepts" in capsys.readouterr().err
 
 
+def test_pool_results_pairs_a_new_encoder_with_saved_runs(tmp_path, capsys):
+    import runpy
+
+    pool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "pool_results.py"))["main"]
+    saved, new = tmp_path / "saved.json", tmp_path / "new.json"
+    old_rows, new_rows = [], []
+    for i, (old, now) in enumerate([(0.4, 0.6), (0.5, 0.6)]):
+        c = f"c{i}"
+        old_rows += [{"method": "scratch", "concept": c, "steps": 500, "recon_oracle": 0.5},
+                     {"method": "enc", "concept": c, "steps": 0, "recon_oracle": old},
+                     {"method": "enc", "concept": c, "steps": 200, "recon_oracle": 0.9}]
+        new_rows += [{"method": "enc", "concept": c, "steps": 0, "recon_oracle": now}]
+    saved.write_text(json.dumps({"settings": {"samples": 8, "sample_steps": 25}, "rows": old_rows}))
+    new.write_text(json.dumps({"plan": {"samples": 8, "sample_steps": 25}, "rows": new_rows}))
+    assert pool([str(new), "--baseline", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "enc @ 0 minus scratch @ 500 (2 concepts, 95% interval): recon_oracle +0.100 [+0.100, +0.100]" in out
+    assert "enc @ 0 minus enc (saved) @ 0 (2 concepts, 95% interval): recon_oracle +0.150" in out
+    assert "| enc (saved) | 200 |" in out and "| enc | 200 |" not in out  # saved budgets stay the saved encoder's
+    new.write_text(json.dumps({"plan": {"samples": 4, "sample_steps": 25}, "rows": new_rows}))
+    with pytest.raises(SystemExit):
+        pool([str(new), "--baseline", str(saved)])  # other samples: scores are not comparable
+    assert "sampled otherwise" in capsys.readouterr().err
+    new.write_text(json.dumps({"rows": new_rows + [{**new_rows[0], "concept": "c9"}]}))
+    with pytest.raises(SystemExit):
+        pool([str(new), "--baseline", str(saved)])
+    assert "lacks concepts" in capsys.readouterr().err
+
+
 def test_summarize_means_over_concepts():
     rows = [{"method": "m", "steps": 5, "seconds": 1.0, "recon_clip": 0.2},
             {"method": "m", "steps": 5, "seconds": 3.0, "recon_clip": 0.4}]
