@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     print(files["markdown"].read_text())
     metrics = [m for m in GOAL_METRICS if any(r.get(m) is not None for r in summary)]
+    if scratch_top == 0:  # an encoder measured alone: its rows pair with a saved run's scratch rows
+        print("no scratch inversion was measured (--scratch-budgets 0); to compare, pair these rows with a "
+              f"saved run of the same draw: python bench/pool_results.py {out / 'results.json'} --baseline SAVED.json")
+        print(f"took {took / 60:.1f} min; wrote {', '.join(str(f) for f in files.values())}")
+        return 0
     top = row_at(summary, "scratch", scratch_top)
     print(f"scratch @ {scratch_top}: " + ", ".join(f"{m} {top[m]:.3f}" for m in metrics) + f" ({top['seconds']:.0f} s)")
     for method in methods[1:]:
