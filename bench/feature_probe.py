@@ -118,23 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     print("| features | dims | " + " | ".join(CONCEPT_ATTRIBUTES) + " |")
     print("|---|---|" + "---|" * len(CONCEPT_ATTRIBUTES))
     labels = {split: s[1] for split, s in sets.items()}
+    targets = {}  # attribute -> ({split: class index per render}, number of classes)
+    for attr in CONCEPT_ATTRIBUTES:
+        values = sorted({lab[attr] for lab in labels["train"]})
+        index = {v: i for i, v in enumerate(values)}
+        targets[attr] = ({s: torch.tensor([index[lab[attr]] for lab in labels[s]]) for s in labels}, len(values))
     for name in feats["train"]:
         cells = []
         for attr in CONCEPT_ATTRIBUTES:
-            values = sorted({lab[attr] for lab in labels["train"]})
-            index = {v: i for i, v in enumerate(values)}
-            y = {s: torch.tensor([index[lab[attr]] for lab in labels[s]]) for s in labels}
+            y, classes = targets[attr]
             fit, held = probe_accuracy(feats["train"][name], y["train"], feats["held-out"][name], y["held-out"],
-                                       len(values))
+                                       classes)
             cells.append(f"{held:.2f} ({fit:.2f})")
         print(f"| {name} | {feats['train'][name].shape[1]} | " + " | ".join(cells) + " |", flush=True)
     if args.map_head:
         cells = []
         for attr in CONCEPT_ATTRIBUTES:
-            values = sorted({lab[attr] for lab in labels["train"]})
-            index = {v: i for i, v in enumerate(values)}
-            y = {s: torch.tensor([index[lab[attr]] for lab in labels[s]]) for s in labels}
-            fit, held = head_accuracy(maps["train"], y["train"], maps["held-out"], y["held-out"], len(values),
+            y, classes = targets[attr]
+            fit, held = head_accuracy(maps["train"], y["train"], maps["held-out"], y["held-out"], classes,
                                       args.map_head)
             cells.append(f"{held:.2f} ({fit:.2f})")
         shape = "x".join(str(d) for d in maps["train"].shape[1:])
