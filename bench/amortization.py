@@ -97,15 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.encoder.model import load_encoder, predict_embeddings
     from oneword.eval.curves import Method, run_curve
     from oneword.eval.protocol import EvalSettings, Scorer
-    from oneword.eval.report import (
-        GOAL_METRICS,
-        goal_gaps,
-        goal_pairs,
-        row_at,
-        steps_to_match,
-        summarize,
-        write_report,
-    )
+    from oneword.eval.report import GOAL_METRICS, summarize, write_report
     from oneword.eval.space import load_space
     from oneword.fileio import sha256_file
     from oneword.inversion.config import InversionConfig
@@ -170,8 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     if scratch_top == 0:  # an encoder measured alone: its rows pair with a saved run's scratch rows
         print("no scratch inversion was measured (--scratch-budgets 0); to compare, pair these rows with a "
               f"saved run of the same draw: python bench/pool_results.py {out / 'results.json'} --baseline SAVED.json")
-        print(f"took {took / 60:.1f} min; wrote {', '.join(str(f) for f in files.values())}")
-        return 0
+    else:
+        _compare(args, rows, summary, methods, metrics, scratch_top)
+    print(f"took {took / 60:.1f} min; wrote {', '.join(str(f) for f in files.values())}")
+    return 0
+
+
+def _compare(args, rows: list[dict], summary: list[dict], methods: list, metrics: list[str], scratch_top: int) -> None:
+    """Each encoder method against scratch at its largest budget, and the goals' paired gaps."""
+    from oneword.eval.report import goal_gaps, goal_pairs, row_at, steps_to_match
+
     top = row_at(summary, "scratch", scratch_top)
     print(f"scratch @ {scratch_top}: " + ", ".join(f"{m} {top[m]:.3f}" for m in metrics) + f" ({top['seconds']:.0f} s)")
     for method in methods[1:]:
@@ -192,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(methods) > 1:
         for line in goal_gaps(rows, goal_pairs(rows, methods[1].name, args.compare_at), metrics):
             print(line)
-    print(f"took {took / 60:.1f} min; wrote {', '.join(str(f) for f in files.values())}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -104,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sets = {"train": renders(train, args.train_views, 100), "held-out": renders(test, args.test_views, 5000)}
     feats: dict[str, dict[str, Tensor]] = {}
-    maps = {split: unet_features_and_map(model, images, "multiscale")[1] for split, (images, _) in sets.items()} \
-        if args.map_head else {}
+    maps: dict[str, Tensor] = {}
     for split, (images, _) in sets.items():
         feats[split] = {"toy CLIP": space.images(images).float()}
         for layout in LAYOUTS:
-            feats[split][f"UNet {layout}"] = unet_features(model, images, layout)
+            if args.map_head and layout == "multiscale":  # the head's map comes from the same UNet passes
+                feats[split][f"UNet {layout}"], maps[split] = unet_features_and_map(model, images, layout)
+            else:
+                feats[split][f"UNet {layout}"] = unet_features(model, images, layout)
         for layout in LAYOUTS[1:]:  # what the toy encoders read
             feats[split][f"toy CLIP + UNet {layout}"] = torch.cat(
                 [feats[split]["toy CLIP"], feats[split][f"UNet {layout}"]], 1)
