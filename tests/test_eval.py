@@ -24,6 +24,7 @@ from oneword.eval.metrics import (
 from oneword.eval.protocol import EvalSettings, Scorer, load_concept, without_word
 from oneword.eval.report import (
     goal_gaps,
+    goal_pairs,
     markdown_table,
     paired_gap,
     row_at,
@@ -155,6 +156,13 @@ def test_paired_gap_bootstraps_concepts():
     line, = goal_gaps(_gap_rows([0.1, 0.2]), [(("e", 0), ("s", 500))], ["x", "missing"])
     assert line.startswith("e @ 0 minus s @ 500 (2 concepts") and "x +0.150 [+0.100, +0.200]" in line
     assert "missing" not in line
+    rows = _gap_rows([0.1, 0.2])
+    assert goal_pairs(rows, "e", 500) == [(("e", 0), ("scratch", 500))]  # no scratch rows: no goal 2
+    for r in rows:
+        r["method"] = {"s": "scratch", "e": "e"}[r["method"]]
+    assert goal_pairs(rows, "e", 500) == [(("e", 0), ("scratch", 500)), (("e", 0), ("scratch", 500))]
+    only_zero = [{**r, "steps": 0} for r in rows]  # scratch at 0 steps is the initializer word
+    assert goal_pairs(only_zero, "e", 500) == [(("e", 0), ("scratch", 500))]
 
 
 def test_pool_results_pools_disjoint_draws(tmp_path, capsys):

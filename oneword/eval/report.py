@@ -173,11 +173,16 @@ GOAL_METRICS = ("recon_oracle", "edit_oracle", "recon_clip", "edit_clip")
 
 def goal_pairs(rows: Sequence[dict], method: str, compare_at: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     """The two goals as ``(a, b)`` pairs for :func:`goal_gaps`: ``method`` alone against scratch at
-    ``compare_at`` steps, and ``method`` at its largest budget against scratch at its largest."""
+    ``compare_at`` steps, and ``method`` at its largest budget against scratch at its largest. Scratch
+    at 0 steps is the initializer word, no goal: without a larger scratch budget the second pair is
+    left out (as the first is, by :func:`goal_gaps`, when ``compare_at`` was not measured)."""
     def top(m: str) -> int:
         return max((r["steps"] for r in rows if r["method"] == m and r["steps"] is not None), default=0)
 
-    return [((method, 0), ("scratch", compare_at)), ((method, top(method)), ("scratch", top("scratch")))]
+    pairs = [((method, 0), ("scratch", compare_at))]
+    if top("scratch") > 0:
+        pairs.append(((method, top(method)), ("scratch", top("scratch"))))
+    return pairs
 
 
 def goal_gaps(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, int], tuple[str, int]]],
