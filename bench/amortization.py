@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-batch-size", type=int, nargs="+", default=[4], metavar="B",
                    help="batch sizes of the refinement, one encoder line per (schedule, rate, weight, batch) "
                         "(default: 4, as scratch; the rate is scaled by the batch size)")
+    p.add_argument("--refine-select", type=int, default=0, metavar="N",
+                   help="also score, at the largest encoder budget, the word kept by ti-encode's --select N round "
+                        "trip (the prediction or its refinement, by N fresh samples; default: 0, off)")
     p.add_argument("--quick", action="store_true",
                    help="bounded run for make bench: 2 concepts, budgets 0/100/300/1000 vs 0/50, 4 samples")
     p.add_argument("--out", default="runs/bench/amortization", help="results folder")
@@ -123,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         def predict(model, concept):
             return predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[0]
 
+        select = None
+        if args.refine_select > 0:
+            from oneword.encoder.select import choose_word, select_settings
+
+            def select(model, concept, token, start):
+                refined = model.vectors_of(token)
+                return choose_word(encoder, model, token, concept.init, start,
+                                   {"prediction": start, "refined": refined},
+                                   select_settings(args.refine_select, settings.steps, settings.guidance)).kept
+
         for sched, lr, reg, batch in itertools.product(args.refine_schedule, args.refine_base_lr,
                                                        args.refine_reg_weight, args.refine_batch_size):
             notes = (([] if lr == base.base_lr else [f"base_lr {lr:g}"]) + ([] if sched == "constant" else [sched])
@@ -130,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                      + ([] if batch == base.batch_size else [f"batch {batch}"]))
             name = "encoder + refinement" + (f" ({', '.join(notes)})" if notes else "")
             overrides = {"base_lr": lr, "lr_schedule": sched, "reg_weight": reg, "batch_size": batch}
-            methods.append(Method(name, overrides=overrides, init_fn=predict, budgets=tuple(args.encoder_budgets)))
+            methods.append(Method(name, overrides=overrides, init_fn=predict, budgets=tuple(args.encoder_budgets),
+                                  select_fn=select))
     else:
         print(f"no encoder at {enc_path}: scratch curve only", file=sys.stderr)
     print(f"{len(concepts)} held-out concepts, {args.samples} samples x {args.sample_steps} steps, "
@@ -139,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = {"concepts": [c.name for c in concepts], "draw": args.draw, "samples": args.samples,
             "sample_steps": args.sample_steps, "encoder": sha256_file(enc_path) if len(methods) > 1 else None,
             "methods": [[m.name, list(m.budgets or ()), m.overrides] for m in methods]}
+    if args.refine_select:  # only then, so that earlier runs' progress files still match their plans
+        plan["select"] = args.refine_select
     try:
         rows, took = load_progress(out / PROGRESS, plan)
     except ValueError as err:
@@ -170,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare(args, rows: list[dict], summary: list[dict], methods: list, metrics: list[str], scratch_top: int) -> None:
     """Each encoder method against scratch at its largest budget, and the goals' paired gaps."""
+    from oneword.eval.curves import SELECT_SUFFIX
     from oneword.eval.report import goal_gaps, goal_pairs, row_at, steps_to_match
 
     top = row_at(summary, "scratch", scratch_top)
@@ -192,6 +209,12 @@ def _compare(args, rows: list[dict], summary: list[dict], methods: list, metrics
     if len(methods) > 1:
         for line in goal_gaps(rows, goal_pairs(rows, methods[1].name, args.compare_at), metrics):
             print(line)
+    for method in methods[1:]:
+        if method.select_fn is not None:  # the kept word against scratch and against always refining
+            at = max(method.budgets)
+            chosen = (method.name + SELECT_SUFFIX, at)
+            for line in goal_gaps(rows, [(chosen, ("scratch", scratch_top)), (chosen, (method.name, at))], metrics):
+                print(line)
 
 
 if __name__ == "__main__":

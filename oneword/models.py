@@ -235,6 +235,16 @@ class FrozenLDM:
             out.append(emb.vectors.detach()[rows.to(emb.vectors.device)].float().cpu().clone())
         return out
 
+    def set_vectors(self, token: str, vectors: list[torch.Tensor]) -> None:
+        """Overwrite ``token``'s vectors (one ``[n, width]`` tensor per text encoder, as
+        :meth:`vectors_of` returns them)."""
+        for emb, ids, vecs in zip(self.placeholder_embeddings(), self.token_ids(token), vectors, strict=True):
+            if vecs.shape != (len(ids), emb.embedding_dim):
+                raise ValueError(f"vectors {tuple(vecs.shape)} do not fit ({len(ids)}, {emb.embedding_dim})")
+            rows = (torch.tensor(ids) - emb.first_new_id).to(emb.vectors.device)
+            with torch.no_grad():
+                emb.vectors[rows] = vecs.to(emb.vectors.device, emb.vectors.dtype)
+
     def expand_prompt(self, prompt: str) -> str:
         """``"a <cat> toy"`` -> ``"a <cat> <cat>_1 <cat>_2 toy"`` for a 3-vector token."""
         for token, n in sorted(self.placeholder_tokens.items(), key=lambda kv: -len(kv[0])):

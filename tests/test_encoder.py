@@ -270,8 +270,8 @@ def _encoder_file(tmp_path):
     return save_encoder(enc, tmp_path / "enc.safetensors")
 
 
-@pytest.mark.parametrize("refine", [0, 2])
-def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, capsys):
+@pytest.mark.parametrize("refine,select", [(0, 0), (2, 0), (2, 1)])
+def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, capsys):
     from oneword.encoder.encode import REFINE_DEFAULTS, main
     from oneword.inversion.config import InversionConfig
     from oneword.inversion.embedding_io import load_embedding
@@ -281,15 +281,20 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, capsys):
     out = tmp_path / "out"
     code = main([str(concept_dir), str(other), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc",
                  "--refine", str(refine), "--out", str(out), "--batch_size", "1", "--resolution", "32",
-                 "--views_per_image", "1", "--preview-steps", "2", "--no-progress"])
+                 "--views_per_image", "1", "--preview-steps", "2", "--no-progress", "--select", str(select)])
     assert code == 0
     for name, token in (("concept", "<concept>"), ("other", "<other>")):
         run = out / name
         for f in ("learned_embeds.safetensors", f"{name}.safetensors", "preview.png", "report.md", "encode.json"):
             assert (run / f).is_file(), f
         e = load_embedding(run / "learned_embeds.safetensors")
-        assert e.token == token and e.metadata["oneword.steps"] == str(refine)
-        assert json.loads((run / "encode.json").read_text())["refinement"].startswith(f"{refine} steps")
+        report = json.loads((run / "encode.json").read_text())
+        assert report["refinement"].startswith(f"{refine} steps")
+        kept = report.get("kept", "refined" if refine else "prediction")
+        assert ("kept" in report) == bool(select) and kept in ("prediction", "refined")
+        assert e.token == token and e.metadata["oneword.steps"] == ("0" if kept == "prediction" else str(refine))
+        if select:
+            assert "round-trip distances" in report and "prediction" in report["round-trip distances"]
         assert ((run / "loss.csv").is_file()) == (refine > 0)
         if refine:  # refinement runs at ti-encode's own rate, not scratch inversion's
             cfg = InversionConfig.from_yaml((run / "config.yaml").read_text())

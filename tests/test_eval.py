@@ -309,3 +309,25 @@ def test_amortization_progress_resumes_only_the_same_plan(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a progress file"):
         load(path, plan)
+
+
+def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
+    from oneword.eval.curves import SELECT_SUFFIX
+
+    concept = load_concept(concept_dir, init="disc")
+    base = InversionConfig(token="<x>", init="disc", batch_size=1, resolution=32, views_per_image=1, base_lr=0.05)
+    settings = EvalSettings(samples=2, steps=2, edit_prompts=["a sketch of {}"])
+
+    def keep_start(model, concept, token, start):
+        model.set_vectors(token, start)
+        return "prediction"
+
+    start = Method("enc", init_fn=lambda m, c: m.initializer_vectors("disc", 1), budgets=(0, 2), select_fn=keep_start)
+    rows = run_curve(lambda: load_model("tiny-sd1"), [concept], base, [Method("scratch", budgets=(0,)), start], [0],
+                     lambda m: Scorer(m, settings, load_space("random")), progress=False)
+    by = {(r["method"], r["steps"]): r for r in rows}
+    chosen = by[("enc" + SELECT_SUFFIX, 2)]
+    assert chosen["kept"] == "prediction"
+    assert chosen["recon_clip"] == by[("enc", 0)]["recon_clip"] != by[("enc", 2)]["recon_clip"]
+    assert chosen["seconds"] >= by[("enc", 2)]["seconds"]
+    assert ("scratch" + SELECT_SUFFIX, 0) not in by  # no starting word to go back to

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initializer word per concept, or one for all (default: a toy concept's shape)")
     p.add_argument("--out", default="runs/encode", help="parent of the per-concept run folders")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--select", type=int, default=0, metavar="N",
+                   help="after --refine, keep the prediction or the refined word, whichever the encoder reads back "
+                        "closer to the references from N fresh samples of each (default: 0, keep the refined word)")
     p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -89,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.refine < 0:
         raise OneWordError("--refine must be 0 or more")
+    if args.select < 0:
+        raise OneWordError("--select must be 0 or more")
+    if args.select and not args.refine:
+        print("--select chooses between the prediction and its refinement: without --refine it does nothing",
+              file=sys.stderr)
     enc_path = encoder_path(args.encoder)
     encoder = load_encoder(enc_path)
     model_name = args.model or encoder.cfg.model
@@ -123,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     out_root = Path(args.out)
     for i, (concept, cfg, vectors) in enumerate(zip(concepts, cfgs, predicted)):
         out = out_root / safe_file_stem(cfg.token)
+        choice = None
         if args.refine == 0:
             files, refine_s, loss = _write_prediction(model, cfg, concept, vectors, out, str(enc_path)), 0.0, None
             work_model = model
@@ -135,9 +144,16 @@ def run(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress,
                                 extra_metadata={"oneword.encoder": str(enc_path), "oneword.refine": str(args.refine)})
             refine_s, loss, files = time.perf_counter() - t1, res.final_loss, res.files
+            if args.select:
+                choice = _select(encoder, work_model, cfg, concept, vectors, args.select)
+                if choice.kept == "prediction":  # the refined word stays in checkpoints/
+                    saved = _save_word(work_model, cfg, concept, vectors, out, str(enc_path),
+                                       f"{args.refine} (the prediction kept by --select)")
+                    files = list(dict.fromkeys([*files, *saved]))
         if args.preview_steps:
             files.append(_preview(work_model, cfg.token, out, args.preview_steps))
-        files.append(_report(out, concept, cfg, str(enc_path), model_name, encode_s / n, args.refine, refine_s, loss))
+        files.append(_report(out, concept, cfg, str(enc_path), model_name, encode_s / n, args.refine, refine_s, loss,
+                             choice))
         print(f"{concept.name}: {cfg.token} -> {out}", file=sys.stderr)
         for f in files:
             print(f"  {f}")
@@ -145,18 +161,37 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_prediction(model, cfg, concept, vectors, out: Path, encoder: str) -> list[Path]:
-    from oneword.inversion.embedding_io import Embedding, build_metadata, save_diffusers, save_single_file
-    from oneword.inversion.train import safe_file_stem
-
     if out.exists() and any(out.iterdir()):
         raise OneWordError(f"{out} already holds files; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    model.add_placeholder(cfg.token, vectors)
+    return _save_word(model, cfg, concept, vectors, out, encoder, "0")
+
+
+def _save_word(model, cfg, concept, vectors, out: Path, encoder: str, refine: str) -> list[Path]:
+    """The embedding files of an unrefined word (the prediction), as ``ti invert`` names them."""
+    from oneword.inversion.embedding_io import Embedding, build_metadata, save_diffusers, save_single_file
+    from oneword.inversion.train import safe_file_stem
+
     meta = build_metadata(family=model.family, token=cfg.token, init=cfg.init, steps=0,
                           source_hashes=[im.sha256 for im in concept.images],
-                          extra={"oneword.model": model.source, "oneword.encoder": encoder, "oneword.refine": "0"})
+                          extra={"oneword.model": model.source, "oneword.encoder": encoder, "oneword.refine": refine})
     emb = Embedding(cfg.token, vectors, meta)
-    model.add_placeholder(cfg.token, vectors)
     return [*save_diffusers(emb, out), save_single_file(emb, out / f"{safe_file_stem(cfg.token)}.safetensors")]
+
+
+def _select(encoder, model, cfg, concept, prediction, samples: int):
+    """Keep the prediction or the refined word on ``cfg.token``, whichever the encoder's round trip
+    (:mod:`oneword.encoder.select`) finds closer to the references."""
+    from oneword.encoder.select import choose_word, select_settings
+
+    t0 = time.perf_counter()
+    choice = choose_word(encoder, model, cfg.token, concept.init, prediction,
+                         {"prediction": prediction, "refined": model.vectors_of(cfg.token)}, select_settings(samples))
+    print(f"{concept.name}: kept the {choice.kept} word (round-trip distances "
+          + ", ".join(f"{k} {v:.4f}" for k, v in choice.distances.items()) + f"; {time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr)
+    return choice
 
 
 def _preview(model, token: str, out: Path, steps: int) -> Path:
@@ -169,13 +204,16 @@ def _preview(model, token: str, out: Path, steps: int) -> Path:
 
 
 def _report(out: Path, concept, cfg, encoder: str, model: str, encode_s: float, refine: int,
-            refine_s: float, loss: float | None) -> Path:
+            refine_s: float, loss: float | None, choice=None) -> Path:
     from oneword.fileio import atomic_write_text
 
     rows = [("concept", f"{concept.name} ({len(concept.images)} images)"), ("token", cfg.token),
             ("initializer", cfg.init), ("model", model), ("encoder", encoder),
             ("encoder time", f"{encode_s:.2f} s"), ("refinement", f"{refine} steps, {refine_s:.1f} s"),
             ("final loss", "–" if loss is None else f"{loss:.4f}")]
+    if choice is not None:
+        rows += [("kept", choice.kept),
+                 ("round-trip distances", ", ".join(f"{k} {v:.4f}" for k, v in choice.distances.items()))]
     text = "# ti-encode report\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
     atomic_write_text(out / "encode.json", json.dumps(dict(rows), indent=1) + "\n")
     return atomic_write_text(out / "report.md", text + "\n![preview](preview.png)\n")

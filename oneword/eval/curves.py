@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGETS: tuple[int, ...] = (0, 50, 100, 200, 500, 1000, 2000, 3000)
 
 InitFn = Callable[[FrozenLDM, ConceptRef], list[torch.Tensor]]
+SelectFn = Callable[[FrozenLDM, ConceptRef, str, list[torch.Tensor]], str]
+"""``(model, concept, token, starting vectors) -> name of the word kept``: leaves the chosen
+vectors on ``token`` (e.g. the encoder's prediction or its refinement)."""
+
+#: Appended to a method's name for its rows after a ``select_fn``.
+SELECT_SUFFIX = " + select"
 
 
 @dataclass
@@ -40,6 +46,9 @@ class Method:
     init_fn: InitFn | None = None
     budgets: tuple[int, ...] | None = None
     """This method's own budgets (default: the harness's)."""
+    select_fn: SelectFn | None = None
+    """Run after the largest budget (methods with an ``init_fn`` only); scored as one more row,
+    ``name + SELECT_SUFFIX`` at the largest budget, its seconds including the selection's."""
 
 
 def parse_variant(text: str) -> Method:
@@ -116,5 +125,11 @@ def run_curve(
                 rows.append({"method": method.name, "concept": concept.name, "steps": budget,
                              "seconds": round(elapsed, 3), **scores.as_dict()})
                 logger.info("%s %s @%d: %s", method.name, concept.name, budget, scores.as_dict())
+            if method.select_fn is not None and start is not None:
+                t0 = time.perf_counter()
+                kept = method.select_fn(model, concept, token, start)
+                elapsed += time.perf_counter() - t0
+                rows.append({"method": method.name + SELECT_SUFFIX, "concept": concept.name, "steps": plans[j][-1],
+                             "seconds": round(elapsed, 3), "kept": kept, **scorer.score(token, concept).as_dict()})
     bar.close()
     return rows

@@ -1,0 +1,82 @@
+"""The round-trip check that keeps the prediction or its refinement (oneword.encoder.select)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from oneword.encoder.select import SELECT_SEED, choose_word, relative_distance, select_settings
+from oneword.models import load_model
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy" / "purple-triangle-solid-gold"
+
+
+def test_relative_distance_is_scale_free_and_sums_encoders():
+    a, b = [torch.ones(1, 4)], [torch.full((1, 4), 2.0)]
+    assert relative_distance(b, b) == 0.0
+    assert relative_distance(a, b) == pytest.approx(0.25)  # |1-2|^2 * 4 / (4 * 4)
+    assert relative_distance([x * 10 for x in a], [x * 10 for x in b]) == pytest.approx(0.25)
+    assert relative_distance(a * 2, b * 2) == pytest.approx(0.5)  # two text encoders (SDXL) add up
+    with pytest.raises(ValueError):
+        relative_distance(a, b * 2)
+
+
+def test_select_settings_use_their_own_seeds():
+    s = select_settings(3)
+    assert s.seeds == [SELECT_SEED, SELECT_SEED + 1, SELECT_SEED + 2] and 0 not in s.seeds
+    with pytest.raises(ValueError):
+        select_settings(0)
+
+
+def test_set_vectors_round_trips_and_checks_shapes():
+    model = load_model("toy")
+    model.add_placeholder("<s>", model.initializer_vectors("triangle", 1))
+    new = [torch.randn(1, 128)]
+    model.set_vectors("<s>", new)
+    assert torch.equal(model.vectors_of("<s>")[0], new[0])
+    with pytest.raises(ValueError, match="do not fit"):
+        model.set_vectors("<s>", [torch.randn(2, 128)])
+
+
+def test_the_shipped_encoder_prefers_its_prediction_to_the_bare_initializer():
+    from oneword.encoder.encode import SHIPPED
+    from oneword.encoder.model import load_encoder, predict_embeddings
+    from oneword.eval.protocol import load_concept
+
+    model, encoder = load_model("toy"), load_encoder(SHIPPED)
+    concept = load_concept(EXAMPLE)
+    prediction = predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[0]
+    bare = model.initializer_vectors(concept.init, 1)  # "triangle": no colour, fill or pattern
+    model.add_placeholder("<s>", bare)
+    choice = choose_word(encoder, model, "<s>", concept.init, prediction,
+                         {"initializer": bare, "prediction": prediction}, select_settings(2, steps=10))
+    assert choice.kept == "prediction"
+    assert choice.distances["prediction"] < choice.distances["initializer"]
+    assert torch.equal(model.vectors_of("<s>")[0], prediction[0])  # the kept word is left on the token
+    with pytest.raises(ValueError):
+        choose_word(encoder, model, "<s>", concept.init, prediction, {}, select_settings(1))
+
+
+def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+    import oneword.encoder.select as select
+    from oneword.encoder.encode import main
+    from oneword.inversion.embedding_io import load_embedding
+    from tests.test_encoder import _encoder_file
+
+    def keep_prediction(encoder, model, token, init, target, candidates, settings):
+        assert set(candidates) == {"prediction", "refined"} and settings.seeds[0] == SELECT_SEED
+        model.set_vectors(token, list(candidates["prediction"]))
+        return select.Choice("prediction", {"prediction": 0.1, "refined": 0.2})
+
+    monkeypatch.setattr(select, "choose_word", keep_prediction)
+    enc = str(_encoder_file(tmp_path))
+    common = [str(concept_dir), "--encoder", enc, "--init", "disc", "--batch_size", "1", "--resolution", "32",
+              "--views_per_image", "1", "--preview-steps", "0", "--no-progress", "--base_lr", "0.05"]
+    assert main([*common, "--refine", "0", "--out", str(tmp_path / "alone")]) == 0
+    assert main([*common, "--refine", "3", "--select", "2", "--out", str(tmp_path / "sel")]) == 0
+    alone = load_embedding(tmp_path / "alone" / "concept" / "learned_embeds.safetensors")
+    kept = load_embedding(tmp_path / "sel" / "concept" / "learned_embeds.safetensors")
+    assert torch.equal(kept.vectors[0], alone.vectors[0]) and kept.metadata["oneword.steps"] == "0"
+    assert "kept by --select" in kept.metadata["oneword.refine"]
+    assert (tmp_path / "sel" / "concept" / "loss.csv").is_file()  # the refinement's record stays
+    assert "kept" in (tmp_path / "sel" / "concept" / "report.md").read_text()
