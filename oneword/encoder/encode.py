@@ -5,7 +5,9 @@
 
 Each concept gets a run folder under ``--out`` laid out as ``ti invert``'s (``learned_embeds
 .safetensors``, ``<token>.safetensors``; with refinement also ``config.yaml``, ``loss.csv``,
-``loss.png``, ``checkpoints/``), plus ``preview.png`` and ``report.md``.
+``loss.png``, ``checkpoints/``), plus ``preview.png`` and ``report.md``. ``--select N`` keeps the
+prediction instead of the refined word when the encoder's round trip (:mod:`oneword.encoder.select`)
+finds it closer to the references.
 """
 
 from __future__ import annotations
