@@ -128,13 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
         select = None
         if args.refine_select > 0:
-            from oneword.encoder.select import choose_word, select_settings
+            from oneword.encoder.select import keep_prediction_or_refined, select_settings
 
             def select(model, concept, token, start):
-                refined = model.vectors_of(token)
-                return choose_word(encoder, model, token, concept.init, start,
-                                   {"prediction": start, "refined": refined},
-                                   select_settings(args.refine_select, settings.steps, settings.guidance)).kept
+                return keep_prediction_or_refined(encoder, model, token, concept.init, start, select_settings(
+                    args.refine_select, settings.steps, settings.guidance)).kept
 
         for sched, lr, reg, batch in itertools.product(args.refine_schedule, args.refine_base_lr,
                                                        args.refine_reg_weight, args.refine_batch_size):

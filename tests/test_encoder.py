@@ -320,6 +320,9 @@ def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):
     assert "widths" in capsys.readouterr().err
     assert main([str(concept_dir), "--encoder", str(tmp_path / "missing.safetensors"), "--init", "x"]) == 2
     assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "-1"]) == 2
+    assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "2", "--select", "-1",
+                 "--out", str(tmp_path / "neg")]) == 2
+    assert "--select" in capsys.readouterr().err and not (tmp_path / "neg").exists()  # nothing written
 
 
 def test_ti_data_shards(tmp_path, capsys):

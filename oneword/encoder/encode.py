@@ -185,11 +185,10 @@ def _save_word(model, cfg, concept, vectors, out: Path, encoder: str, refine: st
 def _select(encoder, model, cfg, concept, prediction, samples: int):
     """Keep the prediction or the refined word on ``cfg.token``, whichever the encoder's round trip
     (:mod:`oneword.encoder.select`) finds closer to the references."""
-    from oneword.encoder.select import choose_word, select_settings
+    from oneword.encoder.select import keep_prediction_or_refined, select_settings
 
     t0 = time.perf_counter()
-    choice = choose_word(encoder, model, cfg.token, concept.init, prediction,
-                         {"prediction": prediction, "refined": model.vectors_of(cfg.token)}, select_settings(samples))
+    choice = keep_prediction_or_refined(encoder, model, cfg.token, concept.init, prediction, select_settings(samples))
     print(f"{concept.name}: kept the {choice.kept} word (round-trip distances "
           + ", ".join(f"{k} {v:.4f}" for k, v in choice.distances.items()) + f"; {time.perf_counter() - t0:.1f} s)",
           file=sys.stderr)

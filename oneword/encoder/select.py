@@ -41,8 +41,11 @@ def select_settings(samples: int, steps: int = 25, guidance: float = 5.0) -> Sam
 def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """Squared distance of two words in units of ``b``'s squared norm, summed over text encoders
     (so SDXL's two encoders weigh alike)."""
-    return sum(float(((x.float().cpu() - y.float().cpu()) ** 2).sum() / (y.float().cpu() ** 2).sum().clamp_min(1e-12))
-               for x, y in zip(a, b, strict=True))
+    total = 0.0
+    for x, y in zip(a, b, strict=True):
+        x, y = x.float().cpu(), y.float().cpu()
+        total += float(((x - y) ** 2).sum() / (y ** 2).sum().clamp_min(1e-12))
+    return total
 
 
 @torch.no_grad()
@@ -69,3 +72,11 @@ def choose_word(encoder, model, token: str, init: str, target: Sequence[torch.Te
     kept = min(distances, key=distances.__getitem__)
     model.set_vectors(token, list(candidates[kept]))
     return Choice(kept, distances)
+
+
+def keep_prediction_or_refined(encoder, model, token: str, init: str, prediction: Sequence[torch.Tensor],
+                               settings: SampleSettings) -> Choice:
+    """After a refinement from ``prediction``: :func:`choose_word` between it and the refined word
+    now on ``token`` (the prediction is also the round trip's target)."""
+    return choose_word(encoder, model, token, init, prediction,
+                       {"prediction": prediction, "refined": model.vectors_of(token)}, settings)
