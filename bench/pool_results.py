@@ -29,7 +29,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from oneword.eval.report import GOAL_METRICS, REFERENCES, goal_gaps, goal_pairs, markdown_table, summarize
+    from oneword.eval.report import (
+        GOAL_METRICS,
+        REFERENCES,
+        goal_gaps,
+        goal_pairs,
+        markdown_table,
+        select_pairs,
+        summarize,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json (or progress.json) files of bench/amortization.py")
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if m != "scratch":
             for line in goal_gaps(rows, goal_pairs(rows, m, args.compare_at), metrics):
                 print(line)
-    for line in goal_gaps(rows, pairs, metrics):
+    for line in goal_gaps(rows, select_pairs(rows) + pairs, metrics):
         print(line)
     return 0
 

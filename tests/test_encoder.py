@@ -302,9 +302,14 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, 
 
 
 def test_ti_encode_refinement_defaults_show_in_help():
-    from oneword.encoder.encode import REFINE_DEFAULTS, build_parser
+    from oneword.encoder.encode import DEFAULT_SELECT, REFINE_DEFAULTS, build_parser, select_samples
 
     p = build_parser()
+    # the round trip judges every refinement unless told otherwise; without one there is nothing to judge
+    assert select_samples(200, p.parse_args(["x"]).select) == DEFAULT_SELECT > 0
+    assert select_samples(200, p.parse_args(["x", "--select", "0"]).select) == 0
+    assert select_samples(200, 3) == 3 and select_samples(0, None) == 0 and select_samples(0, 3) == 0
+    assert f"default: {DEFAULT_SELECT} with --refine" in " ".join(p.format_help().split())
     assert p.parse_args(["x"]).base_lr == REFINE_DEFAULTS["base_lr"]
     assert p.parse_args(["x", "--base_lr", "0.02"]).base_lr == 0.02
     assert f"(default: {REFINE_DEFAULTS['base_lr']})" in " ".join(p.format_help().split())

@@ -28,6 +28,7 @@ from oneword.eval.report import (
     markdown_table,
     paired_gap,
     row_at,
+    select_pairs,
     steps_to_match,
     summarize,
     write_report,
@@ -165,6 +166,17 @@ def test_paired_gap_bootstraps_concepts():
     assert goal_pairs(only_zero, "e", 500) == [(("e", 0), ("scratch", 500))]
 
 
+def test_select_pairs_compare_the_kept_word_with_always_refining():
+    from oneword.eval.curves import SELECT_SUFFIX
+
+    rows = [{"method": m, "concept": c, "steps": s}
+            for c in ("a", "b") for m, s in (("scratch", 500), ("e", 0), ("e", 200), ("e" + SELECT_SUFFIX, 200),
+                                              ("f" + SELECT_SUFFIX, 100))]
+    # f was never measured without the selection: nothing to pair it with
+    assert select_pairs(rows) == [(("e" + SELECT_SUFFIX, 200), ("e", 200))]
+    assert select_pairs([r for r in rows if SELECT_SUFFIX not in r["method"]]) == []
+
+
 def test_pool_results_pools_disjoint_draws(tmp_path, capsys):
     import runpy
 
@@ -204,6 +216,11 @@ def test_pool_results_pairs_a_new_encoder_with_saved_runs(tmp_path, capsys):
     assert "enc @ 0 minus scratch @ 500 (2 concepts, 95% interval): recon_oracle +0.100 [+0.100, +0.100]" in out
     assert "enc @ 0 minus enc (saved) @ 0 (2 concepts, 95% interval): recon_oracle +0.150" in out
     assert "| enc (saved) | 200 |" in out and "| enc | 200 |" not in out  # saved budgets stay the saved encoder's
+    kept = [{"method": "enc", "concept": c, "steps": 200, "recon_oracle": 0.8} for c in ("c0", "c1")]
+    kept += [{"method": "enc + select", "concept": c, "steps": 200, "recon_oracle": 0.85} for c in ("c0", "c1")]
+    new.write_text(json.dumps({"rows": new_rows + kept}))
+    assert pool([str(new), "--baseline", str(saved)]) == 0  # the kept word against always refining
+    assert "enc + select @ 200 minus enc @ 200 (2 concepts, 95% interval): recon_oracle +0.050" in capsys.readouterr().out
     new.write_text(json.dumps({"plan": {"samples": 4, "sample_steps": 25}, "rows": new_rows}))
     with pytest.raises(SystemExit):
         pool([str(new), "--baseline", str(saved)])  # other samples: scores are not comparable

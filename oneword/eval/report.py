@@ -185,6 +185,21 @@ def goal_pairs(rows: Sequence[dict], method: str, compare_at: int) -> list[tuple
     return pairs
 
 
+def select_pairs(rows: Sequence[dict]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """Each ``<method> + select`` row set (the word kept by a round trip, see
+    :data:`oneword.eval.curves.SELECT_SUFFIX`) against ``<method>`` at the same budget, i.e. against
+    always keeping the refined word."""
+    from oneword.eval.curves import SELECT_SUFFIX
+
+    have = {(r["method"], r["steps"]) for r in rows}
+    pairs = []
+    for method, steps in dict.fromkeys((r["method"], r["steps"]) for r in rows):
+        base = method.removesuffix(SELECT_SUFFIX)
+        if base != method and (base, steps) in have:
+            pairs.append(((method, steps), (base, steps)))
+    return pairs
+
+
 def goal_gaps(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, int], tuple[str, int]]],
               metrics: Sequence[str]) -> list[str]:
     """One line per ``(a, b)`` pair: ``a``'s gap to ``b`` on every metric, with bootstrap intervals.
