@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
+    g.add_argument("--batch", type=int, default=4,
+                   help="images per pipeline call (default: 4; lower it if the GPU runs out of memory: the images "
+                        "stay the same)")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="weights' precision (default: fp16 on CUDA, else fp32)")
     g.add_argument("--out", required=True, help="PNG file for the grid")
@@ -245,6 +248,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise OneWordError(f"--out must be a .png file, got {args.out}")
     if args.num_images < 1:
         raise OneWordError("-n must be at least 1")
+    if args.batch < 1:
+        raise OneWordError("--batch must be at least 1")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     embs = add_embeddings(model, args.embedding)
     tokens = [e.token for e in embs]
@@ -252,7 +257,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if not any(t in prompt for t in tokens):
             logger.warning("prompt %r uses none of the loaded tokens (%s)", prompt, ", ".join(tokens))
     settings = SampleSettings(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative,
-                              resolution=args.resolution,
+                              resolution=args.resolution, batch=args.batch,
                               seeds=list(range(args.seed, args.seed + args.num_images)))
     meta = {"embeddings": ",".join(str(e) for e in args.embedding), "tokens": ",".join(tokens)}
     images = None

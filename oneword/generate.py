@@ -37,10 +37,15 @@ class SampleSettings:
     """Image side in pixels; default: the model's native resolution."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """One image per seed and prompt."""
+    batch: int = 4
+    """Images per pipeline call. Each image has its own seeded generator, so the batch sets the
+    memory a call needs (SDXL at 1,024 px needs much more per image than SD 1.5), not the images."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be at least 1, got {self.batch}")
         if not self.seeds:
             raise ValueError("give at least one seed")
 
@@ -58,23 +63,24 @@ def add_embeddings(model: FrozenLDM, paths: Sequence[str | Path]) -> list[Embedd
 
 @torch.no_grad()
 def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings) -> list[Image.Image]:
-    """One image per (prompt, seed), prompt-major. CPU generators make seeds portable across devices."""
+    """One image per (prompt, seed), prompt-major, ``settings.batch`` seeds per pipeline call. CPU
+    generators make seeds portable across devices."""
     pipe = model.pipeline
     size = settings.resolution or model.resolution
     images: list[Image.Image] = []
-    n = len(settings.seeds)
-    uncond = model.encode_text([settings.negative_prompt] * n)
+    chunks = [settings.seeds[i:i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
+    uncond = {n: model.encode_text([settings.negative_prompt] * n) for n in {len(c) for c in chunks}}
     for prompt in prompts:
-        cond = model.encode_text([prompt] * n)
-        kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=uncond.hidden_states)
-        if cond.pooled is not None:
-            kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in settings.seeds]
-        out = pipe(
-            num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-            height=size, width=size, generator=generators, output_type="pil", **kwargs,
-        )
-        images.extend(out.images)
+        for seeds in chunks:
+            cond, neg = model.encode_text([prompt] * len(seeds)), uncond[len(seeds)]
+            kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=neg.hidden_states)
+            if cond.pooled is not None:
+                kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)
+            out = pipe(
+                num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=size, width=size,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil", **kwargs,
+            )
+            images.extend(out.images)
     return images
 
 

@@ -26,6 +26,9 @@ def test_invert_then_generate(tiny_dirs, concept_dir, tmp_path, capsys):
     assert code == 0
     grid = Image.open(png)
     assert grid.text["seeds"] == "[5, 6]" and "<red-disc> on the beach" in grid.text["prompts"]
+    assert main(["generate", "--model", "tiny-sd1", "--embedding", str(out), "--prompt", "<red-disc>",
+                 "--batch", "0", "--out", str(tmp_path / "none.png")]) == 2
+    assert "--batch" in _one_line_error(capsys) and not (tmp_path / "none.png").exists()
 
 
 def test_generate_two_concepts_in_one_prompt(tiny_dirs, concept_dir, tmp_path):
@@ -131,3 +134,28 @@ def test_toy_render(tmp_path, capsys):
     for folder in folders:
         assert len(list(folder.glob("*.png"))) == 3
         assert set(json.loads((folder / "concept.json").read_text())) == {"shape", "fill", "pattern", "outline"}
+
+
+def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
+    """Each image has its own seeded generator: the batch sets memory per pipeline call, not the
+    images (--select's round trip and the evaluation sample 8 at a time on SDXL too)."""
+    import numpy as np
+
+    from oneword.generate import SampleSettings, generate_images
+    from oneword.models import load_model
+
+    model = load_model("tiny-sd1")
+    assert model.pipeline.vae.use_slicing  # real families decode one image at a time
+    calls = []
+    pipe_call = type(model.pipeline).__call__
+    monkeypatch.setattr(type(model.pipeline), "__call__",
+                        lambda self, **kw: calls.append(len(kw["generator"])) or pipe_call(self, **kw))
+    prompts = ["a photo of a disc", "a disc on the beach"]
+    whole = generate_images(model, prompts, SampleSettings(steps=2, seeds=[3, 4, 5], batch=3))
+    split = generate_images(model, prompts, SampleSettings(steps=2, seeds=[3, 4, 5], batch=2))
+    assert calls == [3, 3, 2, 1, 2, 1]
+    for a, b in zip(whole, split, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    with pytest.raises(ValueError):
+        SampleSettings(batch=0)
+    assert load_model("toy").pipeline.vae.use_slicing is False  # the toy world's saved scores stay comparable
