@@ -11,7 +11,8 @@ scratch at its largest.
 
 ``--baseline`` pairs a new run with saved runs of the same concepts: a new encoder measured alone
 (``--scratch-budgets 0``) borrows their scratch rows (same concepts, seeds and samples, so the same
-scores), and every method both runs measured is compared concept by concept, new minus saved:
+scores), and every method both runs measured is compared concept by concept, new minus saved. A new
+run that measured scratch itself (a fresh draw pooled with the others) needs no baseline:
 
     python bench/pool_results.py runs/bench/new-draw0/results.json \
         --baseline docs/bench/results.json
@@ -49,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, seen, sampling = _pool(p, args.results)
     if args.baseline:
         saved, saved_names, saved_sampling = _pool(p, args.baseline)
-        if seen - saved_names:
-            p.error(f"the baseline lacks concepts of the new runs: {', '.join(sorted(seen - saved_names))}")
+        own = {r["concept"] for r in rows if r["method"] == "scratch" and r["steps"]}  # measured scratch itself
+        if seen - own - saved_names:
+            p.error(f"the baseline lacks concepts of the new runs: {', '.join(sorted(seen - own - saved_names))}")
         if sampling and saved_sampling and sampling != saved_sampling:
             p.error(f"the baseline sampled otherwise (samples, sample steps: {sorted(saved_sampling)} "
                     f"against {sorted(sampling)}); its scores cannot be paired")

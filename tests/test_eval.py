@@ -229,6 +229,12 @@ def test_pool_results_pairs_a_new_encoder_with_saved_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         pool([str(new), "--baseline", str(saved)])
     assert "lacks concepts" in capsys.readouterr().err
+    fresh = tmp_path / "fresh.json"  # a new draw that measured scratch itself pools beside the baseline
+    fresh.write_text(json.dumps({"rows": [{"method": "scratch", "concept": "c9", "steps": 500, "recon_oracle": 0.5},
+                                          {"method": "enc", "concept": "c9", "steps": 0, "recon_oracle": 0.7}]}))
+    new.write_text(json.dumps({"rows": new_rows}))
+    assert pool([str(new), str(fresh), "--baseline", str(saved)]) == 0
+    assert "enc @ 0 minus scratch @ 500 (3 concepts" in capsys.readouterr().out
 
 
 def test_summarize_means_over_concepts():
