@@ -466,8 +466,8 @@ def load_model(
             module.requires_grad_(False)
             module.eval()
     pipe.set_progress_bar_config(disable=True)
-    if model != "toy" and hasattr(pipe.vae, "enable_slicing"):
-        pipe.vae.enable_slicing()  # decode a batch one image at a time: SDXL's VAE at 1,024 px is the peak
     ldm = FrozenLDM(family or _detect_family(pipe, folder), pipe, model, dev, torch_dtype)
+    if ldm.family != "toy" and hasattr(pipe.vae, "enable_slicing"):
+        pipe.vae.enable_slicing()  # decode a batch one image at a time: SDXL's VAE at 1,024 px is the peak
     logger.info("loaded %s", ldm.describe())
     return ldm

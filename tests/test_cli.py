@@ -138,7 +138,8 @@ def test_toy_render(tmp_path, capsys):
 
 def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
     """Each image has its own seeded generator: the batch sets memory per pipeline call, not the
-    images (--select's round trip and the evaluation sample 8 at a time on SDXL too)."""
+    images (the evaluation and --select's round trip draw 8 images, 4 per call); on the toy model,
+    whose saved scores later runs are paired with, exactly the same images."""
     import numpy as np
 
     from oneword.generate import SampleSettings, generate_images
@@ -158,4 +159,8 @@ def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
     with pytest.raises(ValueError):
         SampleSettings(batch=0)
-    assert load_model("toy").pipeline.vae.use_slicing is False  # the toy world's saved scores stay comparable
+    toy = load_model("toy")
+    assert toy.pipeline.vae.use_slicing is False  # the toy decodes its batch at once, as when its scores were saved
+    eight = generate_images(toy, prompts, SampleSettings(steps=3, seeds=list(range(8)), batch=8))
+    fours = generate_images(toy, prompts, SampleSettings(steps=3, seeds=list(range(8))))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(eight, fours, strict=True))

@@ -270,9 +270,9 @@ def _encoder_file(tmp_path):
     return save_encoder(enc, tmp_path / "enc.safetensors")
 
 
-@pytest.mark.parametrize("refine,select", [(0, 0), (2, 0), (2, 1)])
+@pytest.mark.parametrize("refine,select", [(0, 2), (2, 0), (2, 1), (2, None)])
 def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, capsys):
-    from oneword.encoder.encode import REFINE_DEFAULTS, main
+    from oneword.encoder.encode import REFINE_DEFAULTS, main, select_samples
     from oneword.inversion.config import InversionConfig
     from oneword.inversion.embedding_io import load_embedding
     from tests.conftest import make_concept_images
@@ -281,8 +281,11 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, 
     out = tmp_path / "out"
     code = main([str(concept_dir), str(other), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc",
                  "--refine", str(refine), "--out", str(out), "--batch_size", "1", "--resolution", "32",
-                 "--views_per_image", "1", "--preview-steps", "2", "--no-progress", "--select", str(select)])
+                 "--views_per_image", "1", "--preview-steps", "2", "--no-progress",
+                 *(["--select", str(select)] if select is not None else [])])
     assert code == 0
+    assert ("without --refine it does nothing" in capsys.readouterr().err) == (select is not None and not refine)
+    select = select_samples(refine, select)  # omitted: the default round trip judges the refinement
     for name, token in (("concept", "<concept>"), ("other", "<other>")):
         run = out / name
         for f in ("learned_embeds.safetensors", f"{name}.safetensors", "preview.png", "report.md", "encode.json"):
