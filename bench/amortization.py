@@ -210,9 +210,8 @@ def _compare(args, rows: list[dict], summary: list[dict], methods: list, metrics
         for line in goal_gaps(rows, goal_pairs(rows, methods[1].name, args.compare_at), metrics):
             print(line)
     for method in methods[1:]:
-        if method.select_fn is not None:  # the kept word against scratch
-            chosen = (method.name + SELECT_SUFFIX, max(method.budgets))
-            for line in goal_gaps(rows, [(chosen, ("scratch", scratch_top))], metrics):
+        if method.select_fn is not None:  # the kept word against scratch (no rows at 0: only goal 2 prints)
+            for line in goal_gaps(rows, goal_pairs(rows, method.name + SELECT_SUFFIX, args.compare_at), metrics):
                 print(line)
 
 

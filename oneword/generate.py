@@ -69,10 +69,12 @@ def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSe
     size = settings.resolution or model.resolution
     images: list[Image.Image] = []
     chunks = [settings.seeds[i:i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
-    uncond = {n: model.encode_text([settings.negative_prompt] * n) for n in {len(c) for c in chunks}}
+    sizes = {len(c) for c in chunks}  # at most two: the full batch and the remainder
+    uncond = {n: model.encode_text([settings.negative_prompt] * n) for n in sizes}
     for prompt in prompts:
+        conds = {n: model.encode_text([prompt] * n) for n in sizes}
         for seeds in chunks:
-            cond, neg = model.encode_text([prompt] * len(seeds)), uncond[len(seeds)]
+            cond, neg = conds[len(seeds)], uncond[len(seeds)]
             kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=neg.hidden_states)
             if cond.pooled is not None:
                 kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)

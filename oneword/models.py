@@ -122,6 +122,11 @@ class TextConditioning:
     pooled: torch.Tensor | None = None
 
 
+def _rows(emb, ids: list[int]) -> torch.Tensor:
+    """Rows of ``emb.vectors`` (a placeholder embedding's new vectors) holding token ``ids``."""
+    return (torch.tensor(ids) - emb.first_new_id).to(emb.vectors.device)
+
+
 @dataclass
 class FrozenLDM:
     """A loaded diffusion model, frozen, with everything the inversion needs to know about it."""
@@ -229,11 +234,8 @@ class FrozenLDM:
 
     def vectors_of(self, token: str) -> list[torch.Tensor]:
         """Current fp32 vectors of ``token``: one ``[n, width]`` tensor per text encoder."""
-        out = []
-        for emb, ids in zip(self.placeholder_embeddings(), self.token_ids(token)):
-            rows = torch.tensor(ids) - emb.first_new_id
-            out.append(emb.vectors.detach()[rows.to(emb.vectors.device)].float().cpu().clone())
-        return out
+        return [emb.vectors.detach()[_rows(emb, ids)].float().cpu().clone()
+                for emb, ids in zip(self.placeholder_embeddings(), self.token_ids(token))]
 
     def set_vectors(self, token: str, vectors: list[torch.Tensor]) -> None:
         """Overwrite ``token``'s vectors (one ``[n, width]`` tensor per text encoder, as
@@ -241,9 +243,8 @@ class FrozenLDM:
         for emb, ids, vecs in zip(self.placeholder_embeddings(), self.token_ids(token), vectors, strict=True):
             if vecs.shape != (len(ids), emb.embedding_dim):
                 raise ValueError(f"vectors {tuple(vecs.shape)} do not fit ({len(ids)}, {emb.embedding_dim})")
-            rows = (torch.tensor(ids) - emb.first_new_id).to(emb.vectors.device)
             with torch.no_grad():
-                emb.vectors[rows] = vecs.to(emb.vectors.device, emb.vectors.dtype)
+                emb.vectors[_rows(emb, ids)] = vecs.to(emb.vectors.device, emb.vectors.dtype)
 
     def expand_prompt(self, prompt: str) -> str:
         """``"a <cat> toy"`` -> ``"a <cat> <cat>_1 <cat>_2 toy"`` for a 3-vector token."""

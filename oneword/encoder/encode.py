@@ -208,8 +208,7 @@ def _select(encoder, model, cfg, concept, prediction, samples: int):
     choice = keep_prediction_or_refined(encoder, model, cfg.token, concept.init, prediction, select_settings(samples))
     kept = "refined word" if choice.kept == "refined" else choice.kept
     print(f"{concept.name}: kept the {kept} (--select {samples}: round-trip distances "
-          + ", ".join(f"{k} {v:.4f}" for k, v in choice.distances.items()) + f"; {time.perf_counter() - t0:.1f} s)",
-          file=sys.stderr)
+          f"{choice.describe_distances()}; {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return choice
 
 
@@ -231,8 +230,7 @@ def _report(out: Path, concept, cfg, encoder: str, model: str, encode_s: float, 
             ("encoder time", f"{encode_s:.2f} s"), ("refinement", f"{refine} steps, {refine_s:.1f} s"),
             ("final loss", "–" if loss is None else f"{loss:.4f}")]
     if choice is not None:
-        rows += [("kept", choice.kept),
-                 ("round-trip distances", ", ".join(f"{k} {v:.4f}" for k, v in choice.distances.items()))]
+        rows += [("kept", choice.kept), ("round-trip distances", choice.describe_distances())]
     text = "# ti-encode report\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
     atomic_write_text(out / "encode.json", json.dumps(dict(rows), indent=1) + "\n")
     return atomic_write_text(out / "report.md", text + "\n![preview](preview.png)\n")
