@@ -282,7 +282,7 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, 
     code = main([str(concept_dir), str(other), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc",
                  "--refine", str(refine), "--out", str(out), "--batch_size", "1", "--resolution", "32",
                  "--views_per_image", "1", "--preview-steps", "2", "--no-progress",
-                 *(["--select", str(select)] if select is not None else [])])
+                 "--sample-batch", "3", *(["--select", str(select)] if select is not None else [])])
     assert code == 0
     assert ("without --refine it does nothing" in capsys.readouterr().err) == (select is not None and not refine)
     select = select_samples(refine, select)  # omitted: the default round trip judges the refinement
@@ -331,6 +331,9 @@ def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):
     assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "2", "--select", "-1",
                  "--out", str(tmp_path / "neg")]) == 2
     assert "--select" in capsys.readouterr().err and not (tmp_path / "neg").exists()  # nothing written
+    assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "2", "--sample-batch", "0",
+                 "--out", str(tmp_path / "nob")]) == 2
+    assert "--sample-batch" in capsys.readouterr().err and not (tmp_path / "nob").exists()
 
 
 def test_ti_data_shards(tmp_path, capsys):

@@ -3,6 +3,7 @@ curve harness and its report, curation, and `ti eval` / `ti generate --curate` e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def test_scorer_is_deterministic_and_bounded(tiny_dirs, concept_dir):
     concept = load_concept(concept_dir, init="disc")
     a, b = scorer.score("disc", concept), scorer.score("disc", concept)
     assert a == b
+    # one sample per pipeline call draws the same images (each has its own seeded generator)
+    one = Scorer(model, dataclasses.replace(settings, batch=1), load_space("random")).score("disc", concept)
+    assert one.recon_clip == pytest.approx(a.recon_clip, abs=1e-3)
+    assert one.edit_clip == pytest.approx(a.edit_clip, abs=1e-3)
     assert -1 <= a.recon_clip <= 1 and -1 <= a.edit_clip <= 1 and a.recon_oracle is None
     real = scorer.real_images(concept)
     assert -1 <= real.recon_clip <= 1 and real.edit_clip is None
@@ -283,7 +288,7 @@ def test_ti_eval_curve_and_score(tiny_dirs, concept_dir, tmp_path, capsys):
                  "--no-progress", "--out", str(run)]) == 0
     capsys.readouterr()
     assert main(["eval", "score", str(run / "red-disc.safetensors"), "--concept", str(concept_dir),
-                 "--model", "tiny-sd1", *TINY_EVAL, "--edit-prompt", "a sketch of {}"]) == 0
+                 "--model", "tiny-sd1", *TINY_EVAL, "--edit-prompt", "a sketch of {}", "--sample-batch", "1"]) == 0
     printed = capsys.readouterr().out
     assert "| red-disc.safetensors | 1 |" in printed and "real images" in printed
 
@@ -294,6 +299,9 @@ def test_ti_eval_errors(tiny_dirs, concept_dir, capsys):
     assert main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", "--init", "disc",
                  "--variant", "x:bogus=1", *TINY_EVAL]) == 2
     assert "bogus" in capsys.readouterr().err
+    assert main(["eval", "score", str(concept_dir), "--concept", str(concept_dir), "--model", "tiny-sd1",
+                 *TINY_EVAL, "--sample-batch", "0"]) == 2
+    assert "batch must be at least 1" in capsys.readouterr().err  # one line, before any sampling
 
 
 def test_generate_curate(tiny_dirs, concept_dir, tmp_path):

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"closer to the references from N fresh samples of each (default: {DEFAULT_SELECT} with "
                         "--refine; 0 always keeps the refined word)")
     p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (0: none)")
+    p.add_argument("--sample-batch", type=int, default=4, metavar="N",
+                   help="images per pipeline call in the round trip and the preview (default: 4; lower it if "
+                        "the GPU runs out of memory: the images and the choice stay the same)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_dataclass_options(p, InversionConfig, skip=PER_RUN_FIELDS | {"num_vectors"}, defaults=REFINE_DEFAULTS)
@@ -112,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise OneWordError("--refine must be 0 or more")
     if args.select is not None and args.select < 0:
         raise OneWordError("--select must be 0 or more")
+    if args.sample_batch < 1:
+        raise OneWordError("--sample-batch must be at least 1")
     if args.select and not args.refine:
         print("--select chooses between the prediction and its refinement: without --refine it does nothing",
               file=sys.stderr)
@@ -164,13 +169,13 @@ def run(args: argparse.Namespace) -> int:
                                 extra_metadata={"oneword.encoder": str(enc_path), "oneword.refine": str(args.refine)})
             refine_s, loss, files = time.perf_counter() - t1, res.final_loss, res.files
             if args.select:
-                choice = _select(encoder, work_model, cfg, concept, vectors, args.select)
+                choice = _select(encoder, work_model, cfg, concept, vectors, args.select, args.sample_batch)
                 if choice.kept == "prediction":  # the refined word stays in checkpoints/
                     saved = _save_word(work_model, cfg, concept, vectors, out, str(enc_path),
                                        f"{args.refine} (the prediction kept by --select)")
                     files = list(dict.fromkeys([*files, *saved]))
         if args.preview_steps:
-            files.append(_preview(work_model, cfg.token, out, args.preview_steps))
+            files.append(_preview(work_model, cfg.token, out, args.preview_steps, args.sample_batch))
         files.append(_report(out, concept, cfg, str(enc_path), model_name, encode_s / n, args.refine, refine_s, loss,
                              choice))
         print(f"{concept.name}: {cfg.token} -> {out}", file=sys.stderr)
@@ -199,25 +204,26 @@ def _save_word(model, cfg, concept, vectors, out: Path, encoder: str, refine: st
     return [*save_diffusers(emb, out), save_single_file(emb, out / f"{safe_file_stem(cfg.token)}.safetensors")]
 
 
-def _select(encoder, model, cfg, concept, prediction, samples: int):
+def _select(encoder, model, cfg, concept, prediction, samples: int, batch: int):
     """Keep the prediction or the refined word on ``cfg.token``, whichever the encoder's round trip
     (:mod:`oneword.encoder.select`) finds closer to the references."""
     from oneword.encoder.select import keep_prediction_or_refined, select_settings
 
     t0 = time.perf_counter()
-    choice = keep_prediction_or_refined(encoder, model, cfg.token, concept.init, prediction, select_settings(samples))
+    choice = keep_prediction_or_refined(encoder, model, cfg.token, concept.init, prediction,
+                                        select_settings(samples, batch=batch))
     kept = "refined word" if choice.kept == "refined" else choice.kept
     print(f"{concept.name}: kept the {kept} (--select {samples}: round-trip distances "
           f"{choice.describe_distances()}; {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return choice
 
 
-def _preview(model, token: str, out: Path, steps: int) -> Path:
+def _preview(model, token: str, out: Path, steps: int, batch: int) -> Path:
     from oneword.generate import SampleSettings, render_grid
 
     second = "a photo of {} on a teal background" if model.family == "toy" else "a painting of {} on the beach"
     prompts = [p.format(token) for p in ("a photo of {}", second)]
-    return render_grid(model, prompts, SampleSettings(steps=steps, seeds=[0, 1, 2, 3]), out / "preview.png",
+    return render_grid(model, prompts, SampleSettings(steps=steps, seeds=[0, 1, 2, 3], batch=batch), out / "preview.png",
                        {"token": token})
 
 

@@ -35,11 +35,13 @@ class Choice:
         return ", ".join(f"{name} {d:.4f}" for name, d in self.distances.items())
 
 
-def select_settings(samples: int, steps: int = 25, guidance: float = 5.0) -> SampleSettings:
-    """``samples`` fresh samples (seeds from :data:`SELECT_SEED`) for the round trip."""
+def select_settings(samples: int, steps: int = 25, guidance: float = 5.0, batch: int = 4) -> SampleSettings:
+    """``samples`` fresh samples (seeds from :data:`SELECT_SEED`) for the round trip, ``batch`` per
+    pipeline call."""
     if samples < 1:
         raise ValueError(f"the round trip needs at least one sample, got {samples}")
-    return SampleSettings(steps=steps, guidance=guidance, seeds=list(range(SELECT_SEED, SELECT_SEED + samples)))
+    return SampleSettings(steps=steps, guidance=guidance, seeds=list(range(SELECT_SEED, SELECT_SEED + samples)),
+                          batch=batch)
 
 
 def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

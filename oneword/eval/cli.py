@@ -25,6 +25,9 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (overrides the preset)")
     p.add_argument("--sample-steps", type=int, default=None, help="denoising steps (overrides the preset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (overrides the preset)")
+    p.add_argument("--sample-batch", type=int, default=None, metavar="N",
+                   help="samples per pipeline call (default: 4; lower it if the GPU runs out of memory: the "
+                        "samples and scores stay the same)")
     p.add_argument("--edit-prompt", nargs="+", default=None, metavar="PROMPT",
                    help="edit prompts with {} for the pseudo-word (default: the paper's kinds, or toy backgrounds)")
     p.add_argument("--out", default=None, help="folder for results.json/.md and the plots")
@@ -67,8 +70,11 @@ def _settings(args: argparse.Namespace, model):
 
     base = PRESETS[args.preset or default_preset(model)]
     over = {"samples": args.samples, "steps": args.sample_steps, "guidance": args.guidance,
-            "edit_prompts": args.edit_prompt}
-    return dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
+            "batch": args.sample_batch, "edit_prompts": args.edit_prompt}
+    try:
+        return dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
+    except ValueError as err:
+        raise OneWordError(str(err)) from None
 
 
 def _scorer_factory(args: argparse.Namespace, probe):

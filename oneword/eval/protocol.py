@@ -66,20 +66,23 @@ class EvalSettings:
     """Classifier-free guidance scale."""
     seed: int = 0
     """Sample ``i`` of every prompt uses seed ``seed + i``."""
+    batch: int = 4
+    """Samples per pipeline call; the samples do not depend on it (each has its own seeded
+    generator), only the memory does."""
     edit_prompts: list[str] = field(default_factory=list)
     """Edit prompts with ``{}`` for the pseudo-word; default: :data:`EDIT_PROMPTS` (real models)
     or the toy backgrounds (toy model)."""
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.steps < 1:
-            raise ValueError("samples and steps must be at least 1")
+        if self.samples < 1 or self.steps < 1 or self.batch < 1:
+            raise ValueError("samples, steps and batch must be at least 1")
         bad = [p for p in self.edit_prompts if "{}" not in p]
         if bad:
             raise ValueError(f"edit prompts need {{}} where the pseudo-word goes: {bad[0]!r}")
 
     def sampling(self) -> SampleSettings:
         return SampleSettings(steps=self.steps, guidance=self.guidance,
-                              seeds=list(range(self.seed, self.seed + self.samples)))
+                              seeds=list(range(self.seed, self.seed + self.samples)), batch=self.batch)
 
 
 PRESETS: dict[str, EvalSettings] = {
