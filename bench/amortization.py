@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-select", type=int, default=0, metavar="N",
                    help="also score, at the largest encoder budget, the word kept by ti-encode's --select N round "
                         "trip (the prediction or its refinement, by N fresh samples; default: 0, off)")
+    p.add_argument("--select-among", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="with --refine-select: the encoder budgets whose words the round trip judges (default: 0 "
+                        "and the largest, as ti-encode); the row records every one's distance, so "
+                        "bench/pool_results.py --select-among can score any subset afterwards")
     p.add_argument("--quick", action="store_true",
                    help="bounded run for make bench: 2 concepts, budgets 0/100/300/1000 vs 0/50, 4 samples")
     p.add_argument("--out", default="runs/bench/amortization", help="results folder")
@@ -95,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         args.scratch_budgets, args.encoder_budgets, args.compare_at = [0, 100, 300, 1000], [0, 50], 300
     if args.threads:
         torch.set_num_threads(args.threads)
+    enc_top = max(args.encoder_budgets)
+    among = sorted(set(args.select_among or [0, enc_top]))
+    if not set(among) <= set(args.encoder_budgets) or among[0] != 0:
+        p.error("--select-among takes encoder budgets (--encoder-budgets), 0 among them: the prediction is the "
+                "round trip's target")
 
     from oneword.encoder.encode import SHIPPED
     from oneword.encoder.model import load_encoder, predict_embeddings
@@ -128,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
         select = None
         if args.refine_select > 0:
-            from oneword.encoder.select import keep_prediction_or_refined, select_settings
+            from oneword.encoder.select import choose_word, select_settings
+            from oneword.eval.curves import candidate_name
 
-            def select(model, concept, token, start):
-                return keep_prediction_or_refined(encoder, model, token, concept.init, start, select_settings(
-                    args.refine_select, settings.steps, settings.guidance)).kept
+            def select(model, concept, token, words):  # as ti-encode's keep_prediction_or_refined for 0 + top
+                return choose_word(encoder, model, token, concept.init, words[0],
+                                   {candidate_name(b, enc_top): words[b] for b in among},
+                                   select_settings(args.refine_select, settings.steps, settings.guidance))
 
         for sched, lr, reg, batch in itertools.product(args.refine_schedule, args.refine_base_lr,
                                                        args.refine_reg_weight, args.refine_batch_size):
@@ -153,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             "methods": [[m.name, list(m.budgets or ()), m.overrides] for m in methods]}
     if args.refine_select:  # only then, so that earlier runs' progress files still match their plans
         plan["select"] = args.refine_select
+        if among != [0, enc_top]:
+            plan["select_among"] = among
     try:
         rows, took = load_progress(out / PROGRESS, plan)
     except ValueError as err:

@@ -46,8 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", nargs="+", default=[], metavar="RESULTS",
                    help="saved runs of the same concepts (disjoint draws among themselves): rows the new runs "
                         "lack are taken from them, and methods both measured are compared, new minus saved")
+    p.add_argument("--select-among", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="score the round-trip selection as if it had judged only the words at these encoder budgets "
+                        "(runs measured with bench/amortization.py --select-among; e.g. 0 50 200)")
     args = p.parse_args(argv)
     rows, seen, sampling = _pool(p, args.results)
+    if args.select_among:
+        from oneword.eval.curves import reselect
+
+        try:
+            rows = reselect(rows, args.select_among)
+        except ValueError as err:
+            p.error(str(err))
     if args.baseline:
         saved, saved_names, saved_sampling = _pool(p, args.baseline)
         own = {r["concept"] for r in rows if r["method"] == "scratch" and r["steps"]}  # measured scratch itself

@@ -182,6 +182,43 @@ def test_select_pairs_compare_the_kept_word_with_always_refining():
     assert select_pairs([r for r in rows if SELECT_SUFFIX not in r["method"]]) == []
 
 
+def _select_run(kept_scores):
+    """Rows of an encoder run to 200 steps with a round trip that measured 0, 50 and 200."""
+    from oneword.eval.curves import SELECT_SUFFIX
+
+    rows = []
+    for c, (at0, at50, at200) in kept_scores.items():
+        rows += [{"method": "scratch", "concept": c, "steps": 500, "recon_oracle": 0.5}]
+        rows += [{"method": "e", "concept": c, "steps": b, "seconds": b / 10, "recon_oracle": x}
+                 for b, x in ((0, at0), (50, at50), (200, at200))]
+        # c0's round trip prefers the 50-step word, then the prediction; c1's the 200-step word
+        d = {"prediction": 0.2, "refined@50": 0.1, "refined": 0.3} if c == "c0" else \
+            {"prediction": 0.3, "refined@50": 0.2, "refined": 0.1}
+        rows.append({"method": "e" + SELECT_SUFFIX, "concept": c, "steps": 200, "seconds": 21.5,
+                     "kept": min(d, key=d.get), "distances": d,
+                     "select_seconds": {"prediction": 0.5, "refined@50": 0.5, "refined": 0.5},
+                     "recon_oracle": {"c0": at50, "c1": at200}[c]})
+    return rows
+
+
+def test_reselect_scores_a_smaller_candidate_set_from_recorded_distances():
+    from oneword.eval.curves import SELECT_SUFFIX, candidate_name, reselect
+
+    assert [candidate_name(b, 200) for b in (0, 50, 200)] == ["prediction", "refined@50", "refined"]
+    rows = _select_run({"c0": (0.6, 0.7, 0.8), "c1": (0.6, 0.65, 0.9)})
+    assert reselect(rows, [0, 50, 200]) == rows  # the set it was measured with: the same choice and row
+    two = {r["concept"]: r for r in reselect(rows, [0, 200]) if r["method"] == "e" + SELECT_SUFFIX}
+    assert two["c0"]["kept"] == "prediction" and two["c0"]["recon_oracle"] == 0.6  # the 50-step word is out
+    assert two["c1"]["kept"] == "refined" and two["c1"]["recon_oracle"] == 0.9
+    assert two["c0"]["steps"] == 200 and two["c0"]["seconds"] == 21.0  # 20 s refining + 2 round trips
+    short = {r["concept"]: r for r in reselect(rows, [50, 0]) if r["method"] == "e" + SELECT_SUFFIX}
+    assert short["c1"]["kept"] == "refined@50" and short["c1"]["steps"] == 50 and short["c1"]["seconds"] == 6.0
+    with pytest.raises(ValueError, match="refined@100"):
+        reselect(rows, [0, 100])  # never measured
+    with pytest.raises(ValueError, match="no round trip"):
+        reselect([{**r, "distances": None} for r in rows], [0, 200])  # a run from before --select-among
+
+
 def test_pool_results_pools_disjoint_draws(tmp_path, capsys):
     import runpy
 
@@ -240,6 +277,21 @@ def test_pool_results_pairs_a_new_encoder_with_saved_runs(tmp_path, capsys):
     new.write_text(json.dumps({"rows": new_rows}))
     assert pool([str(new), str(fresh), "--baseline", str(saved)]) == 0
     assert "enc @ 0 minus scratch @ 500 (3 concepts" in capsys.readouterr().out
+
+
+def test_pool_results_select_among(tmp_path, capsys):
+    import runpy
+
+    pool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "pool_results.py"))["main"]
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"rows": _select_run({"c0": (0.6, 0.7, 0.8), "c1": (0.6, 0.65, 0.9)})}))
+    assert pool([str(run)]) == 0
+    assert "e + select @ 200 minus e @ 200 (2 concepts, 95% interval): recon_oracle -0.050" in capsys.readouterr().out
+    assert pool([str(run), "--select-among", "0", "200"]) == 0  # c0 keeps its prediction instead
+    assert "e + select @ 200 minus e @ 200 (2 concepts, 95% interval): recon_oracle -0.100" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pool([str(run), "--select-among", "0", "100"])
+    assert "refined@100" in capsys.readouterr().err
 
 
 def test_summarize_means_over_concepts():
@@ -342,23 +394,38 @@ def test_amortization_progress_resumes_only_the_same_plan(tmp_path):
         load(path, plan)
 
 
+def test_amortization_select_among_takes_encoder_budgets(capsys):
+    import runpy
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "amortization.py"))["main"]
+    for among in (["0", "100"], ["50", "200"]):  # not an encoder budget; no prediction to aim at
+        with pytest.raises(SystemExit):
+            main(["--encoder-budgets", "0", "50", "200", "--refine-select", "8", "--select-among", *among])
+        assert "--select-among takes encoder budgets" in capsys.readouterr().err
+
+
 def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
+    from oneword.encoder.select import Choice
     from oneword.eval.curves import SELECT_SUFFIX
 
     concept = load_concept(concept_dir, init="disc")
     base = InversionConfig(token="<x>", init="disc", batch_size=1, resolution=32, views_per_image=1, base_lr=0.05)
     settings = EvalSettings(samples=2, steps=2, edit_prompts=["a sketch of {}"])
 
-    def keep_start(model, concept, token, start):
-        model.set_vectors(token, start)
-        return "prediction"
+    seen = {}
+
+    def keep_start(model, concept, token, words):
+        seen.update(words)
+        model.set_vectors(token, words[0])
+        return Choice("prediction", {"prediction": 0.1, "refined": 0.2}, {"prediction": 1.0, "refined": 1.0})
 
     start = Method("enc", init_fn=lambda m, c: m.initializer_vectors("disc", 1), budgets=(0, 2), select_fn=keep_start)
     rows = run_curve(lambda: load_model("tiny-sd1"), [concept], base, [Method("scratch", budgets=(0,)), start], [0],
                      lambda m: Scorer(m, settings, load_space("random")), progress=False)
     by = {(r["method"], r["steps"]): r for r in rows}
     chosen = by[("enc" + SELECT_SUFFIX, 2)]
-    assert chosen["kept"] == "prediction"
+    assert chosen["kept"] == "prediction" and chosen["distances"] == {"prediction": 0.1, "refined": 0.2}
+    assert sorted(seen) == [0, 2] and not torch.equal(seen[0][0], seen[2][0])  # the word at each budget
     assert chosen["recon_clip"] == by[("enc", 0)]["recon_clip"] != by[("enc", 2)]["recon_clip"]
     assert chosen["seconds"] >= by[("enc", 2)]["seconds"]
     assert ("scratch" + SELECT_SUFFIX, 0) not in by  # no starting word to go back to

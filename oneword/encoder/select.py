@@ -11,8 +11,9 @@ trip lands closest to its prediction from the reference images. The samples use 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -29,6 +30,8 @@ class Choice:
 
     kept: str
     distances: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Each candidate's round trip, in seconds."""
 
     def describe_distances(self) -> str:
         """``"prediction 0.0075, refined 0.0089"``: for logs and reports."""
@@ -71,13 +74,15 @@ def choose_word(encoder, model, token: str, init: str, target: Sequence[torch.Te
     distance there (the first on ties)."""
     if not candidates:
         raise ValueError("no candidate words to choose from")
-    distances = {}
+    distances, seconds = {}, {}
     for name, vectors in candidates.items():
+        t0 = time.perf_counter()
         model.set_vectors(token, list(vectors))
         distances[name] = round_trip_distance(encoder, model, token, init, target, settings)
+        seconds[name] = round(time.perf_counter() - t0, 3)
     kept = min(distances, key=distances.__getitem__)
     model.set_vectors(token, list(candidates[kept]))
-    return Choice(kept, distances)
+    return Choice(kept, distances, seconds)
 
 
 def keep_prediction_or_refined(encoder, model, token: str, init: str, prediction: Sequence[torch.Tensor],

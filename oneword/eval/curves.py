@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -22,18 +23,59 @@ from oneword.inversion.config import InversionConfig
 from oneword.inversion.train import Inversion
 from oneword.models import FrozenLDM
 
+if TYPE_CHECKING:
+    from oneword.encoder.select import Choice
+
 logger = logging.getLogger(__name__)
 
 #: What the paper-scale curve scores (the issue's budgets).
 DEFAULT_BUDGETS: tuple[int, ...] = (0, 50, 100, 200, 500, 1000, 2000, 3000)
 
 InitFn = Callable[[FrozenLDM, ConceptRef], list[torch.Tensor]]
-SelectFn = Callable[[FrozenLDM, ConceptRef, str, list[torch.Tensor]], str]
-"""``(model, concept, token, starting vectors) -> name of the word kept``: leaves the chosen
-vectors on ``token`` (e.g. the encoder's prediction or its refinement)."""
+SelectFn = Callable[[FrozenLDM, ConceptRef, str, dict[int, list[torch.Tensor]]], "Choice"]
+"""``(model, concept, token, {budget: vectors}) -> Choice``: given the word at each of the method's
+budgets (0: the starting vectors, e.g. the encoder's prediction), leaves the chosen vectors on
+``token`` and says which it kept and every candidate's round-trip distance and seconds."""
 
 #: Appended to a method's name for its rows after a ``select_fn``.
 SELECT_SUFFIX = " + select"
+
+
+def candidate_name(budget: int, top: int) -> str:
+    """A select row's name for the word at ``budget`` of a refinement run to ``top`` steps:
+    ``prediction`` (0), ``refined`` (``top``, as ti-encode calls it) or ``refined@<budget>``."""
+    return "prediction" if budget == 0 else "refined" if budget == top else f"refined@{budget}"
+
+
+def reselect(rows: Sequence[dict], among: Sequence[int]) -> list[dict]:
+    """``rows`` with every select row chosen again among the words at budgets ``among`` only, from
+    the round-trip distances the row recorded (each candidate's round trip is independent of the
+    others, so the choice is the one a run among ``among`` would make). The new row copies the
+    kept budget's scores (the same word and seeds score the same), sits at ``max(among)`` steps, and
+    its seconds are the refinement's to ``max(among)`` plus those candidates' round trips. With a
+    constant learning rate the word at 50 steps of a 200-step run is a 50-step refinement's word."""
+    among = sorted(set(among))
+    if not among or among[0] < 0:
+        raise ValueError("--select-among needs non-negative budgets")
+    at = {(r["method"], r["concept"], r["steps"]): r for r in rows}
+    out = []
+    for r in rows:
+        base = r["method"].removesuffix(SELECT_SUFFIX)
+        if base == r["method"]:
+            out.append(r)
+            continue
+        names = {candidate_name(b, r["steps"]): b for b in among}
+        missing = [n for n in names if n not in (r.get("distances") or {}) or (base, r["concept"], names[n]) not in at]
+        if missing:
+            raise ValueError(f"{r['concept']}: {base!r} has no round trip or scores of {', '.join(missing)}; "
+                             "measure them with bench/amortization.py --select-among")
+        kept = min(names, key=r["distances"].__getitem__)
+        end = at[(base, r["concept"], among[-1])]
+        out.append({**at[(base, r["concept"], names[kept])], "method": r["method"], "steps": among[-1],
+                    "seconds": round(end["seconds"] + sum(r["select_seconds"][n] for n in names), 3),
+                    "kept": kept, "distances": {n: r["distances"][n] for n in names},
+                    "select_seconds": {n: r["select_seconds"][n] for n in names}})
+    return out
 
 
 @dataclass
@@ -48,7 +90,8 @@ class Method:
     """This method's own budgets (default: the harness's)."""
     select_fn: SelectFn | None = None
     """Run after the largest budget (methods with an ``init_fn`` only); scored as one more row,
-    ``name + SELECT_SUFFIX`` at the largest budget, its seconds including the selection's."""
+    ``name + SELECT_SUFFIX`` at the largest budget, its seconds including the selection's, with
+    the choice's ``kept``, ``distances`` and ``select_seconds`` (see :func:`reselect`)."""
 
 
 def parse_variant(text: str) -> Method:
@@ -115,21 +158,25 @@ def run_curve(
             start = method.init_fn(model, concept) if method.init_fn else None
             inv = Inversion(model, concept.images, cfg, start)
             elapsed = time.perf_counter() - t0
+            words: dict[int, list[torch.Tensor]] = {}
             for budget in plans[j]:
                 t0 = time.perf_counter()
                 while inv.step < budget:
                     inv.train_step()
                     bar.update(1)
                 elapsed += time.perf_counter() - t0
+                if method.select_fn is not None:
+                    words[budget] = list(start) if budget == 0 and start is not None else model.vectors_of(token)
                 scores = scorer.score(token, concept)
                 rows.append({"method": method.name, "concept": concept.name, "steps": budget,
                              "seconds": round(elapsed, 3), **scores.as_dict()})
                 logger.info("%s %s @%d: %s", method.name, concept.name, budget, scores.as_dict())
             if method.select_fn is not None and start is not None:
                 t0 = time.perf_counter()
-                kept = method.select_fn(model, concept, token, start)
+                choice = method.select_fn(model, concept, token, words)
                 elapsed += time.perf_counter() - t0
                 rows.append({"method": method.name + SELECT_SUFFIX, "concept": concept.name, "steps": plans[j][-1],
-                             "seconds": round(elapsed, 3), "kept": kept, **scorer.score(token, concept).as_dict()})
+                             "seconds": round(elapsed, 3), "kept": choice.kept, "distances": choice.distances,
+                             "select_seconds": choice.seconds, **scorer.score(token, concept).as_dict()})
     bar.close()
     return rows
