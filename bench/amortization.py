@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     enc_top = max(args.encoder_budgets)
-    among = sorted(set(args.select_among or [0, enc_top]))
-    if not set(among) <= set(args.encoder_budgets) or among[0] != 0:
+    default_among = sorted({0, enc_top})
+    among = sorted(set(args.select_among or default_among))
+    if args.select_among and not args.refine_select:
+        p.error("--select-among needs --refine-select N (the round trip's samples)")
+    if args.refine_select and (not set(among) <= set(args.encoder_budgets) | {0} or among[0] != 0):
         p.error("--select-among takes encoder budgets (--encoder-budgets), 0 among them: the prediction is the "
                 "round trip's target")
 
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "methods": [[m.name, list(m.budgets or ()), m.overrides] for m in methods]}
     if args.refine_select:  # only then, so that earlier runs' progress files still match their plans
         plan["select"] = args.refine_select
-        if among != [0, enc_top]:
+        if among != default_among:
             plan["select_among"] = among
     try:
         rows, took = load_progress(out / PROGRESS, plan)

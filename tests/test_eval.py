@@ -217,6 +217,10 @@ def test_reselect_scores_a_smaller_candidate_set_from_recorded_distances():
         reselect(rows, [0, 100])  # never measured
     with pytest.raises(ValueError, match="no round trip"):
         reselect([{**r, "distances": None} for r in rows], [0, 200])  # a run from before --select-among
+    with pytest.raises(ValueError, match="no round trip"):
+        reselect([{k: v for k, v in r.items() if k != "select_seconds"} for r in rows], [0, 200])
+    with pytest.raises(ValueError, match="no round-trip selection rows"):
+        reselect([r for r in rows if r["method"] == "e"], [0, 200])
 
 
 def test_pool_results_pools_disjoint_draws(tmp_path, capsys):
@@ -402,6 +406,9 @@ def test_amortization_select_among_takes_encoder_budgets(capsys):
         with pytest.raises(SystemExit):
             main(["--encoder-budgets", "0", "50", "200", "--refine-select", "8", "--select-among", *among])
         assert "--select-among takes encoder budgets" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--encoder-budgets", "0", "50", "--select-among", "0", "50"])  # nothing would judge them
+    assert "needs --refine-select" in capsys.readouterr().err
 
 
 def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
@@ -419,13 +426,15 @@ def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
         model.set_vectors(token, words[0])
         return Choice("prediction", {"prediction": 0.1, "refined": 0.2}, {"prediction": 1.0, "refined": 1.0})
 
-    start = Method("enc", init_fn=lambda m, c: m.initializer_vectors("disc", 1), budgets=(0, 2), select_fn=keep_start)
+    start = Method("enc", init_fn=lambda m, c: m.initializer_vectors("disc", 1), budgets=(0, 1, 2),
+                   select_fn=keep_start)
     rows = run_curve(lambda: load_model("tiny-sd1"), [concept], base, [Method("scratch", budgets=(0,)), start], [0],
                      lambda m: Scorer(m, settings, load_space("random")), progress=False)
     by = {(r["method"], r["steps"]): r for r in rows}
     chosen = by[("enc" + SELECT_SUFFIX, 2)]
     assert chosen["kept"] == "prediction" and chosen["distances"] == {"prediction": 0.1, "refined": 0.2}
-    assert sorted(seen) == [0, 2] and not torch.equal(seen[0][0], seen[2][0])  # the word at each budget
+    assert sorted(seen) == [0, 1, 2]  # the word at each budget, copied when it was reached
+    assert not torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[1][0], seen[2][0])
     assert chosen["recon_clip"] == by[("enc", 0)]["recon_clip"] != by[("enc", 2)]["recon_clip"]
     assert chosen["seconds"] >= by[("enc", 2)]["seconds"]
     assert ("scratch" + SELECT_SUFFIX, 0) not in by  # no starting word to go back to

@@ -53,11 +53,14 @@ def reselect(rows: Sequence[dict], among: Sequence[int]) -> list[dict]:
     others, so the choice is the one a run among ``among`` would make). The new row copies the
     kept budget's scores (the same word and seeds score the same), sits at ``max(among)`` steps, and
     its seconds are the refinement's to ``max(among)`` plus those candidates' round trips. With a
-    constant learning rate the word at 50 steps of a 200-step run is a 50-step refinement's word."""
+    constant learning rate the word at 50 steps of a 200-step run is a 50-step refinement's word;
+    with a cosine schedule it is not (the curve's own rows share that caveat)."""
     among = sorted(set(among))
     if not among or among[0] < 0:
         raise ValueError("--select-among needs non-negative budgets")
     at = {(r["method"], r["concept"], r["steps"]): r for r in rows}
+    if not any(r["method"].endswith(SELECT_SUFFIX) for r in rows):
+        raise ValueError("no round-trip selection rows to choose again (bench/amortization.py --refine-select)")
     out = []
     for r in rows:
         base = r["method"].removesuffix(SELECT_SUFFIX)
@@ -65,7 +68,8 @@ def reselect(rows: Sequence[dict], among: Sequence[int]) -> list[dict]:
             out.append(r)
             continue
         names = {candidate_name(b, r["steps"]): b for b in among}
-        missing = [n for n in names if n not in (r.get("distances") or {}) or (base, r["concept"], names[n]) not in at]
+        measured = set(r.get("distances") or {}) & set(r.get("select_seconds") or {})
+        missing = [n for n in names if n not in measured or (base, r["concept"], names[n]) not in at]
         if missing:
             raise ValueError(f"{r['concept']}: {base!r} has no round trip or scores of {', '.join(missing)}; "
                              "measure them with bench/amortization.py --select-among")
@@ -158,15 +162,15 @@ def run_curve(
             start = method.init_fn(model, concept) if method.init_fn else None
             inv = Inversion(model, concept.images, cfg, start)
             elapsed = time.perf_counter() - t0
-            words: dict[int, list[torch.Tensor]] = {}
+            words: dict[int, list[torch.Tensor]] = {} if start is None else {0: list(start)}
             for budget in plans[j]:
                 t0 = time.perf_counter()
                 while inv.step < budget:
                     inv.train_step()
                     bar.update(1)
                 elapsed += time.perf_counter() - t0
-                if method.select_fn is not None:
-                    words[budget] = list(start) if budget == 0 and start is not None else model.vectors_of(token)
+                if method.select_fn is not None and budget:
+                    words[budget] = model.vectors_of(token)
                 scores = scorer.score(token, concept)
                 rows.append({"method": method.name, "concept": concept.name, "steps": budget,
                              "seconds": round(elapsed, 3), **scores.as_dict()})
