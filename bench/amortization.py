@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
         select = None
         if args.refine_select > 0:
-            from oneword.encoder.select import choose_word, select_settings
-            from oneword.eval.curves import candidate_name
+            from oneword.encoder.select import candidate_name, choose_word, select_settings
 
             def select(model, concept, token, words):  # as ti-encode's keep_prediction_or_refined for 0 + top
                 return choose_word(encoder, model, token, concept.init, words[0],

@@ -202,7 +202,8 @@ def _select_run(kept_scores):
 
 
 def test_reselect_scores_a_smaller_candidate_set_from_recorded_distances():
-    from oneword.eval.curves import SELECT_SUFFIX, candidate_name, reselect
+    from oneword.encoder.select import candidate_name
+    from oneword.eval.curves import SELECT_SUFFIX, reselect
 
     assert [candidate_name(b, 200) for b in (0, 50, 200)] == ["prediction", "refined@50", "refined"]
     rows = _select_run({"c0": (0.6, 0.7, 0.8), "c1": (0.6, 0.65, 0.9)})

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from oneword.encoder.model import check_fits, load_encoder, predict_embeddings
+    from oneword.encoder.select import PREDICTION
     from oneword.eval.protocol import load_concept
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
     from oneword.inversion.train import safe_file_stem
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             refine_s, loss, files = time.perf_counter() - t1, res.final_loss, res.files
             if args.select:
                 choice = _select(encoder, work_model, cfg, concept, vectors, args.select, args.sample_batch)
-                if choice.kept == "prediction":  # the refined word stays in checkpoints/
+                if choice.kept == PREDICTION:  # the refined word stays in checkpoints/
                     saved = _save_word(work_model, cfg, concept, vectors, out, str(enc_path),
                                        f"{args.refine} (the prediction kept by --select)")
                     files = list(dict.fromkeys([*files, *saved]))
@@ -207,12 +208,12 @@ def _save_word(model, cfg, concept, vectors, out: Path, encoder: str, refine: st
 def _select(encoder, model, cfg, concept, prediction, samples: int, batch: int):
     """Keep the prediction or the refined word on ``cfg.token``, whichever the encoder's round trip
     (:mod:`oneword.encoder.select`) finds closer to the references."""
-    from oneword.encoder.select import keep_prediction_or_refined, select_settings
+    from oneword.encoder.select import REFINED, keep_prediction_or_refined, select_settings
 
     t0 = time.perf_counter()
     choice = keep_prediction_or_refined(encoder, model, cfg.token, concept.init, prediction,
                                         select_settings(samples, batch=batch))
-    kept = "refined word" if choice.kept == "refined" else choice.kept
+    kept = "refined word" if choice.kept == REFINED else choice.kept
     print(f"{concept.name}: kept the {kept} (--select {samples}: round-trip distances "
           f"{choice.describe_distances()}; {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return choice

@@ -22,6 +22,14 @@ from oneword.generate import SampleSettings, generate_images
 
 ROUND_TRIP_PROMPT = "a photo of {}"
 SELECT_SEED = 1000
+#: Candidate names: the encoder's prediction and the word after the whole refinement.
+PREDICTION, REFINED = "prediction", "refined"
+
+
+def candidate_name(budget: int, top: int) -> str:
+    """The name of the word at ``budget`` steps of a refinement run to ``top`` steps:
+    :data:`PREDICTION` (0), :data:`REFINED` (``top``) or ``refined@<budget>``."""
+    return PREDICTION if budget == 0 else REFINED if budget == top else f"{REFINED}@{budget}"
 
 
 @dataclass(frozen=True)
@@ -90,4 +98,4 @@ def keep_prediction_or_refined(encoder, model, token: str, init: str, prediction
     """After a refinement from ``prediction``: :func:`choose_word` between it and the refined word
     now on ``token`` (the prediction is also the round trip's target)."""
     return choose_word(encoder, model, token, init, prediction,
-                       {"prediction": prediction, "refined": model.vectors_of(token)}, settings)
+                       {PREDICTION: prediction, REFINED: model.vectors_of(token)}, settings)

@@ -41,12 +41,6 @@ budgets (0: the starting vectors, e.g. the encoder's prediction), leaves the cho
 SELECT_SUFFIX = " + select"
 
 
-def candidate_name(budget: int, top: int) -> str:
-    """A select row's name for the word at ``budget`` of a refinement run to ``top`` steps:
-    ``prediction`` (0), ``refined`` (``top``, as ti-encode calls it) or ``refined@<budget>``."""
-    return "prediction" if budget == 0 else "refined" if budget == top else f"refined@{budget}"
-
-
 def reselect(rows: Sequence[dict], among: Sequence[int]) -> list[dict]:
     """``rows`` with every select row chosen again among the words at budgets ``among`` only, from
     the round-trip distances the row recorded (each candidate's round trip is independent of the
@@ -55,6 +49,8 @@ def reselect(rows: Sequence[dict], among: Sequence[int]) -> list[dict]:
     its seconds are the refinement's to ``max(among)`` plus those candidates' round trips. With a
     constant learning rate the word at 50 steps of a 200-step run is a 50-step refinement's word;
     with a cosine schedule it is not (the curve's own rows share that caveat)."""
+    from oneword.encoder.select import candidate_name
+
     among = sorted(set(among))
     if not among or among[0] < 0:
         raise ValueError("--select-among needs non-negative budgets")
