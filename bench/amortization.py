@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.refine_select > 0:
             from oneword.encoder.select import candidate_name, choose_word, select_settings
 
-            def select(model, concept, token, words):  # as ti-encode's keep_prediction_or_refined for 0 + top
+            def select(model, concept, token, words):  # as ti-encode --select-among
                 return choose_word(encoder, model, token, concept.init, words[0],
                                    {candidate_name(b, enc_top): words[b] for b in among},
                                    select_settings(args.refine_select, settings.steps, settings.guidance))

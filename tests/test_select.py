@@ -1,5 +1,6 @@
 """The round-trip check that keeps the prediction or its refinement (oneword.encoder.select)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,45 @@ def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, 
     assert "kept by --select" in kept.metadata["oneword.refine"]
     assert (tmp_path / "sel" / "concept" / "loss.csv").is_file()  # the refinement's record stays
     assert "kept" in (tmp_path / "sel" / "concept" / "report.md").read_text()
+
+
+def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+    """--select-among 2 with --refine 3: the round trip also judges the word after 2 steps, and when
+    it keeps that one the run's word files hold exactly a 2-step refinement's word."""
+    import oneword.encoder.select as select
+    from oneword.encoder.encode import main
+    from oneword.inversion.embedding_io import load_embedding
+    from tests.test_encoder import _encoder_file
+
+    judged = []
+
+    def keep_middle(encoder, model, token, init, target, candidates, settings):
+        judged.append(list(candidates))
+        model.set_vectors(token, list(candidates["refined@2"]))
+        return select.Choice("refined@2", {n: 0.1 for n in candidates})
+
+    enc = str(_encoder_file(tmp_path))
+    common = [str(concept_dir), "--encoder", enc, "--init", "disc", "--batch_size", "1", "--resolution", "32",
+              "--views_per_image", "1", "--preview-steps", "0", "--no-progress", "--base_lr", "0.05"]
+    assert main([*common, "--refine", "2", "--select", "0", "--out", str(tmp_path / "two")]) == 0
+    assert main([*common, "--refine", "3", "--select", "0", "--out", str(tmp_path / "three")]) == 0
+    monkeypatch.setattr(select, "choose_word", keep_middle)
+    assert main([*common, "--refine", "3", "--select", "2", "--select-among", "2", "--out", str(tmp_path / "sel")]) == 0
+    assert judged == [["prediction", "refined@2", "refined"]]
+    two, three, kept = (load_embedding(tmp_path / d / "concept" / "learned_embeds.safetensors")
+                        for d in ("two", "three", "sel"))
+    assert torch.equal(kept.vectors[0], two.vectors[0]) and not torch.equal(kept.vectors[0], three.vectors[0])
+    assert kept.metadata["oneword.steps"] == "2" and "after 2 steps kept by --select" in kept.metadata["oneword.refine"]
+    assert json.loads((tmp_path / "sel" / "concept" / "encode.json").read_text())["kept"] == "refined@2"
+
+
+@pytest.mark.parametrize("extra", [["--refine", "3", "--select-among", "4"], ["--refine", "3", "--select", "0",
+                                   "--select-among", "2"], ["--refine", "0", "--select-among", "0"]])
+def test_ti_encode_select_among_errors(tiny_dirs, concept_dir, tmp_path, extra, capsys):
+    from oneword.encoder.encode import main
+    from tests.test_encoder import _encoder_file
+
+    out = tmp_path / "out"
+    assert main([str(concept_dir), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc", "--no-progress",
+                 "--out", str(out), *extra]) != 0
+    assert "--select-among" in capsys.readouterr().err and not out.exists()

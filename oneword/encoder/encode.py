@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after --refine, keep the prediction or the refined word, whichever the encoder reads back "
                         f"closer to the references from N fresh samples of each (default: {DEFAULT_SELECT} with "
                         "--refine; 0 always keeps the refined word)")
+    p.add_argument("--select-among", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="with --select: also judge the refinement's words after these steps, e.g. 50 100 with "
+                        "--refine 200 (default: none; the prediction and the refined word are always judged)")
     p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (0: none)")
     p.add_argument("--sample-batch", type=int, default=4, metavar="N",
                    help="images per pipeline call in the round trip and the preview (default: 4; lower it if "
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from oneword.encoder.model import check_fits, load_encoder, predict_embeddings
-    from oneword.encoder.select import PREDICTION
+    from oneword.encoder.select import REFINED, candidate_name
     from oneword.eval.protocol import load_concept
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
     from oneword.inversion.train import safe_file_stem
@@ -122,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
         print("--select chooses between the prediction and its refinement: without --refine it does nothing",
               file=sys.stderr)
     args.select = select_samples(args.refine, args.select)
+    among = sorted(set(args.select_among or ()))
+    if among and not (args.select and 0 <= among[0] and among[-1] <= args.refine):
+        raise OneWordError(f"--select-among takes step counts from 0 to --refine ({args.refine}) and needs the round "
+                           f"trip (--select N, on by default with --refine); got {' '.join(map(str, among))}")
     enc_path = encoder_path(args.encoder)
     encoder = load_encoder(enc_path)
     model_name = args.model or encoder.cfg.model
@@ -166,14 +173,18 @@ def run(args: argparse.Namespace) -> int:
             work_model = model if i == 0 else load()  # one placeholder per model while optimizing
             t1 = time.perf_counter()
             res = run_inversion(work_model, concept.images, cfg, out, init_vectors=vectors,
-                                progress=not args.no_progress,
+                                progress=not args.no_progress, snapshot_steps=among,
                                 extra_metadata={"oneword.encoder": str(enc_path), "oneword.refine": str(args.refine)})
             refine_s, loss, files = time.perf_counter() - t1, res.final_loss, res.files
             if args.select:
-                choice = _select(encoder, work_model, cfg, concept, vectors, args.select, args.sample_batch)
-                if choice.kept == PREDICTION:  # the refined word stays in checkpoints/
-                    saved = _save_word(work_model, cfg, concept, vectors, out, str(enc_path),
-                                       f"{args.refine} (the prediction kept by --select)")
+                choice = _select(encoder, work_model, cfg, concept, vectors, args.select, args.sample_batch,
+                                 res.snapshots, args.refine)
+                if choice.kept != REFINED:  # the refined word stays in checkpoints/
+                    steps = next(b for b in (0, *among) if candidate_name(b, args.refine) == choice.kept)
+                    kept = vectors if steps == 0 else res.snapshots[steps]
+                    what = "the prediction" if steps == 0 else f"the word after {steps} steps"
+                    saved = _save_word(work_model, cfg, concept, kept, out, str(enc_path),
+                                       f"{args.refine} ({what} kept by --select)", steps)
                     files = list(dict.fromkeys([*files, *saved]))
         if args.preview_steps:
             files.append(_preview(work_model, cfg.token, out, args.preview_steps, args.sample_batch))
@@ -190,29 +201,31 @@ def _write_prediction(model, cfg, concept, vectors, out: Path, encoder: str) -> 
         raise OneWordError(f"{out} already holds files; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     model.add_placeholder(cfg.token, vectors)
-    return _save_word(model, cfg, concept, vectors, out, encoder, "0")
+    return _save_word(model, cfg, concept, vectors, out, encoder, "0", 0)
 
 
-def _save_word(model, cfg, concept, vectors, out: Path, encoder: str, refine: str) -> list[Path]:
-    """The embedding files of an unrefined word (the prediction), as ``ti invert`` names them."""
+def _save_word(model, cfg, concept, vectors, out: Path, encoder: str, refine: str, steps: int) -> list[Path]:
+    """The embedding files of a word other than the refinement's last (the prediction, or a word
+    after ``steps`` of the refinement), as ``ti invert`` names them."""
     from oneword.inversion.embedding_io import Embedding, build_metadata, save_diffusers, save_single_file
     from oneword.inversion.train import safe_file_stem
 
-    meta = build_metadata(family=model.family, token=cfg.token, init=cfg.init, steps=0,
+    meta = build_metadata(family=model.family, token=cfg.token, init=cfg.init, steps=steps,
                           source_hashes=[im.sha256 for im in concept.images],
                           extra={"oneword.model": model.source, "oneword.encoder": encoder, "oneword.refine": refine})
     emb = Embedding(cfg.token, vectors, meta)
     return [*save_diffusers(emb, out), save_single_file(emb, out / f"{safe_file_stem(cfg.token)}.safetensors")]
 
 
-def _select(encoder, model, cfg, concept, prediction, samples: int, batch: int):
-    """Keep the prediction or the refined word on ``cfg.token``, whichever the encoder's round trip
-    (:mod:`oneword.encoder.select`) finds closer to the references."""
+def _select(encoder, model, cfg, concept, prediction, samples: int, batch: int, snapshots, top: int):
+    """Keep the prediction, the refined word on ``cfg.token`` or a word from ``snapshots`` (earlier
+    steps), whichever the encoder's round trip (:mod:`oneword.encoder.select`) finds closest to the
+    references."""
     from oneword.encoder.select import REFINED, keep_prediction_or_refined, select_settings
 
     t0 = time.perf_counter()
     choice = keep_prediction_or_refined(encoder, model, cfg.token, concept.init, prediction,
-                                        select_settings(samples, batch=batch))
+                                        select_settings(samples, batch=batch), snapshots, top)
     kept = "refined word" if choice.kept == REFINED else choice.kept
     print(f"{concept.name}: kept the {kept} (--select {samples}: round-trip distances "
           f"{choice.describe_distances()}; {time.perf_counter() - t0:.1f} s)", file=sys.stderr)

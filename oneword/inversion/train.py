@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +158,8 @@ class InversionResult:
     final_loss: float | None
     interrupted: bool = False
     files: list[Path] = field(default_factory=list)
+    snapshots: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    """The vectors at each of ``run_inversion``'s ``snapshot_steps`` this run passed (CPU copies)."""
 
 
 @contextmanager
@@ -212,12 +214,15 @@ def run_inversion(
     init_vectors: list[torch.Tensor] | None = None,
     progress: bool = True,
     extra_metadata: dict[str, str] | None = None,
+    snapshot_steps: Collection[int] = (),
 ) -> InversionResult:
     """Invert ``images`` into ``cfg.token`` and write the run folder ``out_dir``.
 
     Writes ``learned_embeds.safetensors`` (diffusers layout; plus ``learned_embeds_2`` for SDXL),
     ``<token>.safetensors`` (the single-file layout of A1111/ComfyUI/kohya), ``config.yaml``,
-    ``loss.csv``, ``loss.png``, ``previews/`` and ``checkpoints/``.
+    ``loss.csv``, ``loss.png``, ``previews/`` and ``checkpoints/``. The vectors at
+    ``snapshot_steps`` come back in the result's ``snapshots`` (e.g. to judge a shorter
+    refinement's word against the final one).
     """
     out = Path(out_dir)
     if not images:
@@ -258,6 +263,7 @@ def run_inversion(
 
     last_loss: float | None = None
     interrupted = False
+    snapshots: dict[int, list[torch.Tensor]] = {}
     bar = tqdm(total=cfg.steps, initial=inv.step, disable=not progress, desc=f"inverting {cfg.token}",
                unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -272,6 +278,8 @@ def run_inversion(
                 log.append(inv.step, last_loss, cfg.lr_at(inv.step - 1), time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{log.smoothed:.4f}")
+                if inv.step in snapshot_steps:
+                    snapshots[inv.step] = model.vectors_of(cfg.token)
                 if cfg.save_every and inv.step % cfg.save_every == 0 and inv.step < cfg.steps:
                     checkpoint()
                 if cfg.preview_every and inv.step % cfg.preview_every == 0:
@@ -283,4 +291,4 @@ def run_inversion(
         bar.close()
         log.close()
     files = checkpoint()
-    return InversionResult(out, inv.embedding(), inv.step, last_loss, interrupted, files)
+    return InversionResult(out, inv.embedding(), inv.step, last_loss, interrupted, files, snapshots)
