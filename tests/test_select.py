@@ -104,17 +104,54 @@ def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept
     assert main([*common, "--refine", "2", "--select", "0", "--out", str(tmp_path / "two")]) == 0
     assert main([*common, "--refine", "3", "--select", "0", "--out", str(tmp_path / "three")]) == 0
     monkeypatch.setattr(select, "choose_word", keep_middle)
-    assert main([*common, "--refine", "3", "--select", "2", "--select-among", "2", "--out", str(tmp_path / "sel")]) == 0
-    assert judged == [["prediction", "refined@2", "refined"]]
-    two, three, kept = (load_embedding(tmp_path / d / "concept" / "learned_embeds.safetensors")
-                        for d in ("two", "three", "sel"))
+    assert main([*common, "--refine", "3", "--select", "2", "--select-among", "3", "2", "0", "2",
+                 "--out", str(tmp_path / "sel")]) == 0
+    assert judged == [["prediction", "refined@2", "refined"]]  # 0 and --refine are always there, once
+    two, three, kept, single = (load_embedding(tmp_path / d / "concept" / f) for d, f in (
+        ("two", "learned_embeds.safetensors"), ("three", "learned_embeds.safetensors"),
+        ("sel", "learned_embeds.safetensors"), ("sel", "concept.safetensors")))
     assert torch.equal(kept.vectors[0], two.vectors[0]) and not torch.equal(kept.vectors[0], three.vectors[0])
+    assert torch.equal(single.vectors[0], two.vectors[0])
     assert kept.metadata["oneword.steps"] == "2" and "after 2 steps kept by --select" in kept.metadata["oneword.refine"]
-    assert json.loads((tmp_path / "sel" / "concept" / "encode.json").read_text())["kept"] == "refined@2"
+    report = json.loads((tmp_path / "sel" / "concept" / "encode.json").read_text())
+    assert report["kept"] == "refined@2" and report["kept word's steps"] == "2"
 
 
-@pytest.mark.parametrize("extra", [["--refine", "3", "--select-among", "4"], ["--refine", "3", "--select", "0",
-                                   "--select-among", "2"], ["--refine", "0", "--select-among", "0"]])
+def test_an_interrupted_ti_encode_keeps_its_word_and_stops(tiny_dirs, concept_dir, tmp_path, monkeypatch, capsys):
+    import oneword.encoder.select as select
+    from oneword.encoder.encode import main
+    from oneword.inversion.embedding_io import load_embedding
+    from oneword.inversion.train import Inversion
+    from tests.conftest import make_concept_images
+    from tests.test_encoder import _encoder_file
+
+    step = Inversion.train_step
+
+    def ctrl_c_at_2(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return step(self)
+
+    def no_round_trip(*args, **kwargs):
+        raise AssertionError("an interrupted refinement is not judged")
+
+    monkeypatch.setattr(Inversion, "train_step", ctrl_c_at_2)
+    monkeypatch.setattr(select, "choose_word", no_round_trip)
+    other = make_concept_images(tmp_path / "other", n=2)
+    out = tmp_path / "out"
+    assert main([str(concept_dir), str(other), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc",
+                 "--batch_size", "1", "--resolution", "32", "--views_per_image", "1", "--no-progress",
+                 "--refine", "5", "--select-among", "3", "--out", str(out)]) == 130
+    assert "interrupted at step 2/5" in capsys.readouterr().err
+    word = load_embedding(out / "concept" / "learned_embeds.safetensors")
+    report = json.loads((out / "concept" / "encode.json").read_text())
+    assert word.metadata["oneword.steps"] == "2" and report["refinement"].startswith("2 steps (interrupted)")
+    assert "kept" not in report and not (out / "other").exists()
+
+
+@pytest.mark.parametrize("extra", [["--refine", "3", "--select-among", "4"], ["--refine", "3", "--select-among", "-1"],
+                                   ["--refine", "3", "--select", "0", "--select-among", "2"],
+                                   ["--refine", "0", "--select-among", "0"]])
 def test_ti_encode_select_among_errors(tiny_dirs, concept_dir, tmp_path, extra, capsys):
     from oneword.encoder.encode import main
     from tests.test_encoder import _encoder_file

@@ -7,8 +7,10 @@ Each concept gets a run folder under ``--out`` laid out as ``ti invert``'s (``le
 .safetensors``, ``<token>.safetensors``; with refinement also ``config.yaml``, ``loss.csv``,
 ``loss.png``, ``checkpoints/``), plus ``preview.png`` and ``report.md``. After a refinement the
 prediction is kept instead of the refined word when the encoder's round trip
-(:mod:`oneword.encoder.select`, ``--select N`` samples of each word, 2N in all, 8 by default) finds
-it closer to the references.
+(:mod:`oneword.encoder.select`, ``--select N`` samples of each word, 8 by default) finds it closer
+to the references; ``--select-among`` adds words from inside the refinement to the candidates. An
+interrupted refinement (Ctrl-C) keeps its word, skips the round trip and the remaining concepts,
+and exits with 130.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"closer to the references from N fresh samples of each (default: {DEFAULT_SELECT} with "
                         "--refine; 0 always keeps the refined word)")
     p.add_argument("--select-among", type=int, nargs="+", default=None, metavar="STEPS",
-                   help="with --select: also judge the refinement's words after these steps, e.g. 50 100 with "
-                        "--refine 200 (default: none; the prediction and the refined word are always judged)")
+                   help="with the round trip (--select): also judge the refinement's words after these steps, "
+                        "e.g. 50 100 with --refine 200 (default: none). The prediction (0) and the refined word "
+                        "(--refine) are always judged; under --lr_schedule cosine a middle word is not a shorter "
+                        "run's word")
     p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (0: none)")
     p.add_argument("--sample-batch", type=int, default=4, metavar="N",
                    help="images per pipeline call in the round trip and the preview (default: 4; lower it if "
@@ -125,10 +129,12 @@ def run(args: argparse.Namespace) -> int:
         print("--select chooses between the prediction and its refinement: without --refine it does nothing",
               file=sys.stderr)
     args.select = select_samples(args.refine, args.select)
-    among = sorted(set(args.select_among or ()))
-    if among and not (args.select and 0 <= among[0] and among[-1] <= args.refine):
-        raise OneWordError(f"--select-among takes step counts from 0 to --refine ({args.refine}) and needs the round "
-                           f"trip (--select N, on by default with --refine); got {' '.join(map(str, among))}")
+    among = sorted(set(args.select_among or ()) - {0, args.refine})
+    if args.select_among and not args.select:
+        raise OneWordError("--select-among needs a refinement (--refine N) and its round trip (not --select 0)")
+    if any(not 0 <= b <= args.refine for b in args.select_among or ()):
+        raise OneWordError(f"--select-among takes step counts from 0 to --refine ({args.refine}); "
+                           f"got {' '.join(map(str, args.select_among))}")
     enc_path = encoder_path(args.encoder)
     encoder = load_encoder(enc_path)
     model_name = args.model or encoder.cfg.model
@@ -163,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     out_root = Path(args.out)
     for i, (concept, cfg, vectors) in enumerate(zip(concepts, cfgs, predicted)):
         out = out_root / safe_file_stem(cfg.token)
-        choice = None
+        choice, kept_steps = None, args.refine
         if args.refine == 0:
             files, refine_s, loss = _write_prediction(model, cfg, concept, vectors, out, str(enc_path)), 0.0, None
             work_model = model
@@ -176,11 +182,19 @@ def run(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress, snapshot_steps=among,
                                 extra_metadata={"oneword.encoder": str(enc_path), "oneword.refine": str(args.refine)})
             refine_s, loss, files = time.perf_counter() - t1, res.final_loss, res.files
+            if res.interrupted:
+                _report(out, concept, cfg, str(enc_path), model_name, encode_s / n, res.step, refine_s, loss,
+                        interrupted=True)
+                print(f"{concept.name}: interrupted at step {res.step}/{args.refine}; kept that word, skipped the "
+                      f"round trip{' and the remaining concepts' if i + 1 < n else ''}", file=sys.stderr)
+                for f in files:
+                    print(f"  {f}")
+                return 130
             if args.select:
                 choice = _select(encoder, work_model, cfg, concept, vectors, args.select, args.sample_batch,
                                  res.snapshots, args.refine)
                 if choice.kept != REFINED:  # the refined word stays in checkpoints/
-                    steps = next(b for b in (0, *among) if candidate_name(b, args.refine) == choice.kept)
+                    steps = kept_steps = {candidate_name(b, args.refine): b for b in (0, *among)}[choice.kept]
                     kept = vectors if steps == 0 else res.snapshots[steps]
                     what = "the prediction" if steps == 0 else f"the word after {steps} steps"
                     saved = _save_word(work_model, cfg, concept, kept, out, str(enc_path),
@@ -189,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         if args.preview_steps:
             files.append(_preview(work_model, cfg.token, out, args.preview_steps, args.sample_batch))
         files.append(_report(out, concept, cfg, str(enc_path), model_name, encode_s / n, args.refine, refine_s, loss,
-                             choice))
+                             choice, kept_steps))
         print(f"{concept.name}: {cfg.token} -> {out}", file=sys.stderr)
         for f in files:
             print(f"  {f}")
@@ -242,15 +256,17 @@ def _preview(model, token: str, out: Path, steps: int, batch: int) -> Path:
 
 
 def _report(out: Path, concept, cfg, encoder: str, model: str, encode_s: float, refine: int,
-            refine_s: float, loss: float | None, choice=None) -> Path:
+            refine_s: float, loss: float | None, choice=None, kept_steps: int | None = None,
+            interrupted: bool = False) -> Path:
     from oneword.fileio import atomic_write_text
 
     rows = [("concept", f"{concept.name} ({len(concept.images)} images)"), ("token", cfg.token),
             ("initializer", cfg.init), ("model", model), ("encoder", encoder),
-            ("encoder time", f"{encode_s:.2f} s"), ("refinement", f"{refine} steps, {refine_s:.1f} s"),
+            ("encoder time", f"{encode_s:.2f} s"), ("refinement", f"{refine} steps{' (interrupted)' if interrupted else ''}, {refine_s:.1f} s"),
             ("final loss", "–" if loss is None else f"{loss:.4f}")]
     if choice is not None:
-        rows += [("kept", choice.kept), ("round-trip distances", choice.describe_distances())]
+        rows += [("kept", choice.kept), ("kept word's steps", str(kept_steps)),
+                 ("round-trip distances", choice.describe_distances())]
     text = "# ti-encode report\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
     atomic_write_text(out / "encode.json", json.dumps(dict(rows), indent=1) + "\n")
     return atomic_write_text(out / "report.md", text + "\n![preview](preview.png)\n")
