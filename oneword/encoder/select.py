@@ -100,8 +100,6 @@ def keep_prediction_or_refined(encoder, model, token: str, init: str, prediction
     refined word now on ``token`` and, when given, the words at earlier steps (``snapshots``, named
     by :func:`candidate_name`). The prediction is also the round trip's target."""
     earlier = {b: v for b, v in (snapshots or {}).items() if 0 < b and (top is None or b < top)}
-    if earlier and top is None:
-        raise ValueError("name the refinement's length (top) to judge words at earlier steps")
     candidates = {PREDICTION: prediction, **{candidate_name(b, top): earlier[b] for b in sorted(earlier)},
                   REFINED: model.vectors_of(token)}
     return choose_word(encoder, model, token, init, prediction, candidates, settings)
