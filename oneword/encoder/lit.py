@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -24,9 +26,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from oneword.data.images import image_to_tensor, resize_and_crop
-from oneword.encoder.model import ConceptEncoder, EncoderConfig, save_encoder, token_scale
+from oneword.encoder.model import ConceptEncoder, EncoderConfig, load_encoder, save_encoder, token_scale
 from oneword.encoder.shards import ConceptSample, decode_sample, expand_shards, is_validation
 from oneword.encoder.unet_features import unet_feature_dim, unet_map_channels
+from oneword.errors import InputError, OneWordError
 from oneword.inversion.loss import denoising_loss
 from oneword.inversion.templates import sample_prompts
 from oneword.trainstate import warmup_cosine
@@ -101,7 +104,7 @@ class EncoderModule(L.LightningModule):
                  reg_weight: float = 1e-3, distill_weight: float = 0.0, template: str = "object",
                  background_prompt_p: float = 0.5, flip_p: float = 0.5, dtype: str = "fp32",
                  unet_features: bool = False, unet_layout: Literal["blocks", "resnets", "multiscale"] = "blocks",
-                 unet_map: int = 0, seed: int = 0) -> None:
+                 unet_map: int = 0, init_from: str | None = None, seed: int = 0) -> None:
         """
         Args:
             model: diffusion model to train for (preset, folder or checkpoint, as ``--model``).
@@ -129,6 +132,11 @@ class EncoderModule(L.LightningModule):
             unet_map: width of a trained convolutional head over each reference's finest UNet map
                 (at the layout's largest scale; :class:`~oneword.encoder.model.MapHead`), which reads
                 texture that pooling loses; 0 leaves it out.
+            init_from: an exported encoder file (``encoder.safetensors``) whose mapper weights the
+                training starts from instead of fresh ones: fine-tune an earlier or shipped encoder
+                on new shards (e.g. a self-distillation round). Its architecture and target model
+                must match the options above. A ``--ckpt_path`` resume restores the checkpoint's
+                weights over it.
             seed: seed of noise, timesteps and prompts.
         """
         super().__init__()
@@ -147,6 +155,8 @@ class EncoderModule(L.LightningModule):
                             num_vectors=num_vectors,
                             hidden=hidden, depth=depth, offset_scale=token_scale(ldm), family=ldm.family, model=model)
         self.encoder = ConceptEncoder(cfg, space)
+        if init_from:
+            start_from(self.encoder, init_from)
         self._frozen = {"ldm": ldm}  # a dict: not a submodule, never in state_dict or checkpoints
         self._init_cache: dict[str, list[torch.Tensor]] = {}
         self._rng = random.Random(seed)
@@ -229,6 +239,20 @@ class EncoderModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def start_from(encoder: ConceptEncoder, path: str | Path) -> None:
+    """Load the mapper weights of the exported encoder at ``path`` into ``encoder``, whose
+    config must describe the same architecture for the same text encoders."""
+    src = load_encoder(path, space=encoder.space)
+    mine, theirs = asdict(encoder.cfg), asdict(src.cfg)
+    differ = [k for k in mine if k != "model" and mine[k] != theirs[k]]
+    if differ:
+        detail = ", ".join(f"{k}: file {theirs[k]!r}, config {mine[k]!r}" for k in differ)
+        raise InputError(f"{path} does not fit this encoder config ({detail}); set the model options "
+                         "to the file's (its header has them) or train from fresh weights")
+    encoder.mapper.load_state_dict(src.mapper.state_dict())
+    logger.info("encoder weights start from %s", path)
+
+
 def _blank() -> Image.Image:
     return Image.new("RGB", (32, 32), (128, 128, 128))
 
@@ -297,8 +321,12 @@ def cli_main(args: list[str] | None = None) -> None:
     (``ti-train-encoder fit --config configs/encoder/toy.yaml``; add ``--ckpt_path last`` to resume)."""
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(EncoderModule, ConceptShards, args=args, seed_everything_default=0,
-                 save_config_kwargs={"overwrite": True})
+    try:
+        LightningCLI(EncoderModule, ConceptShards, args=args, seed_everything_default=0,
+                     save_config_kwargs={"overwrite": True})
+    except OneWordError as err:  # bad shards or --model.init_from: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
