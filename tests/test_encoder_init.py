@@ -37,14 +37,19 @@ def test_training_starts_from_an_exported_encoder(tiny_dirs, tmp_path):
         EncoderModule(**{**KW, "model": "tiny-sdxl"}, init_from=str(path))
 
 
-def test_ti_train_encoder_reports_a_missing_start_file_in_one_line(tiny_dirs, tmp_path, capsys):
+@pytest.mark.parametrize("bad", ["start file", "shards"])
+def test_ti_train_encoder_reports_bad_input_in_one_line(tiny_dirs, tmp_path, capsys, monkeypatch, bad):
     from oneword.encoder.lit import cli_main
 
+    monkeypatch.chdir(tmp_path)  # Lightning's default run folder
+    args = ["fit", "--model.model", "tiny-sd1", "--model.clip", "random", "--model.hidden", "32",
+            "--data.shards", str(tmp_path / "no-shards"), "--trainer.max_steps", "1"]
+    if bad == "start file":
+        args += ["--model.init_from", str(tmp_path / "missing.safetensors")]
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--model.model", "tiny-sd1", "--model.clip", "random", "--model.hidden", "32",
-                  "--model.init_from", str(tmp_path / "missing.safetensors"),
-                  "--data.shards", str(tmp_path / "shards"), "--trainer.max_steps", "1"])
+        cli_main(args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and "missing.safetensors" in err[-1]
+    assert err[-1].startswith("error: ")
+    assert ("missing.safetensors" if bad == "start file" else "no-shards") in err[-1]
     assert not any("Traceback" in line for line in err)
