@@ -406,6 +406,7 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
     args = ["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--steps", "2", "--group", "2",
             "--out", str(tmp_path / "t")]
     assert main(args) == 0
+    assert "inverting 2 concepts" in capsys.readouterr().err  # the step bar inside a shard's group
     out = sorted((tmp_path / "t").glob("*.tar"))
     assert [p.name for p in out] == ["concepts-000000.tar", "concepts-000001.tar"]
     before, after = read_shard(tmp_path / "s" / out[0].name), read_shard(out[0])

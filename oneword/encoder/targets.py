@@ -72,7 +72,8 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
                 starts = predict_embeddings(encoder, model, [s.images for s in chunk], [s.init for s in chunk])
             else:
                 starts = [s.target for s in chunk] if continue_targets else None
-            vectors = invert_many(model, [s.images for s in chunk], [s.init for s in chunk], cfg, starts=starts)
+            vectors = invert_many(model, [s.images for s in chunk], [s.init for s in chunk], cfg, starts=starts,
+                                  progress=progress)  # a step bar: one group can take most of an hour
             for s, v in zip(chunk, vectors):
                 s.target = v
             bar.update(len(chunk))
