@@ -135,8 +135,9 @@ class EncoderModule(L.LightningModule):
             init_from: an exported encoder file (``encoder.safetensors``) whose mapper weights the
                 training starts from instead of fresh ones: fine-tune an earlier or shipped encoder
                 on new shards (e.g. a self-distillation round). Its architecture and target model
-                must match the options above. A ``--ckpt_path`` resume restores the checkpoint's
-                weights over it.
+                must match the options above. Read when a fit starts from scratch; a ``--ckpt_path``
+                resume (or an export of a checkpoint) takes the checkpoint's weights and never
+                reads it, so the file may have moved since.
             seed: seed of noise, timesteps and prompts.
         """
         super().__init__()
@@ -155,11 +156,22 @@ class EncoderModule(L.LightningModule):
                             num_vectors=num_vectors,
                             hidden=hidden, depth=depth, offset_scale=token_scale(ldm), family=ldm.family, model=model)
         self.encoder = ConceptEncoder(cfg, space)
-        if init_from:
-            start_from(self.encoder, init_from)
         self._frozen = {"ldm": ldm}  # a dict: not a submodule, never in state_dict or checkpoints
         self._init_cache: dict[str, list[torch.Tensor]] = {}
         self._rng = random.Random(seed)
+
+    def on_fit_start(self) -> None:
+        """A fit from scratch loads ``init_from``; a resume has restored its checkpoint by now
+        (``trainer.ckpt_path`` is set) and never reads the file."""
+        trainer = self._trainer
+        if not self.hparams.init_from or (trainer is not None and trainer.ckpt_path):
+            return
+        exports = [cb.target(trainer) for cb in (trainer.callbacks if trainer is not None else [])
+                   if isinstance(cb, ExportEncoder)]
+        if any(e.resolve() == Path(self.hparams.init_from).resolve() for e in exports):
+            raise InputError(f"--model.init_from {self.hparams.init_from} is also the file this run exports "
+                             "to, which would overwrite it: copy it elsewhere first")
+        start_from(self.encoder, self.hparams.init_from)
 
     @property
     def ldm(self):
@@ -242,15 +254,43 @@ class EncoderModule(L.LightningModule):
 def start_from(encoder: ConceptEncoder, path: str | Path) -> None:
     """Load the mapper weights of the exported encoder at ``path`` into ``encoder``, whose
     config must describe the same architecture for the same text encoders."""
+    if not Path(path).is_file():
+        raise InputError(f"--model.init_from {path}: no such file (an encoder.safetensors that "
+                         "ti-train-encoder exported)")
     src = load_encoder(path, space=encoder.space)
-    mine, theirs = asdict(encoder.cfg), asdict(src.cfg)
-    differ = [k for k in mine if k != "model" and mine[k] != theirs[k]]
+    mine, theirs = _architecture(encoder.cfg), _architecture(src.cfg)
+    differ = [k for k in mine if not _same(mine[k], theirs[k])]
     if differ:
         detail = ", ".join(f"{k}: file {theirs[k]!r}, config {mine[k]!r}" for k in differ)
         raise InputError(f"{path} does not fit this encoder config ({detail}); set the model options "
                          "to the file's (its header has them) or train from fresh weights")
     encoder.mapper.load_state_dict(src.mapper.state_dict())
     logger.info("encoder weights start from %s", path)
+
+
+def _architecture(cfg: EncoderConfig) -> dict:
+    """The config's fields that decide the mapper's weights and what they mean: not the model's
+    name, nor settings of parts the encoder does not have."""
+    out = asdict(cfg)
+    del out["model"]
+    if not cfg.map_channels:
+        del out["map_width"]
+    if not cfg.unet_dim:
+        del out["unet_layout"]
+    if cfg.clip not in ("toy", "random") and not cfg.clip.startswith("toy:"):
+        arch, _, tag = cfg.clip.partition(":")
+        out["clip"] = f"{arch}:{tag or 'openai'}"  # load_space's default tag
+    return out
+
+
+def _same(a, b) -> bool:
+    """Equal, with floats (the offset scales, medians of the model's word norms) within 2 %: the
+    same model loaded in bf16 and in fp32 gives slightly different ones."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=0.02)
+    return a == b
 
 
 def _blank() -> Image.Image:
@@ -279,8 +319,11 @@ class ExportEncoder(L.Callback):
     def _export(self, trainer: L.Trainer, module: EncoderModule, extra: dict[str, str] | None = None) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
-        save_encoder(module.encoder, path, {"step": str(trainer.global_step), **(extra or {})})
+        save_encoder(module.encoder, self.target(trainer), {"step": str(trainer.global_step), **(extra or {})})
+
+    def target(self, trainer: L.Trainer) -> Path:
+        """The file this callback writes for ``trainer``'s run."""
+        return Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
 
     def _improved(self, value: float) -> bool:
         if self.best is None:
