@@ -62,7 +62,7 @@ def test_a_fresh_fit_starts_from_an_exported_encoder(tiny_dirs, tmp_path):
     far = _edited(path, tmp_path / "far.safetensors", offset_scale=[s * 1.05 for s in scale])
     with pytest.raises(InputError, match="offset_scale"):
         EncoderModule(**KW, init_from=str(far)).on_fit_start()
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="does not exist; --model.init_from"):
         EncoderModule(**KW, init_from=str(tmp_path / "missing.safetensors")).on_fit_start()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +28,7 @@ from oneword.data.images import image_to_tensor, resize_and_crop
 from oneword.encoder.model import ConceptEncoder, EncoderConfig, load_encoder, save_encoder, token_scale
 from oneword.encoder.shards import ConceptSample, decode_sample, expand_shards, is_validation
 from oneword.encoder.unet_features import unet_feature_dim, unet_map_channels
-from oneword.errors import InputError, OneWordError
+from oneword.errors import InputError
 from oneword.inversion.loss import denoising_loss
 from oneword.inversion.templates import sample_prompts
 from oneword.trainstate import warmup_cosine
@@ -254,10 +253,8 @@ class EncoderModule(L.LightningModule):
 def start_from(encoder: ConceptEncoder, path: str | Path) -> None:
     """Load the mapper weights of the exported encoder at ``path`` into ``encoder``, whose
     config must describe the same architecture for the same text encoders."""
-    if not Path(path).is_file():
-        raise InputError(f"--model.init_from {path}: no such file (an encoder.safetensors that "
-                         "ti-train-encoder exported)")
-    src = load_encoder(path, space=encoder.space)
+    src = load_encoder(path, space=encoder.space,
+                       missing="--model.init_from takes an encoder.safetensors that ti-train-encoder exported")
     mine, theirs = _architecture(encoder.cfg), _architecture(src.cfg)
     differ = [k for k in mine if not _same(mine[k], theirs[k])]
     if differ:
@@ -364,12 +361,16 @@ def cli_main(args: list[str] | None = None) -> None:
     (``ti-train-encoder fit --config configs/encoder/toy.yaml``; add ``--ckpt_path last`` to resume)."""
     from lightning.pytorch.cli import LightningCLI
 
-    try:
+    from oneword.cli import run_reporting_errors
+
+    def run(_args) -> int:
         LightningCLI(EncoderModule, ConceptShards, args=args, seed_everything_default=0,
                      save_config_kwargs={"overwrite": True})
-    except OneWordError as err:  # bad shards or --model.init_from: one line, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 0
+
+    code = run_reporting_errors(run, None)  # bad shards or --model.init_from: one line, not a traceback
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -251,9 +251,11 @@ def save_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict[str, str
     return write_safetensors(path, tensors, meta)
 
 
-def load_encoder(path: str | Path, space=None) -> ConceptEncoder:
-    """Inverse of :func:`save_encoder`; the image tower loads lazily from ``config.clip``."""
-    tensors, meta = read_safetensors(path, fmt=FORMAT, missing="train one (ti-train-encoder) or use --encoder toy")
+def load_encoder(path: str | Path, space=None,
+                 missing: str = "train one (ti-train-encoder) or use --encoder toy") -> ConceptEncoder:
+    """Inverse of :func:`save_encoder`; the image tower loads lazily from ``config.clip``.
+    ``missing`` is the hint after a missing file's error."""
+    tensors, meta = read_safetensors(path, fmt=FORMAT, missing=missing)
     try:
         cfg = EncoderConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as err:
