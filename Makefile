@@ -28,6 +28,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_speed.py --steps 20
+	rm -rf runs/bench/quick  # measure afresh: the bench resumes from its progress file
 	$(BIN)/python bench/amortization.py --quick --out runs/bench/quick
 
 clean:

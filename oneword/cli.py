@@ -41,10 +41,12 @@ def field_docs(cls: type) -> dict[str, str]:
 def add_dataclass_options(
     parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset(),
     required: frozenset[str] = frozenset(), defaults: Mapping[str, Any] | None = None,
+    helps: Mapping[str, str] | None = None,
 ) -> None:
     """One ``--option`` per field, typed, with the field's docstring and default as help;
-    ``defaults`` replaces some fields' defaults for this command (e.g. a refinement's rate)."""
-    docs = field_docs(cls)
+    ``defaults`` replaces some fields' defaults for this command (e.g. a refinement's rate) and
+    ``helps`` some fields' help (where a field means something else in this command)."""
+    docs = {**field_docs(cls), **(helps or {})}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then fine-tune the VAE decoder alone this many steps (default: 600; 0 skips)")
     t.add_argument("--init-from", default=None, metavar="DIR",
                    help="continue training from a toy pipeline folder (e.g. the shipped oneword/toy/weights/ldm) "
-                        "instead of from scratch; use a new --work folder")
+                        "instead of from scratch; use a new --work folder and an --out folder")
     t.add_argument("--cross-attention-levels", type=int, nargs="+", default=None, metavar="LEVEL",
                    help="UNet levels with cross-attention, 0 = highest resolution (default: 1 2); with --init-from, "
                         "levels the loaded UNet lacks are added as identity blocks and trained")
@@ -305,6 +307,11 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     from oneword.toy.build import ToyBuildConfig, build_toy_world
     from oneword.toy.ldm import ToyLDMConfig
 
+    if args.init_from and not args.out:
+        # the default --out is the package's weights: the run would replace the model it starts from,
+        # which the shipped encoder was trained on
+        raise OneWordError("--init-from needs --out: without it the new model replaces the shipped one in "
+                           f"{WEIGHTS} (pass --out {WEIGHTS} to do that on purpose)")
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps, "lr": args.lr,

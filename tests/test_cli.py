@@ -136,6 +136,14 @@ def test_toy_render(tmp_path, capsys):
         assert set(json.loads((folder / "concept.json").read_text())) == {"shape", "fill", "pattern", "outline"}
 
 
+def test_toy_train_from_a_model_needs_an_out_folder(tmp_path, capsys):
+    """Without --out the run would replace the shipped model it starts from: refused before any work."""
+    code = main(["toy", "train", "--parts", "ldm", "--init-from", "oneword/toy/weights/ldm",
+                 "--work", str(tmp_path / "work")])
+    assert code == 2 and "--init-from needs --out" in _one_line_error(capsys)
+    assert not (tmp_path / "work").exists()
+
+
 def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
     """Each image has its own seeded generator: the batch sets memory per pipeline call, not the
     images (the evaluation and --select's round trip draw 8 images, 4 per call); on the toy model,

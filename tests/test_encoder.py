@@ -316,6 +316,8 @@ def test_ti_encode_refinement_defaults_show_in_help():
     assert p.parse_args(["x"]).base_lr == REFINE_DEFAULTS["base_lr"]
     assert p.parse_args(["x", "--base_lr", "0.02"]).base_lr == 0.02
     assert f"(default: {REFINE_DEFAULTS['base_lr']})" in " ".join(p.format_help().split())
+    # in a refinement the regularizer's anchor is the prediction, not the initializer word
+    assert "toward the encoder's prediction" in " ".join(p.format_help().split())
 
 
 def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):

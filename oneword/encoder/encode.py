@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="placeholder token per concept (default: <folder name>)")
     p.add_argument("--init", nargs="+", default=None,
                    help="initializer word per concept, or one for all (default: a toy concept's shape)")
-    p.add_argument("--out", default="runs/encode", help="parent of the per-concept run folders")
+    p.add_argument("--out", default="runs/encode",
+                   help="parent of the per-concept run folders (default: runs/encode, so runs/encode/<name>/)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--select", type=int, default=None, metavar="N",
                    help="after --refine, keep the prediction or the refined word, whichever the encoder reads back "
@@ -74,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 50 100 with --refine 200 (default: none). The prediction (0) and the refined word "
                         "(--refine) are always judged; under --lr_schedule cosine a middle word is not a shorter "
                         "run's word")
-    p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (0: none)")
+    p.add_argument("--preview-steps", type=int, default=25, help="sampling steps of preview.png (default: 25; 0: none)")
     p.add_argument("--sample-batch", type=int, default=4, metavar="N",
                    help="images per pipeline call in the round trip and the preview (default: 4; lower it if "
                         "the GPU runs out of memory: the images and the choice stay the same)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_dataclass_options(p, InversionConfig, skip=PER_RUN_FIELDS | {"num_vectors"}, defaults=REFINE_DEFAULTS)
+    add_dataclass_options(p, InversionConfig, skip=PER_RUN_FIELDS | {"num_vectors"}, defaults=REFINE_DEFAULTS,
+                          helps={"reg_weight": "Weight of an L2 pull toward the encoder's prediction during --refine"})
     return p
 
 
