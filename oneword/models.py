@@ -13,6 +13,7 @@ and never seen by an optimizer.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -137,6 +138,7 @@ class FrozenLDM:
     device: torch.device
     dtype: torch.dtype
     placeholder_tokens: dict[str, int] = field(default_factory=dict)  # token -> vectors
+    _clean_tokenizers: list | None = field(default=None, repr=False)  # as loaded, before any placeholder
 
     @property
     def tokenizers(self) -> list:
@@ -211,6 +213,8 @@ class FrozenLDM:
         ``init_vectors`` holds one ``[n, width]`` tensor per text encoder.
         """
         validate_token(token, self.tokenizers[0], existing=self.placeholder_tokens)
+        if self._clean_tokenizers is None:
+            self._clean_tokenizers = [copy.deepcopy(t) for t in self.tokenizers]
         n = int(init_vectors[0].shape[0])
         names = expand_token(token, n)
         for tok, emb, vecs in zip(self.tokenizers, self.placeholder_embeddings(), init_vectors):
@@ -223,6 +227,16 @@ class FrozenLDM:
                 raise RuntimeError(f"tokenizer gave ids {ids} for {names}, expected {expected}")
             emb.grow(vecs)
         self.placeholder_tokens[token] = n
+
+    def clear_placeholders(self) -> None:
+        """Remove every placeholder token: the tokenizers and token tables are as loaded again, so
+        the next concept's inversion reuses this model instead of loading another copy."""
+        if self._clean_tokenizers is not None:
+            for attr, clean in zip(("tokenizer", "tokenizer_2"), self._clean_tokenizers):
+                setattr(self.pipeline, attr, copy.deepcopy(clean))
+        for emb in self.placeholder_embeddings():
+            emb.store.vectors = nn.Parameter(emb.vectors.data[:0].clone(), requires_grad=False)
+        self.placeholder_tokens.clear()
 
     def trainable_vectors(self) -> list[nn.Parameter]:
         """The new vectors of each text encoder as parameters (everything else stays frozen)."""

@@ -114,12 +114,17 @@ def test_curve_harness_and_report(tiny_dirs, concept_dir, tmp_path):
     base = InversionConfig(token="<x>", init="disc", batch_size=1, resolution=32, views_per_image=1)
     settings = EvalSettings(samples=2, steps=2, edit_prompts=["a sketch of {}"])
     space = load_space("random")
-    methods = [Method("base"), Method("big lr", {"base_lr": 0.05}, budgets=(0, 1, 2))]
-    rows = run_curve(lambda: load_model("tiny-sd1"), [concept], base, methods, [0, 2],
+    methods = [Method("base"), Method("big lr", {"base_lr": 0.05}, budgets=(0, 1, 2)), Method("base again")]
+    loads = []
+    rows = run_curve(lambda: loads.append(1) or load_model("tiny-sd1"), [concept], base, methods, [0, 2],
                      lambda m: Scorer(m, settings, space), progress=False)
     assert [(r["method"], r["steps"]) for r in rows] == [
         ("initializer word", None), ("real images", None),
-        ("base", 0), ("base", 2), ("big lr", 0), ("big lr", 1), ("big lr", 2)]
+        ("base", 0), ("base", 2), ("big lr", 0), ("big lr", 1), ("big lr", 2), ("base again", 0), ("base again", 2)]
+    # one model for all methods, each starting from it as loaded: the same method scores the same
+    assert len(loads) == 1
+    assert [rows[i]["recon_clip"] for i in (2, 3)] == [rows[i]["recon_clip"] for i in (7, 8)]
+    rows = rows[:7]
     assert rows[2]["recon_clip"] == rows[4]["recon_clip"]  # budget 0: both start from the initializer
     assert rows[5]["recon_clip"] != rows[6]["recon_clip"]
     assert rows[3]["recon_clip"] != rows[2]["recon_clip"]  # two steps moved the word

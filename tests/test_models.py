@@ -103,3 +103,24 @@ def test_placeholder_surgery_multi_vector(tiny_dirs):
     out = m.text_encoders[0].get_input_embeddings()(torch.tensor([[320, 49408, 49410]]))
     assert torch.equal(out[0, 1], init[0][0]) and torch.equal(out[0, 2], init[0][2])
     assert torch.equal(out[0, 0], vocab_before[0][320])
+
+
+def test_clear_placeholders_restores_the_loaded_model(tiny_dirs):
+    """ti-encode refines one concept after another on one model: clearing leaves no trace of the last."""
+    m = load_model("tiny-sdxl")
+    fresh = load_model("tiny-sdxl")
+    prompt = ["a <b> toy"]
+    m.add_placeholder("<a>", m.initializer_vectors("cat", 2))
+    m.trainable_vectors()
+    m.clear_placeholders()
+    assert m.placeholder_tokens == {} and all(len(t) == 49408 for t in m.tokenizers)
+    assert all(e.vectors.shape[0] == 0 and not e.vectors.requires_grad for e in m.placeholder_embeddings())
+    assert m.tokenizers[0].tokenize("<a>") != ["<a>"]  # an ordinary string again
+    init = fresh.initializer_vectors("dog", 1)
+    for model in (m, fresh):
+        model.add_placeholder("<b>", init)
+    assert m.token_ids("<b>") == fresh.token_ids("<b>") == [[49408], [49408]]
+    with torch.no_grad():
+        a, b = m.encode_text(prompt), fresh.encode_text(prompt)
+    assert torch.equal(a.hidden_states, b.hidden_states) and torch.equal(a.pooled, b.pooled)
+    m.add_placeholder("<a>", m.initializer_vectors("cat", 2))  # the cleared name is free again

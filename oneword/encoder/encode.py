@@ -140,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     enc_path = encoder_path(args.encoder)
     encoder = load_encoder(enc_path)
     model_name = args.model or encoder.cfg.model
-    load = lambda: load_model(model_name, device=args.device)  # noqa: E731
-    model = load()
+    model = load_model(model_name, device=args.device)
     check_fits(encoder, model)
     n = len(args.images)
     inits = _per_concept(args.init, n, "--init")
@@ -174,13 +173,12 @@ def run(args: argparse.Namespace) -> int:
         choice, kept_steps = None, args.refine
         if args.refine == 0:
             files, refine_s, loss = _write_prediction(model, cfg, concept, vectors, out, str(enc_path)), 0.0, None
-            work_model = model
         else:
             from oneword.inversion.train import run_inversion
 
-            work_model = model if i == 0 else load()  # one placeholder per model while optimizing
+            model.clear_placeholders()  # one placeholder per model while optimizing: drop the last concept's
             t1 = time.perf_counter()
-            res = run_inversion(work_model, concept.images, cfg, out, init_vectors=vectors,
+            res = run_inversion(model, concept.images, cfg, out, init_vectors=vectors,
                                 progress=not args.no_progress, snapshot_steps=among,
                                 extra_metadata={"oneword.encoder": str(enc_path), "oneword.refine": str(args.refine)})
             refine_s, loss, files = time.perf_counter() - t1, res.final_loss, res.files
@@ -193,17 +191,17 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {f}")
                 return 130
             if args.select:
-                choice = _select(encoder, work_model, cfg, concept, vectors, args.select, args.sample_batch,
+                choice = _select(encoder, model, cfg, concept, vectors, args.select, args.sample_batch,
                                  res.snapshots, args.refine)
                 if choice.kept != REFINED:  # the refined word stays in checkpoints/
                     steps = kept_steps = {candidate_name(b, args.refine): b for b in (0, *among)}[choice.kept]
                     kept = vectors if steps == 0 else res.snapshots[steps]
                     what = "the prediction" if steps == 0 else f"the word after {steps} steps"
-                    saved = _save_word(work_model, cfg, concept, kept, out, str(enc_path),
+                    saved = _save_word(model, cfg, concept, kept, out, str(enc_path),
                                        f"{args.refine} ({what} kept by --select)", steps)
                     files = list(dict.fromkeys([*files, *saved]))
         if args.preview_steps:
-            files.append(_preview(work_model, cfg.token, out, args.preview_steps, args.sample_batch))
+            files.append(_preview(model, cfg.token, out, args.preview_steps, args.sample_batch))
         files.append(_report(out, concept, cfg, str(enc_path), model_name, encode_s / n, args.refine, refine_s, loss,
                              choice, kept_steps))
         print(f"{concept.name}: {cfg.token} -> {out}", file=sys.stderr)

@@ -130,7 +130,8 @@ def run_curve(
 ) -> list[dict]:
     """Rows ``{method, concept, steps, seconds, <scores>}``; reference rows have ``steps=None``
     and ``method`` ``"initializer word"`` or ``"real images"``. ``seconds`` is the optimization
-    time to reach the budget (scoring excluded), plus the ``init_fn`` time for encoder methods."""
+    time to reach the budget (scoring excluded), plus the ``init_fn`` time for encoder methods.
+    ``load_model`` is called once: each method starts from that model with its placeholders cleared."""
     def plan(m: Method) -> list[int]:
         steps = sorted({int(b) for b in (m.budgets if m.budgets is not None else budgets)})
         if not steps or steps[0] < 0:
@@ -143,14 +144,12 @@ def run_curve(
     rows: list[dict] = []
     total = len(concepts) * sum(p[-1] for p in plans)
     bar = tqdm(total=total, disable=not progress, desc="curve", unit="step", dynamic_ncols=True)
+    model = load_model()
+    scorer = make_scorer(model)
     for i, concept in enumerate(concepts):
-        model = load_model()
-        scorer = make_scorer(model)
         rows += scorer.reference_rows(concept)
         for j, method in enumerate(methods):
-            if j:
-                model = load_model()  # every method starts from an untouched model
-                scorer = make_scorer(model)
+            model.clear_placeholders()  # every method starts from the model as loaded
             token = f"<eval-{i}-{j}>"
             cfg = dataclasses.replace(base, token=token, init=concept.init, steps=max(1, plans[j][-1]),
                                       save_every=0, preview_every=0, **method.overrides)
