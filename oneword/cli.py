@@ -348,7 +348,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_targets(args: argparse.Namespace) -> int:
-    from oneword.encoder.targets import add_targets
+    from oneword.encoder.targets import PARTIAL, SAVE_EVERY, add_targets
     from oneword.inversion.config import InversionConfig
     from oneword.models import load_model
 
@@ -364,8 +364,13 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
 
         encoder = load_encoder(encoder_path(args.from_encoder))
     t0 = time.perf_counter()
-    paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device), group=args.group,
-                        continue_targets=args.continue_targets, encoder=encoder)
+    try:
+        paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device),
+                            group=args.group, continue_targets=args.continue_targets, encoder=encoder)
+    except KeyboardInterrupt:
+        print(f"the same command continues: finished shards are kept and the shard in progress resumes from "
+              f"its last saved step (every {SAVE_EVERY}, in {Path(args.out) / PARTIAL})", file=sys.stderr)
+        raise
     print(f"{len(paths)} shards with targets ({args.steps} steps, lr {cfg.lr:g}) in {time.perf_counter() - t0:.0f} s:",
           file=sys.stderr)
     for p in paths:

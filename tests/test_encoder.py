@@ -415,6 +415,7 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
     assert [s.key for s in after] == [s.key for s in before] and [s.init for s in after] == [s.init for s in before]
     init = load_model("tiny-sd1").initializer_vectors(after[0].init, 1)[0]
     assert all(s.target[0].shape == (1, 32) and not torch.allclose(s.target[0], init) for s in after)
+    assert not (tmp_path / "t" / ".partial").exists()  # the groups' saved states go with their shard
     stamp = out[0].stat().st_mtime_ns
     out[1].unlink()  # as if interrupted during the second shard
     assert main(args) == 0
@@ -428,6 +429,36 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
         torch.testing.assert_close(new.target[0], old.target[0], atol=1e-6, rtol=0)
     assert main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--continue",
                  "--out", str(tmp_path / "t3")]) == 2  # nothing to continue from
+
+
+def test_ti_data_targets_continues_a_group_after_an_interruption(tiny_dirs, tmp_path, monkeypatch, capsys):
+    import oneword.encoder.targets as targets
+    import oneword.inversion.multi as multi
+    from oneword.cli import main
+    from oneword.inversion.checkpoint import load_state
+    from oneword.inversion.loss import denoising_loss
+
+    write_shards(toy_samples(limit=2, images=2, size=32), tmp_path / "s", per_shard=2)
+    args = ["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--steps", "3", "--out", str(tmp_path / "t")]
+    calls = []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return denoising_loss(*a, **kw)
+
+    monkeypatch.setattr(targets, "SAVE_EVERY", 1)
+    monkeypatch.setattr(multi, "denoising_loss", interrupted)
+    assert main(args) == 130
+    assert "the same command continues" in capsys.readouterr().err
+    (state,) = (tmp_path / "t" / ".partial").iterdir()
+    assert load_state(state).step == 2 and not list((tmp_path / "t").glob("*.tar"))
+    calls.clear()
+    monkeypatch.setattr(multi, "denoising_loss", lambda *a, **kw: calls.append(1) or denoising_loss(*a, **kw))
+    assert main(args) == 0
+    assert len(calls) == 1 and len(list((tmp_path / "t").glob("*.tar"))) == 1  # only the third step ran
+    assert not (tmp_path / "t" / ".partial").exists()
 
 
 def test_ti_data_targets_from_an_encoder(tiny_dirs, tmp_path):

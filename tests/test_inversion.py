@@ -218,6 +218,42 @@ def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir, 
     assert single.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr_at(cfg.steps - 1))
 
 
+def test_invert_many_resumes_exactly_from_its_checkpoint(tiny_dirs, concept_dir, tmp_path, monkeypatch, caplog):
+    """``ti data targets`` spends most of an hour on one group: an interruption costs at most
+    ``save_every`` steps, and the continued run ends where an uninterrupted one does."""
+    import oneword.inversion.multi as multi
+
+    images = [[im.image for im in load_folder(concept_dir)]]
+    cfg = small_cfg(steps=4, base_lr=5e-2, lr_schedule="cosine")
+    model = load_model("tiny-sd1")
+    (whole,) = multi.invert_many(model, images, ["disc"], cfg)
+    state = tmp_path / "part.safetensors"
+    calls = []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # during step 3, after the state of step 2 was saved
+            raise KeyboardInterrupt
+        return denoising_loss(*args, **kw)
+
+    monkeypatch.setattr(multi, "denoising_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
+    monkeypatch.setattr(multi, "denoising_loss", lambda *a, **kw: calls.append(1) or denoising_loss(*a, **kw))
+    calls.clear()
+    (resumed,) = multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
+    assert len(calls) == 2  # steps 3 and 4 only
+    torch.testing.assert_close(resumed[0], whole[0], rtol=1e-5, atol=1e-7)
+    calls.clear()  # a finished state is the answer: no step runs again
+    (again,) = multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
+    assert calls == [] and torch.equal(again[0], resumed[0])
+    with caplog.at_level("WARNING"):  # saved for another initializer word: ignored, not continued
+        (other,) = multi.invert_many(model, images, ["bar"], cfg, checkpoint=state, save_every=2)
+    assert len(calls) == 4 and "starting over" in caplog.text
+    (fresh,) = multi.invert_many(model, images, ["bar"], cfg)
+    torch.testing.assert_close(other[0], fresh[0], rtol=1e-5, atol=1e-7)
+
+
 def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir, tmp_path):
     from conftest import make_concept_images
 

@@ -3,8 +3,10 @@
 ``ti data targets IN --out OUT`` reads each shard of ``IN``, inverts its concepts in groups with
 :func:`~oneword.inversion.multi.invert_many` (one UNet pass per step for the whole group), and
 writes the same samples with ``target.safetensors`` added to ``OUT/<same shard name>``. A shard
-appears atomically when all its concepts are done, and shards already in ``OUT`` are skipped, so an
-interrupted run resumes where it stopped (losing at most the shard in progress).
+appears atomically when all its concepts are done, and shards already in ``OUT`` are skipped. Each
+group of the shard in progress saves its state in ``OUT/.partial/`` every 50 steps (and when it
+finishes), so an interrupted run resumes where it stopped, losing at most 50 steps; the shard's
+partial files are removed once the shard is written.
 
 With ``--from-encoder`` each inversion starts from a trained encoder's prediction for the concept's
 images instead of from the initializer word: a round of self-distillation (expert iteration), whose
@@ -14,6 +16,7 @@ instead of wherever an inversion from the initializer happened to land.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -28,6 +31,9 @@ from oneword.inversion.multi import invert_many
 from oneword.models import FrozenLDM
 
 logger = logging.getLogger(__name__)
+
+PARTIAL = ".partial"  # the state of the groups of the shard in progress
+SAVE_EVERY = 50
 
 
 def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: FrozenLDM,
@@ -66,18 +72,24 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
             raise InputError(f"{url} has samples without a target: nothing to continue (drop --continue)")
         t0 = time.perf_counter()
         bar = tqdm(total=len(samples), desc=Path(url).name, unit="concept", disable=not progress)
-        for i in range(0, len(samples), group):
+        partial = [out / PARTIAL / f"{Path(url).stem}-{i:06d}.safetensors" for i in range(0, len(samples), group)]
+        for i, state in zip(range(0, len(samples), group), partial):
             chunk = samples[i:i + group]
             if encoder is not None:
                 starts = predict_embeddings(encoder, model, [s.images for s in chunk], [s.init for s in chunk])
             else:
                 starts = [s.target for s in chunk] if continue_targets else None
             vectors = invert_many(model, [s.images for s in chunk], [s.init for s in chunk], cfg, starts=starts,
-                                  progress=progress)  # a step bar: one group can take most of an hour
+                                  progress=progress,  # a step bar: one group can take most of an hour
+                                  checkpoint=state, save_every=SAVE_EVERY)
             for s, v in zip(chunk, vectors):
                 s.target = v
             bar.update(len(chunk))
         bar.close()
         write_shard(samples, path)
+        for state in partial:
+            state.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (out / PARTIAL).rmdir()  # only when no other shard's state is left in it
         logger.info("%s: %d concepts x %d steps in %.0f s", path, len(samples), cfg.steps, time.perf_counter() - t0)
     return paths

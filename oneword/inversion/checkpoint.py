@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ class TrainState:
     generator_state: torch.Tensor
     prompt_rng_state: tuple
     scaler: dict[str, Any] | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+    """What else the owner must check on resume (e.g. a fingerprint of its inputs)."""
 
 
 def save_state(path: str | Path, ts: TrainState) -> Path:
@@ -41,6 +43,7 @@ def save_state(path: str | Path, ts: TrainState) -> Path:
         "param_groups": ts.param_groups,
         "prompt_rng": json.dumps([version, list(internal), gauss]),
         "scaler": json.dumps(ts.scaler),
+        "meta": json.dumps(ts.meta),
     }
     return write_safetensors(path, tensors, meta)
 
@@ -58,6 +61,7 @@ def load_state(path: str | Path) -> TrainState:
             generator_state=tensors["rng.generator"],
             prompt_rng_state=(version, tuple(internal), gauss),
             scaler=json.loads(meta.get("scaler", "null")),
+            meta=json.loads(meta.get("meta", "{}")),
         )
     except (KeyError, ValueError, TypeError) as err:
         raise InputError(f"checkpoint {path} is incomplete ({err}); start again without --resume") from None

@@ -10,12 +10,22 @@ AdamW (elementwise, no clipping here) moves each concept as an independent run w
 settings would. What batching buys is throughput: one UNet pass of ``concepts x batch_size``
 samples instead of many small ones. This is how the encoder's distillation targets are made
 (``ti data targets``).
+
+A run of many concepts can take an hour on a CPU, so with ``checkpoint`` it saves its state (the
+vectors, AdamW's moments, the step and both random generators) every ``save_every`` steps and at
+the end, and a later call with the same inputs continues from there exactly; a file written for
+other inputs or settings (its fingerprint differs) is ignored and overwritten.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -23,17 +33,49 @@ from tqdm.auto import tqdm
 
 from oneword.errors import TrainingDivergedError
 from oneword.inversion.bank import bank_for_run
+from oneword.inversion.checkpoint import TrainState, load_state, restore_prompt_rng, save_state
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.loss import denoising_loss
 from oneword.inversion.templates import sample_prompts
 from oneword.models import FrozenLDM
+from oneword.trainstate import load_optimizer, optimizer_tensors
+
+logger = logging.getLogger(__name__)
 
 TOKEN = "<multi>"
 
 
+def fingerprint(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], init_words: Sequence[str],
+                cfg: InversionConfig, has_starts: bool) -> str:
+    """What a saved state must match to be continued: the model, images, words and settings, and
+    whether the run has its own starts. Not the starts' values: an encoder's prediction can differ in the
+    last bits between runs (thread counts change the order of sums), and a saved state replaces the
+    start anyway."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("token", "init")}
+    what = [model.source, model.widths, list(init_words), settings, has_starts]
+    h.update(json.dumps(what, sort_keys=True, default=str).encode())
+    for images in image_sets:
+        for im in images:
+            h.update(f"{im.mode}{im.size}".encode())
+            h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def _resume(path: Path | None, key: str) -> TrainState | None:
+    if path is None or not path.is_file():
+        return None
+    ts = load_state(path)
+    if ts.meta.get("fingerprint") != key:
+        logger.warning("%s was saved for other concepts or settings: starting over", path)
+        return None
+    return ts
+
+
 def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], init_words: Sequence[str],
                 cfg: InversionConfig, progress: bool = False,
-                starts: Sequence[Sequence[torch.Tensor]] | None = None) -> list[list[torch.Tensor]]:
+                starts: Sequence[Sequence[torch.Tensor]] | None = None, checkpoint: str | Path | None = None,
+                save_every: int = 50) -> list[list[torch.Tensor]]:
     """Invert every concept of ``image_sets`` jointly for ``cfg.steps`` steps.
 
     Uses ``cfg``'s batch size (per concept), learning rate, template, views, regularizer and seed;
@@ -42,7 +84,8 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     initializer words, which stay the regularizer's anchors. ``model`` may be reused
     across calls but must hold no placeholder other than :data:`TOKEN`. Returns, per concept, one
     ``[n, width]`` tensor per text encoder. Raises :class:`TrainingDivergedError` when the loss
-    stops being finite.
+    stops being finite. ``checkpoint`` (a ``.safetensors`` path) saves the state every
+    ``save_every`` steps and at the end, and continues from it when it matches these inputs.
     """
     if len(image_sets) != len(init_words) or not image_sets:
         raise ValueError("need one initializer word per concept, and at least one concept")
@@ -67,8 +110,28 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     prompt_rng = random.Random(cfg.seed)
+    path = Path(checkpoint) if checkpoint is not None else None
+    key = fingerprint(model, image_sets, init_words, cfg, starts is not None) if path is not None else ""
+    first = 0
+    if (ts := _resume(path, key)) is not None:
+        with torch.no_grad():
+            for p, v in zip(params, ts.vectors, strict=True):
+                p.copy_(v)
+        load_optimizer(optimizer, ts.optimizer, ts.param_groups)
+        generator.set_state(ts.generator_state)
+        prompt_rng = restore_prompt_rng(ts.prompt_rng_state)
+        first = ts.step
+        logger.info("continuing %d concepts from step %d of %d (%s)", len(image_sets), first, cfg.steps, path)
+
+    def save(step: int) -> None:
+        if path is not None:
+            tensors, groups = optimizer_tensors(optimizer)
+            save_state(path, TrainState(step, params, tensors, groups, generator.get_state(),
+                                        prompt_rng.getstate(), meta={"fingerprint": key}))
+
     b, g = cfg.batch_size, len(image_sets)
-    for step in tqdm(range(cfg.steps), desc=f"inverting {g} concepts", disable=not progress, leave=False):
+    for step in tqdm(range(first, cfg.steps), desc=f"inverting {g} concepts", disable=not progress, leave=False,
+                     initial=first, total=cfg.steps):
         latents = torch.cat([bank.sample(b, generator) for bank in banks]).to(model.dtype)
         prompts = sample_prompts(cfg.template, TOKEN, g * b, prompt_rng)
         cond = model.encode_text(prompts, batch_vectors=[p.repeat_interleave(b, 0) for p in params])
@@ -83,4 +146,8 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
             group["lr"] = cfg.lr_at(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if save_every > 0 and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
+    if first < cfg.steps:
+        save(cfg.steps)  # a finished group is not inverted again when a later one is interrupted
     return [[p[i].detach().float().cpu().clone() for p in params] for i in range(g)]
