@@ -364,9 +364,12 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
 
         encoder = load_encoder(encoder_path(args.from_encoder))
     t0 = time.perf_counter()
+    from oneword.inversion.train import sigterm_as_interrupt
+
     try:
-        paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device),
-                            group=args.group, continue_targets=args.continue_targets, encoder=encoder)
+        with sigterm_as_interrupt():  # a preempted job says how to continue, as Ctrl-C does
+            paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device),
+                                group=args.group, continue_targets=args.continue_targets, encoder=encoder)
     except KeyboardInterrupt:
         print(f"the same command continues: finished shards are kept and the shard in progress resumes from "
               f"its last saved step (every {SAVE_EVERY}, in {Path(args.out) / PARTIAL})", file=sys.stderr)

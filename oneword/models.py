@@ -138,7 +138,7 @@ class FrozenLDM:
     device: torch.device
     dtype: torch.dtype
     placeholder_tokens: dict[str, int] = field(default_factory=dict)  # token -> vectors
-    _clean_tokenizers: list | None = field(default=None, repr=False)  # as loaded, before any placeholder
+    _clean_tokenizers: dict[str, object] | None = field(default=None, repr=False)  # as loaded, by attribute
 
     @property
     def tokenizers(self) -> list:
@@ -214,7 +214,8 @@ class FrozenLDM:
         """
         validate_token(token, self.tokenizers[0], existing=self.placeholder_tokens)
         if self._clean_tokenizers is None:
-            self._clean_tokenizers = [copy.deepcopy(t) for t in self.tokenizers]
+            self._clean_tokenizers = {attr: copy.deepcopy(tok) for attr in ("tokenizer", "tokenizer_2")
+                                      if (tok := getattr(self.pipeline, attr, None)) is not None}
         n = int(init_vectors[0].shape[0])
         names = expand_token(token, n)
         for tok, emb, vecs in zip(self.tokenizers, self.placeholder_embeddings(), init_vectors):
@@ -229,11 +230,14 @@ class FrozenLDM:
         self.placeholder_tokens[token] = n
 
     def clear_placeholders(self) -> None:
-        """Remove every placeholder token: the tokenizers and token tables are as loaded again, so
-        the next concept's inversion reuses this model instead of loading another copy."""
+        """Remove every placeholder token: the tokenizers and token tables are as loaded again, and
+        the UNet's gradient checkpointing (an inversion setting) is off, so the next concept's
+        inversion reuses this model instead of loading another copy."""
         if self._clean_tokenizers is not None:
-            for attr, clean in zip(("tokenizer", "tokenizer_2"), self._clean_tokenizers):
+            for attr, clean in self._clean_tokenizers.items():
                 setattr(self.pipeline, attr, copy.deepcopy(clean))
+        if getattr(self.unet, "is_gradient_checkpointing", False):
+            self.unet.disable_gradient_checkpointing()
         for emb in self.placeholder_embeddings():
             emb.store.vectors = nn.Parameter(emb.vectors.data[:0].clone(), requires_grad=False)
         self.placeholder_tokens.clear()

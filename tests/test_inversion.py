@@ -252,6 +252,18 @@ def test_invert_many_resumes_exactly_from_its_checkpoint(tiny_dirs, concept_dir,
     assert len(calls) == 4 and "starting over" in caplog.text
     (fresh,) = multi.invert_many(model, images, ["bar"], cfg)
     torch.testing.assert_close(other[0], fresh[0], rtol=1e-5, atol=1e-7)
+    start = [[v * 1.5 for v in model.initializer_vectors("bar", 1)]]
+    multi.invert_many(model, images, ["bar"], cfg, checkpoint=state, starts=start)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # other starts (e.g. another encoder's predictions): not continued
+        multi.invert_many(model, images, ["bar"], cfg, checkpoint=state, starts=[[v * 2 for v in start[0]]])
+    assert "starting over" in caplog.text
+    state.write_bytes(b"not a state")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        (again,) = multi.invert_many(model, images, ["bar"], cfg, checkpoint=state)
+    assert "cannot be read" in caplog.text
+    torch.testing.assert_close(again[0], fresh[0], rtol=1e-5, atol=1e-7)
 
 
 def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir, tmp_path):

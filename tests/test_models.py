@@ -112,7 +112,9 @@ def test_clear_placeholders_restores_the_loaded_model(tiny_dirs):
     prompt = ["a <b> toy"]
     m.add_placeholder("<a>", m.initializer_vectors("cat", 2))
     m.trainable_vectors()
+    m.unet.enable_gradient_checkpointing()  # an inversion setting (--gradient_checkpointing)
     m.clear_placeholders()
+    assert not m.unet.is_gradient_checkpointing
     assert m.placeholder_tokens == {} and all(len(t) == 49408 for t in m.tokenizers)
     assert all(e.vectors.shape[0] == 0 and not e.vectors.requires_grad for e in m.placeholder_embeddings())
     assert m.tokenizers[0].tokenize("<a>") != ["<a>"]  # an ordinary string again

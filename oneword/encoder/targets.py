@@ -5,8 +5,9 @@
 writes the same samples with ``target.safetensors`` added to ``OUT/<same shard name>``. A shard
 appears atomically when all its concepts are done, and shards already in ``OUT`` are skipped. Each
 group of the shard in progress saves its state in ``OUT/.partial/`` every 50 steps (and when it
-finishes), so an interrupted run resumes where it stopped, losing at most 50 steps; the shard's
-partial files are removed once the shard is written.
+finishes), so an interrupted run resumes where it stopped, losing at most 50 steps; a shard's
+partial files are removed once the shard is written (the folder stays: another process may be
+writing its own shard's state into it).
 
 With ``--from-encoder`` each inversion starts from a trained encoder's prediction for the concept's
 images instead of from the initializer word: a round of self-distillation (expert iteration), whose
@@ -16,7 +17,6 @@ instead of wherever an inversion from the initializer happened to land.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -66,6 +66,7 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
         paths.append(path)
         if path.is_file():
             logger.info("%s exists: skipped", path)
+            _remove_partial(out, Path(url).stem)  # e.g. left by a run stopped right after writing the shard
             continue
         samples = read_shard(url)
         if continue_targets and any(s.target is None for s in samples):
@@ -87,9 +88,15 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
             bar.update(len(chunk))
         bar.close()
         write_shard(samples, path)
-        for state in partial:
-            state.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (out / PARTIAL).rmdir()  # only when no other shard's state is left in it
+        _remove_partial(out, Path(url).stem)
         logger.info("%s: %d concepts x %d steps in %.0f s", path, len(samples), cfg.steps, time.perf_counter() - t0)
     return paths
+
+
+def _remove_partial(out: Path, stem: str) -> None:
+    """A written shard's group states (whatever ``--group`` made them) and any temporary file an
+    interrupted write left of them."""
+    folder = out / PARTIAL
+    if folder.is_dir():
+        for f in [*folder.glob(f"{stem}-*.safetensors"), *folder.glob(f".{stem}-*.safetensors.tmp-*")]:
+            f.unlink(missing_ok=True)

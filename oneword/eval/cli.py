@@ -127,8 +127,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             dataclasses.replace(base, **m.overrides)  # bad values fail before any sampling
     except (TypeError, ValueError) as err:
         raise OneWordError(str(err)) from None
-    settings, make_scorer, clip_name = _scorer_factory(args, load())
-    rows = run_curve(load, concepts, base, methods, args.budgets, make_scorer, progress=not args.no_progress)
+    model = load()
+    settings, make_scorer, clip_name = _scorer_factory(args, model)
+    rows = run_curve(lambda: model, concepts, base, methods, args.budgets, make_scorer, progress=not args.no_progress)
     return _finish(rows, args, settings, clip_name)
 
 

@@ -13,8 +13,9 @@ samples instead of many small ones. This is how the encoder's distillation targe
 
 A run of many concepts can take an hour on a CPU, so with ``checkpoint`` it saves its state (the
 vectors, AdamW's moments, the step and both random generators) every ``save_every`` steps and at
-the end, and a later call with the same inputs continues from there exactly; a file written for
-other inputs or settings (its fingerprint differs) is ignored and overwritten.
+the end, and a later call with the same inputs continues from there (step for step as an
+uninterrupted run on the same device and thread count); a file written for other inputs, settings,
+model weights or starts is ignored with a warning and overwritten.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from oneword.errors import TrainingDivergedError
+from oneword.errors import InputError, TrainingDivergedError
 from oneword.inversion.bank import bank_for_run
 from oneword.inversion.checkpoint import TrainState, load_state, restore_prompt_rng, save_state
 from oneword.inversion.config import InversionConfig
@@ -47,10 +49,9 @@ TOKEN = "<multi>"
 
 def fingerprint(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], init_words: Sequence[str],
                 cfg: InversionConfig, has_starts: bool) -> str:
-    """What a saved state must match to be continued: the model, images, words and settings, and
-    whether the run has its own starts. Not the starts' values: an encoder's prediction can differ in the
-    last bits between runs (thread counts change the order of sums), and a saved state replaces the
-    start anyway."""
+    """What a saved state must match exactly to be continued: the model's name and widths, the
+    images, words and settings, and whether the run has its own starts (their values and the
+    model's weights are compared by :func:`_sums`, within a tolerance)."""
     h = hashlib.sha256()
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("token", "init")}
     what = [model.source, model.widths, list(init_words), settings, has_starts]
@@ -62,12 +63,32 @@ def fingerprint(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     return h.hexdigest()
 
 
-def _resume(path: Path | None, key: str) -> TrainState | None:
+def _sums(model: FrozenLDM, starts: Sequence[Sequence[torch.Tensor]] | None) -> dict[str, float]:
+    """Sums of absolute values of the weights that a retrained model changes (the UNet's input
+    convolution, each token table) and of the starts. Compared within a tolerance: an encoder's
+    prediction differs in its last bits between runs (thread counts change the order of sums), and
+    fp16 and fp32 copies of one model are one model."""
+    weights = [model.unet.conv_in.weight, *(e.base.weight for e in model.placeholder_embeddings())]
+    out = {"weights": sum(float(w.detach().double().abs().sum()) for w in weights)}
+    if starts is not None:
+        out["starts"] = sum(float(t.detach().double().abs().sum()) for start in starts for t in start)
+    return out
+
+
+def _resume(path: Path | None, key: str, sums: dict[str, float]) -> TrainState | None:
     if path is None or not path.is_file():
         return None
-    ts = load_state(path)
-    if ts.meta.get("fingerprint") != key:
-        logger.warning("%s was saved for other concepts or settings: starting over", path)
+    try:
+        ts = load_state(path)
+        saved = json.loads(ts.meta.get("sums", "{}"))
+    except (InputError, ValueError) as err:
+        logger.warning("%s cannot be read (%s): starting over", path, err)
+        return None
+    # a state saved before the sums were (the first version of this file) is judged by its fingerprint alone
+    same = ts.meta.get("fingerprint") == key and all(
+        math.isclose(saved[k], v, rel_tol=1e-4) for k, v in sums.items() if k in saved)
+    if not same:
+        logger.warning("%s was saved for other concepts, settings, model weights or starts: starting over", path)
         return None
     return ts
 
@@ -112,8 +133,9 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     prompt_rng = random.Random(cfg.seed)
     path = Path(checkpoint) if checkpoint is not None else None
     key = fingerprint(model, image_sets, init_words, cfg, starts is not None) if path is not None else ""
+    sums = _sums(model, starts) if path is not None else {}
     first = 0
-    if (ts := _resume(path, key)) is not None:
+    if (ts := _resume(path, key, sums)) is not None:
         with torch.no_grad():
             for p, v in zip(params, ts.vectors, strict=True):
                 p.copy_(v)
@@ -127,7 +149,7 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
         if path is not None:
             tensors, groups = optimizer_tensors(optimizer)
             save_state(path, TrainState(step, params, tensors, groups, generator.get_state(),
-                                        prompt_rng.getstate(), meta={"fingerprint": key}))
+                                        prompt_rng.getstate(), meta={"fingerprint": key, "sums": json.dumps(sums)}))
 
     b, g = cfg.batch_size, len(image_sets)
     for step in tqdm(range(first, cfg.steps), desc=f"inverting {g} concepts", disable=not progress, leave=False,

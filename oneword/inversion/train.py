@@ -163,7 +163,7 @@ class InversionResult:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C so a killed job still saves its state."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -268,7 +268,7 @@ def run_inversion(
                unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             while inv.step < cfg.steps:
                 try:
                     last_loss = inv.train_step()
