@@ -350,6 +350,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_data_targets(args: argparse.Namespace) -> int:
     from oneword.encoder.targets import PARTIAL, SAVE_EVERY, add_targets
     from oneword.inversion.config import InversionConfig
+    from oneword.inversion.train import sigterm_as_interrupt
     from oneword.models import load_model
 
     try:
@@ -364,8 +365,6 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
 
         encoder = load_encoder(encoder_path(args.from_encoder))
     t0 = time.perf_counter()
-    from oneword.inversion.train import sigterm_as_interrupt
-
     try:
         with sigterm_as_interrupt():  # a preempted job says how to continue, as Ctrl-C does
             paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device),
