@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_invert(args: argparse.Namespace) -> int:
     from oneword.data.images import load_folder
-    from oneword.inversion.config import InversionConfig
+    from oneword.inversion.config import InversionConfig, weights_dtype
     from oneword.inversion.train import run_inversion, safe_file_stem
     from oneword.models import load_model
 
@@ -226,8 +226,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         raise OneWordError(f"invalid setting: {err}") from err
     out = Path(args.out or f"runs/{safe_file_stem(cfg.token)}")
     images = load_folder(args.images, max_pixels=cfg.max_pixels)
-    dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
-    model = load_model(args.model, device=args.device, dtype=dtype)
+    model = load_model(args.model, device=args.device, dtype=weights_dtype(cfg.mixed_precision))
     print(f"{model.describe()}\n{len(images)} images from {args.images}; lr {cfg.lr:g}", file=sys.stderr)
     t0 = time.perf_counter()
     res = run_inversion(model, images, cfg, out, resume=args.resume, progress=not args.no_progress)

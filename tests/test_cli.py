@@ -178,3 +178,27 @@ def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(eight, fours, strict=True))
+
+
+def test_mixed_precision_sets_the_weights_dtype_of_every_trainer(concept_dir, tmp_path, monkeypatch, capsys):
+    """ti invert, ti-encode and ti eval curve load the frozen weights in the dtype their
+    --mixed_precision names (ti-encode and ti eval used to take the device's default)."""
+    import oneword.models
+    from oneword.encoder.encode import main as encode_main
+    from oneword.errors import ModelLoadError
+
+    asked: list[str | None] = []
+
+    def record(model, *, device=None, dtype=None, family=None):
+        asked.append(dtype)
+        raise ModelLoadError("stopped by the test")
+
+    monkeypatch.setattr(oneword.models, "load_model", record)
+    out = ["--out", str(tmp_path / "out")]
+    assert main(["invert", str(concept_dir), *INVERT, "--mixed_precision", "bf16", *out]) == 2
+    assert encode_main([str(concept_dir), "--encoder", "toy", "--init", "disc", "--mixed_precision", "fp16", *out]) == 2
+    assert encode_main([str(concept_dir), "--encoder", "toy", "--init", "disc", *out]) == 2
+    assert main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", "--init", "disc",
+                 "--mixed_precision", "bf16"]) == 2
+    assert asked == ["bf16", "fp16", "fp32", "bf16"]
+    assert "stopped by the test" in capsys.readouterr().err

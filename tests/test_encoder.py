@@ -100,6 +100,25 @@ def test_unet_features_see_the_image_and_need_the_model(tiny_dirs, layout, famil
         enc.predict([imgs], _init(model, 1))
 
 
+def test_unet_features_of_an_fp16_model_encode_with_an_fp32_vae(tiny_dirs):
+    """SDXL's VAE overflows in fp16 (NaN features, NaN prediction): the reference images are encoded
+    as the latent bank encodes them, in fp32, and the VAE is left as it was."""
+    model = load_model("tiny-sd1", dtype="fp16")
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    encode = model.vae.encode
+
+    def spy(x, *args, **kwargs):
+        seen.append((x.dtype, model.vae.dtype))
+        return encode(x, *args, **kwargs)
+
+    model.vae.encode = spy
+    f = unet_features(model, _images(2), "multiscale")
+    assert seen and all(s == (torch.float32, torch.float32) for s in seen)
+    assert model.vae.dtype == torch.float16 and torch.isfinite(f).all()
+    full = load_model("tiny-sd1")
+    assert torch.allclose(f, unet_features(full, _images(2), "multiscale"), rtol=0.05, atol=0.05)
+
+
 def test_resnets_layout_extends_blocks(tiny_dirs):
     """The ``resnets`` layout keeps every down-path map (the blocks' outputs among them) and their spread."""
     model = load_model("tiny-sd1")
@@ -232,6 +251,44 @@ def test_lightning_fit_and_resume(tiny_dirs, tmp_path):
     assert trainer.global_step == 3
     enc = load_encoder(tmp_path / "enc.safetensors", space=module.encoder.space)
     assert enc.cfg.model == "tiny-sd1" and enc.cfg.widths == module.encoder.cfg.widths
+
+
+def test_ranks_and_accumulated_batches_draw_their_own_noise(tiny_dirs):
+    """Under DDP or gradient accumulation every micro-batch of a step used the same noise and
+    timesteps; rank 0's first micro-batch keeps the single-device seed."""
+    from types import SimpleNamespace
+
+    from oneword.encoder.lit import EncoderModule
+
+    module = EncoderModule(model="tiny-sd1", clip="random", hidden=32, depth=1, template="toy", seed=3)
+    alone = module.noise_seed(0)
+    assert alone == 3 * 1_000_003
+    seeds = set()
+    for rank in (0, 1):
+        module._trainer = SimpleNamespace(accumulate_grad_batches=4, global_rank=rank, global_step=0)
+        seeds |= {module.noise_seed(i) for i in range(8)}  # batch_idx runs on; the step holds 4
+        if rank == 0:
+            assert module.noise_seed(0) == alone
+    module._trainer = None
+    assert len(seeds) == 8
+
+
+def test_fewer_shards_than_readers_is_an_error(tmp_path):
+    """Shards are handed out whole per rank and per worker: a reader with none would hang the run."""
+    from types import SimpleNamespace
+
+    from oneword.encoder.lit import ConceptShards
+
+    write_shards(toy_samples(limit=4, images=1, size=16), tmp_path / "shards", per_shard=2)
+    data = ConceptShards(str(tmp_path / "shards"), num_workers=3)
+    with pytest.raises(InputError, match="2 shard.* for 3 readers"):
+        data.train_dataloader()
+    data = ConceptShards(str(tmp_path / "shards"))
+    data.trainer = SimpleNamespace(world_size=4)
+    with pytest.raises(InputError, match="for 4 readers"):
+        data.val_dataloader()
+    data.trainer = SimpleNamespace(world_size=2)
+    assert data.train_dataloader() is not None
 
 
 def test_export_keeps_the_best_validated_encoder(tiny_dirs, tmp_path):

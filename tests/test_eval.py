@@ -444,3 +444,24 @@ def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
     assert chosen["recon_clip"] == by[("enc", 0)]["recon_clip"] != by[("enc", 2)]["recon_clip"]
     assert chosen["seconds"] >= by[("enc", 2)]["seconds"]
     assert ("scratch" + SELECT_SUFFIX, 0) not in by  # no starting word to go back to
+
+
+@pytest.mark.parametrize("spec, quick", [("ViT-L-14", True), ("ViT-B-32:openai", True),
+                                         ("ViT-H-14:laion2b_s32b_b79k", False)])
+def test_openai_clip_towers_are_built_with_quick_gelu(spec, quick, monkeypatch):
+    """open_clip 3 builds OpenAI's towers with plain GELU unless asked (it only warns): the encoder's
+    and the metrics' features would silently differ from the weights' training."""
+    import open_clip
+
+    from oneword.errors import ModelLoadError
+
+    seen = {}
+
+    def record(arch, pretrained=None, **kwargs):
+        seen.update(arch=arch, tag=pretrained, **kwargs)
+        raise RuntimeError("no download in tests")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", record)
+    with pytest.raises(ModelLoadError, match="cannot load CLIP"):
+        load_space(spec)
+    assert seen["force_quick_gelu"] is quick and seen["arch"] == spec.partition(":")[0]

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from oneword.encoder.model import check_fits, load_encoder, predict_embeddings
     from oneword.encoder.select import REFINED, candidate_name
     from oneword.eval.protocol import load_concept
-    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
+    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig, weights_dtype
     from oneword.inversion.train import safe_file_stem
     from oneword.models import load_model
 
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     enc_path = encoder_path(args.encoder)
     encoder = load_encoder(enc_path)
     model_name = args.model or encoder.cfg.model
-    model = load_model(model_name, device=args.device)
+    model = load_model(model_name, device=args.device, dtype=weights_dtype(args.mixed_precision))
     check_fits(encoder, model)
     n = len(args.images)
     inits = _per_concept(args.init, n, "--init")

@@ -76,6 +76,11 @@ class ConceptShards(L.LightningDataModule):
 
         h = self.hparams
         urls = expand_shards(h.shards)
+        readers = (self.trainer.world_size if self.trainer is not None else 1) * max(1, h.num_workers)
+        if len(urls) < readers:  # whole shards go to each rank and worker: one without any waits forever
+            raise InputError(f"{len(urls)} shard(s) for {readers} readers (ranks x data.num_workers): each needs at "
+                             "least one; write smaller shards (ti data shards --per-shard) or lower "
+                             "data.num_workers")
         ds = wds.WebDataset(urls, shardshuffle=False if val else len(urls), seed=h.seed, empty_check=False,
                             nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
         ds = ds.select(lambda raw: is_validation(raw["__key__"], h.val_fraction) == val).map(decode_sample)
@@ -163,6 +168,8 @@ class EncoderModule(L.LightningModule):
         """A fit from scratch loads ``init_from``; a resume has restored its checkpoint by now
         (``trainer.ckpt_path`` is set) and never reads the file."""
         trainer = self._trainer
+        if self.global_rank:  # each rank draws its own flips and prompts
+            self._rng = random.Random(self.hparams.seed + 7_919 * self.global_rank)
         if not self.hparams.init_from or (trainer is not None and trainer.ckpt_path):
             return
         exports = [cb.target(trainer) for cb in (trainer.callbacks if trainer is not None else [])
@@ -222,8 +229,15 @@ class EncoderModule(L.LightningModule):
         out["loss"] = out["denoise"] + h.reg_weight * out["reg"] + h.distill_weight * out["distill"]
         return out
 
+    def noise_seed(self, batch_idx: int) -> int:
+        """Seed of a training micro-batch's noise and timesteps: its own per step, per rank and per
+        accumulated micro-batch (rank 0's first micro-batch keeps the single-device seed)."""
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        stream = self.global_rank * accumulate + batch_idx % accumulate
+        return self.hparams.seed * 1_000_003 + self.global_step + 1_000_000_007 * stream
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        gen = torch.Generator().manual_seed(self.noise_seed(batch_idx))
         out = self.losses(batch, gen)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(f"encoder loss became {out['loss'].item()} at step {self.global_step}; "

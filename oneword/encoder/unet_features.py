@@ -38,6 +38,7 @@ from PIL import Image
 from torch import Tensor
 
 from oneword.data.images import image_to_tensor, resize_and_crop
+from oneword.inversion.bank import vae_in_safe_dtype
 from oneword.inversion.loss import unet_forward
 
 TIMESTEP = 0
@@ -122,27 +123,29 @@ def _run(model, images: Sequence[Image.Image], layout: str, keep_map: bool) -> t
 
     hooks = [b.register_forward_hook(keep) for b in list(unet.down_blocks) + [unet.mid_block]]
     try:
-        empty = model.encode_text([""])
-        parts, maps = [], []
-        for i in range(0, len(images), BATCH):
-            chunk = images[i:i + BATCH]
-            x = torch.stack([image_to_tensor(resize_and_crop(im, model.resolution)) for im in chunk])
-            cond = type(empty)(empty.hidden_states.expand(len(chunk), -1, -1),
-                               None if empty.pooled is None else empty.pooled.expand(len(chunk), -1))
-            per_scale = []
-            for scale in _SCALES[layout]:  # >1: the same view, larger, so the UNet's maps get finer
-                xs = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bicubic").clamp(-1, 1)
-                latents = vae.encode(xs.to(model.device, model.dtype)).latent_dist.mean * vae.config.scaling_factor
-                captured.clear()
-                unet_forward(model, latents, torch.full((len(chunk),), TIMESTEP, device=model.device), cond)
-                per_scale.append(torch.cat([_pool(h, layout) for h in captured], -1))
-            parts.append(torch.cat(per_scale, -1).cpu())
-            if keep_map:  # the last scale's pass is the largest one
-                m = finest[0].float()
-                if max(m.shape[-2:]) > MAP_SIDE:
-                    m = F.adaptive_avg_pool2d(m, (min(m.shape[-2], MAP_SIDE), min(m.shape[-1], MAP_SIDE)))
-                maps.append(m.cpu())
-        return torch.cat(parts), (torch.cat(maps) if keep_map else None)
+        with vae_in_safe_dtype(vae) as vae_dtype:  # SDXL's VAE overflows in fp16
+            empty = model.encode_text([""])
+            parts, maps = [], []
+            for i in range(0, len(images), BATCH):
+                chunk = images[i:i + BATCH]
+                x = torch.stack([image_to_tensor(resize_and_crop(im, model.resolution)) for im in chunk])
+                cond = type(empty)(empty.hidden_states.expand(len(chunk), -1, -1),
+                                   None if empty.pooled is None else empty.pooled.expand(len(chunk), -1))
+                per_scale = []
+                for scale in _SCALES[layout]:  # >1: the same view, larger, so the UNet's maps get finer
+                    xs = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bicubic").clamp(-1, 1)
+                    latents = vae.encode(xs.to(model.device, vae_dtype)).latent_dist.mean * vae.config.scaling_factor
+                    latents = latents.to(model.dtype)
+                    captured.clear()
+                    unet_forward(model, latents, torch.full((len(chunk),), TIMESTEP, device=model.device), cond)
+                    per_scale.append(torch.cat([_pool(h, layout) for h in captured], -1))
+                parts.append(torch.cat(per_scale, -1).cpu())
+                if keep_map:  # the last scale's pass is the largest one
+                    m = finest[0].float()
+                    if max(m.shape[-2:]) > MAP_SIDE:
+                        m = F.adaptive_avg_pool2d(m, (min(m.shape[-2], MAP_SIDE), min(m.shape[-1], MAP_SIDE)))
+                    maps.append(m.cpu())
+            return torch.cat(parts), (torch.cat(maps) if keep_map else None)
     finally:
         for h in hooks:
             h.remove()

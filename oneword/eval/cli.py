@@ -108,10 +108,12 @@ def _finish(rows, args, settings, clip_name) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from oneword.eval.protocol import load_concept
+    from oneword.inversion.config import weights_dtype
     from oneword.models import load_model
 
-    def load():
-        return load_model(args.model, device=args.device)
+    def load():  # a curve's inversions run at its --mixed_precision; score samples at the default
+        mp = getattr(args, "mixed_precision", None)
+        return load_model(args.model, device=args.device, dtype=weights_dtype(mp) if mp else None)
 
     if args.eval_command == "score":
         return _score(args, load)

@@ -106,8 +106,12 @@ def load_space(spec: str, device: str | torch.device | None = None) -> ClipSpace
 
     arch, _, tag = spec.partition(":")
     tag = tag or "openai"
+    # OpenAI's towers were trained with QuickGELU; open_clip 3 builds the plain GELU architecture for
+    # them unless told (only warning), which silently changes every feature.
+    quick_gelu = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag,
+                                                                     force_quick_gelu=quick_gelu)
         tokenizer = open_clip.get_tokenizer(arch)
     except Exception as err:  # noqa: BLE001 - open_clip raises many kinds; the user needs one line
         detail = " ".join(str(err).split())[:200]

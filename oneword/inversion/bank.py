@@ -10,7 +10,8 @@ the same distribution over latents as re-encoding that view, at no VAE cost per 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,19 @@ class LatentBank:
         return (z - self.shift_factor) * self.scaling_factor
 
 
+@contextmanager
+def vae_in_safe_dtype(vae) -> Iterator[torch.dtype]:
+    """Run ``vae`` in fp32 while inside when its weights are fp16 (SD's VAE, SDXL's above all,
+    overflows in fp16); yields the dtype its inputs must have, and restores the weights after."""
+    orig = vae.dtype
+    run = torch.float32 if orig == torch.float16 else orig
+    vae.to(run)
+    try:
+        yield run
+    finally:
+        vae.to(orig)
+
+
 @torch.no_grad()
 def build_bank(
     model: FrozenLDM, images: Sequence[Image.Image], aug: AugmentConfig, seed: int, chunk: int = 8
@@ -94,18 +108,13 @@ def build_bank(
     overflows in fp16, and this pass is one-off)."""
     vae = model.vae
     views = augmented_views(images, aug, seed)
-    run_dtype = torch.float32 if vae.dtype == torch.float16 else vae.dtype
-    orig_dtype = vae.dtype
-    vae.to(run_dtype)
     means, stds = [], []
-    try:
+    with vae_in_safe_dtype(vae) as run_dtype:
         for i in range(0, len(views), chunk):
             x = torch.stack([image_to_tensor(v) for v in views[i : i + chunk]])
             dist = vae.encode(x.to(model.device, run_dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
-    finally:
-        vae.to(orig_dtype)
     cfg = vae.config
     shift = cfg.get("shift_factor", None) or 0.0
     return LatentBank(torch.cat(means), torch.cat(stds), float(cfg.scaling_factor), float(shift))

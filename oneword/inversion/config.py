@@ -16,6 +16,11 @@ import yaml
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
+def weights_dtype(mixed_precision: str) -> str:
+    """The ``load_model`` dtype of a ``mixed_precision`` setting (``no`` keeps fp32)."""
+    return {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed_precision]
+
+
 #: Fields that tools running many inversions (curves, ti-encode) set per run themselves.
 PER_RUN_FIELDS = frozenset({"token", "init", "steps", "save_every", "preview_every", "preview_prompts",
                             "preview_seeds", "preview_steps"})
