@@ -198,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--template", choices=["object", "style", "toy"], default="object",
                     help="prompt templates (default: object; toy for the toy model)")
     tg.add_argument("--seed", type=int, default=0, help="seed of views, prompts and noise")
+    tg.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                    help="frozen weights' precision (default: fp16 on CUDA, with gradient scaling, else fp32)")
+    tg.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute UNet activations in the backward pass: memory grows with --group x "
+                         "--batch-size, and on a real model this is the first thing to try")
     tg.add_argument("--continue", dest="continue_targets", action="store_true",
                     help="SHARDS already carry targets: run --steps more steps from them (e.g. on a "
                          "fine-tuned model) instead of from the initializer words")
@@ -354,7 +359,8 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
 
     try:
         cfg = InversionConfig(token="<target>", init="object", steps=args.steps, batch_size=args.batch_size,
-                              base_lr=args.base_lr, template=args.template, seed=args.seed)
+                              base_lr=args.base_lr, template=args.template, seed=args.seed,
+                              gradient_checkpointing=args.gradient_checkpointing)
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from err
     encoder = None
@@ -366,7 +372,8 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         with sigterm_as_interrupt():  # a preempted job says how to continue, as Ctrl-C does
-            paths = add_targets(args.shards, Path(args.out), cfg, load_model(args.model, device=args.device),
+            model = load_model(args.model, device=args.device, dtype=args.dtype)
+            paths = add_targets(args.shards, Path(args.out), cfg, model,
                                 group=args.group, continue_targets=args.continue_targets, encoder=encoder)
     except KeyboardInterrupt:
         print(f"the same command continues: finished shards are kept and the shard in progress resumes from "

@@ -18,7 +18,7 @@ from PIL import Image
 
 from oneword.imagegrid import image_grid, save_png
 from oneword.inversion.embedding_io import Embedding, check_widths, load_embedding
-from oneword.models import FrozenLDM
+from oneword.models import FrozenLDM, TextConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ def add_embeddings(model: FrozenLDM, paths: Sequence[str | Path]) -> list[Embedd
     return loaded
 
 
+def negative_conditioning(model: FrozenLDM, negative_prompt: str, n: int) -> TextConditioning:
+    """The unconditional side of guidance, as the stock pipeline builds it: SDXL's config
+    (``force_zeros_for_empty_prompt``) takes zeros for an empty negative prompt, not its encoding."""
+    cond = model.encode_text([negative_prompt] * n)
+    if negative_prompt or not model.pipeline.config.get("force_zeros_for_empty_prompt", False):
+        return cond
+    return TextConditioning(torch.zeros_like(cond.hidden_states),
+                            None if cond.pooled is None else torch.zeros_like(cond.pooled))
+
+
 @torch.no_grad()
 def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings) -> list[Image.Image]:
     """One image per (prompt, seed), prompt-major, ``settings.batch`` seeds per pipeline call. CPU
@@ -70,7 +80,7 @@ def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSe
     images: list[Image.Image] = []
     chunks = [settings.seeds[i:i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
     sizes = {len(c) for c in chunks}  # at most two: the full batch and the remainder
-    uncond = {n: model.encode_text([settings.negative_prompt] * n) for n in sizes}
+    uncond = {n: negative_conditioning(model, settings.negative_prompt, n) for n in sizes}
     for prompt in prompts:
         conds = {n: model.encode_text([prompt] * n) for n in sizes}
         for seeds in chunks:

@@ -182,7 +182,8 @@ def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
 
 def test_mixed_precision_sets_the_weights_dtype_of_every_trainer(concept_dir, tmp_path, monkeypatch, capsys):
     """ti invert, ti-encode and ti eval curve load the frozen weights in the dtype their
-    --mixed_precision names (ti-encode and ti eval used to take the device's default)."""
+    --mixed_precision names (ti-encode and ti eval used to take the device's default), ti data
+    targets in its --dtype."""
     import oneword.models
     from oneword.encoder.encode import main as encode_main
     from oneword.errors import ModelLoadError
@@ -200,5 +201,23 @@ def test_mixed_precision_sets_the_weights_dtype_of_every_trainer(concept_dir, tm
     assert encode_main([str(concept_dir), "--encoder", "toy", "--init", "disc", *out]) == 2
     assert main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", "--init", "disc",
                  "--mixed_precision", "bf16"]) == 2
-    assert asked == ["bf16", "fp16", "fp32", "bf16"]
+    assert main(["data", "targets", str(tmp_path / "shards"), "--model", "tiny-sd1", "--dtype", "bf16", *out]) == 2
+    assert asked == ["bf16", "fp16", "fp32", "bf16", "bf16"]
     assert "stopped by the test" in capsys.readouterr().err
+
+
+def test_empty_negative_prompt_is_zeros_where_the_stock_sdxl_pipeline_uses_zeros(tiny_dirs):
+    """SDXL's config says an empty negative prompt is all zeros (``force_zeros_for_empty_prompt``);
+    SD 1.x encodes the empty text; a written negative prompt is always encoded."""
+    from oneword.generate import negative_conditioning
+    from oneword.models import load_model
+
+    xl = load_model("tiny-sdxl")
+    assert xl.pipeline.config.force_zeros_for_empty_prompt
+    empty = negative_conditioning(xl, "", 2)
+    assert empty.hidden_states.shape == xl.encode_text(["", ""]).hidden_states.shape
+    assert not empty.hidden_states.any() and not empty.pooled.any()
+    written = negative_conditioning(xl, "blurry", 2)
+    assert torch.equal(written.hidden_states, xl.encode_text(["blurry"] * 2).hidden_states)
+    sd1 = load_model("tiny-sd1")
+    assert torch.equal(negative_conditioning(sd1, "", 1).hidden_states, sd1.encode_text([""]).hidden_states)

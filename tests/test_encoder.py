@@ -273,6 +273,15 @@ def test_ranks_and_accumulated_batches_draw_their_own_noise(tiny_dirs):
     assert len(seeds) == 8
 
 
+def test_encoder_training_can_checkpoint_the_unet(tiny_dirs):
+    from oneword.encoder.lit import EncoderModule
+
+    for on in (False, True):
+        module = EncoderModule(model="tiny-sd1", clip="random", hidden=32, depth=1, template="toy",
+                               gradient_checkpointing=on)
+        assert module.ldm.unet.is_gradient_checkpointing is on
+
+
 def test_fewer_shards_than_readers_is_an_error(tmp_path):
     """Shards are handed out whole per rank and per worker: a reader with none would hang the run."""
     from types import SimpleNamespace
@@ -444,6 +453,24 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     cfg = load_encoder(run / "encoder.safetensors").cfg
     assert cfg.unet_dim > 0 and cfg.unet_layout == "multiscale"  # the config's UNet features were wired in
     assert cfg.map_channels > 0 and cfg.map_width == 8
+
+
+@pytest.mark.parametrize("name", ["toy", "sd15", "sd21", "sdxl"])
+def test_every_shipped_config_parses(name, capsys):
+    """The real-model configs cannot be fitted here (no weights), but a misspelt or removed option
+    in one fails the parse: LightningCLI checks every key against the classes' signatures."""
+    from pathlib import Path
+
+    from oneword.encoder.lit import cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / f"{name}.yaml"
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"  model: {name}\n" in printed
+    if name == "sdxl":
+        assert "gradient_checkpointing: true" in printed
 
 
 def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):

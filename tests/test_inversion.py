@@ -4,6 +4,7 @@ diffusers loads, resume, divergence and interruption."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -264,6 +265,25 @@ def test_invert_many_resumes_exactly_from_its_checkpoint(tiny_dirs, concept_dir,
         (again,) = multi.invert_many(model, images, ["bar"], cfg, checkpoint=state)
     assert "cannot be read" in caplog.text
     torch.testing.assert_close(again[0], fresh[0], rtol=1e-5, atol=1e-7)
+
+
+def test_invert_many_checkpoints_gradients_on_request_and_keys_states_by_dtype(tiny_dirs, concept_dir):
+    """``ti data targets --gradient-checkpointing`` (memory grows with the group) gives the same
+    words; a state saved from fp16 weights is not continued by an fp32 run, nor the reverse."""
+    from oneword.inversion.multi import fingerprint, invert_many
+
+    images = [[im.image for im in load_folder(concept_dir)]]
+    cfg = small_cfg(steps=2, base_lr=5e-2)
+    model = load_model("tiny-sd1")
+    (plain,) = invert_many(model, images, ["disc"], cfg)
+    assert not model.unet.is_gradient_checkpointing
+    ckpt = dataclasses.replace(cfg, gradient_checkpointing=True)
+    (checkpointed,) = invert_many(model, images, ["disc"], ckpt)
+    assert model.unet.is_gradient_checkpointing
+    torch.testing.assert_close(checkpointed[0], plain[0], rtol=1e-5, atol=1e-7)
+    key = fingerprint(model, images, ["disc"], cfg, False)
+    assert fingerprint(model, images, ["disc"], ckpt, False) == key  # memory only: a state carries over
+    assert fingerprint(load_model("tiny-sd1", dtype="fp16"), images, ["disc"], cfg, False) != key
 
 
 def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir, tmp_path):

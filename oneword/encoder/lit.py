@@ -108,7 +108,8 @@ class EncoderModule(L.LightningModule):
                  reg_weight: float = 1e-3, distill_weight: float = 0.0, template: str = "object",
                  background_prompt_p: float = 0.5, flip_p: float = 0.5, dtype: str = "fp32",
                  unet_features: bool = False, unet_layout: Literal["blocks", "resnets", "multiscale"] = "blocks",
-                 unet_map: int = 0, init_from: str | None = None, seed: int = 0) -> None:
+                 unet_map: int = 0, init_from: str | None = None, gradient_checkpointing: bool = False,
+                 seed: int = 0) -> None:
         """
         Args:
             model: diffusion model to train for (preset, folder or checkpoint, as ``--model``).
@@ -142,6 +143,9 @@ class EncoderModule(L.LightningModule):
                 must match the options above. Read when a fit starts from scratch; a ``--ckpt_path``
                 resume (or an export of a checkpoint) takes the checkpoint's weights and never
                 reads it, so the file may have moved since.
+            gradient_checkpointing: recompute the frozen UNet's activations in the backward pass
+                (the loss backpropagates through it to the mapper): much less memory at SDXL's
+                1,024 px, at some cost in time per step.
             seed: seed of noise, timesteps and prompts.
         """
         super().__init__()
@@ -151,6 +155,8 @@ class EncoderModule(L.LightningModule):
 
         ldm = load_model(model, device="cpu", dtype=dtype)
         ldm.add_placeholder(TOKEN, ldm.initializer_vectors("object", num_vectors))
+        if gradient_checkpointing:
+            ldm.unet.enable_gradient_checkpointing()
         space = load_space(clip)
         probe = space.images([_blank()])
         unet_dim = unet_feature_dim(ldm.unet, unet_layout) if unet_features else 0

@@ -79,3 +79,9 @@ def _add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
 def _velocity(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     a, s = _alphas(scheduler, t, x0)
     return a * noise - s * x0
+
+
+def grad_scaler(model: FrozenLDM) -> torch.amp.GradScaler | None:
+    """A gradient scaler when the frozen weights are fp16 on CUDA (the gradients reaching the
+    fp32 vectors through an fp16 UNet underflow otherwise); ``None`` where none is needed."""
+    return torch.amp.GradScaler("cuda") if model.dtype == torch.float16 and model.device.type == "cuda" else None

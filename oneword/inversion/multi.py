@@ -37,7 +37,7 @@ from oneword.errors import InputError, TrainingDivergedError
 from oneword.inversion.bank import bank_for_run
 from oneword.inversion.checkpoint import TrainState, load_state, restore_prompt_rng, save_state
 from oneword.inversion.config import InversionConfig
-from oneword.inversion.loss import denoising_loss
+from oneword.inversion.loss import denoising_loss, grad_scaler
 from oneword.inversion.templates import sample_prompts
 from oneword.models import FrozenLDM
 from oneword.trainstate import load_optimizer, optimizer_tensors
@@ -49,12 +49,13 @@ TOKEN = "<multi>"
 
 def fingerprint(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], init_words: Sequence[str],
                 cfg: InversionConfig, has_starts: bool) -> str:
-    """What a saved state must match exactly to be continued: the model's name and widths, the
+    """What a saved state must match exactly to be continued: the model's name, dtype and widths, the
     images, words and settings, and whether the run has its own starts (their values and the
     model's weights are compared by :func:`_sums`, within a tolerance)."""
     h = hashlib.sha256()
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("token", "init")}
-    what = [model.source, model.widths, list(init_words), settings, has_starts]
+    same_result = ("token", "init", "gradient_checkpointing")  # not the inversion's, or only its memory
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in same_result}
+    what = [model.source, str(model.dtype), model.widths, list(init_words), settings, has_starts]
     h.update(json.dumps(what, sort_keys=True, default=str).encode())
     for images in image_sets:
         for im in images:
@@ -134,6 +135,9 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
         torch.stack([s[j].float() for s in starts]).to(model.device, anchors[j].dtype) for j in range(len(model.widths))]
     params = [f.clone().requires_grad_(True) for f in firsts]  # [concepts, n, width] per text encoder
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = grad_scaler(model)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     prompt_rng = random.Random(cfg.seed)
     path = Path(checkpoint) if checkpoint is not None else None
@@ -145,6 +149,8 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
             for p, v in zip(params, ts.vectors, strict=True):
                 p.copy_(v)
         load_optimizer(optimizer, ts.optimizer, ts.param_groups)
+        if scaler and ts.scaler:
+            scaler.load_state_dict(ts.scaler)
         generator.set_state(ts.generator_state)
         prompt_rng = restore_prompt_rng(ts.prompt_rng_state)
         first = ts.step
@@ -153,8 +159,9 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     def save(step: int) -> None:
         if path is not None:
             tensors, groups = optimizer_tensors(optimizer)
-            save_state(path, TrainState(step, params, tensors, groups, generator.get_state(),
-                                        prompt_rng.getstate(), meta={"fingerprint": key, "sums": json.dumps(sums)}))
+            save_state(path, TrainState(step, params, tensors, groups, generator.get_state(), prompt_rng.getstate(),
+                                        scaler=scaler.state_dict() if scaler else None,
+                                        meta={"fingerprint": key, "sums": json.dumps(sums)}))
 
     b, g = cfg.batch_size, len(image_sets)
     for step in tqdm(range(first, cfg.steps), desc=f"inverting {g} concepts", disable=not progress, leave=False,
@@ -168,10 +175,14 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
             loss = loss + cfg.reg_weight * sum(((p - a) ** 2).sum(-1).mean(-1).sum() for p, a in zip(params, anchors))
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"the loss became {loss.item()} at step {step + 1}; try a lower --base_lr")
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
-        optimizer.step()
+        if scaler:  # skips a step whose fp16 gradients overflowed, and adapts the scale
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if save_every > 0 and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
             save(step + 1)

@@ -34,7 +34,7 @@ from oneword.inversion.embedding_io import (
     save_diffusers,
     save_single_file,
 )
-from oneword.inversion.loss import denoising_loss
+from oneword.inversion.loss import denoising_loss, grad_scaler
 from oneword.inversion.runlog import LossLog, plot_losses
 from oneword.inversion.templates import sample_prompts
 from oneword.models import FrozenLDM
@@ -71,8 +71,7 @@ class Inversion:
             model.unet.enable_gradient_checkpointing()
         self.params = model.trainable_vectors()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        use_scaler = model.dtype == torch.float16 and model.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = grad_scaler(model)
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
         self.prompt_rng = random.Random(cfg.seed)
         self.step = 0
