@@ -293,11 +293,32 @@ def test_fewer_shards_than_readers_is_an_error(tmp_path):
     with pytest.raises(InputError, match="2 shard.* for 3 readers"):
         data.train_dataloader()
     data = ConceptShards(str(tmp_path / "shards"))
-    data.trainer = SimpleNamespace(world_size=4)
+    data.trainer = SimpleNamespace(world_size=4, global_rank=0)
     with pytest.raises(InputError, match="for 4 readers"):
         data.val_dataloader()
-    data.trainer = SimpleNamespace(world_size=2)
+    data.trainer = SimpleNamespace(world_size=2, global_rank=0)
     assert data.train_dataloader() is not None
+
+
+def test_each_rank_picks_its_own_references(tmp_path):
+    """Ranks used to draw the same reference subsets and target views in the same order."""
+    from types import SimpleNamespace
+
+    from oneword.encoder.lit import ConceptShards
+
+    write_shards(toy_samples(limit=8, images=4, size=16), tmp_path / "shards", per_shard=4)
+
+    def picks(rank: int) -> list[tuple[int, bytes]]:
+        data = ConceptShards(str(tmp_path / "shards"), batch_size=1, min_refs=1, max_refs=3, val_fraction=0.1,
+                             shuffle_buffer=1)
+        data.trainer = SimpleNamespace(world_size=1, global_rank=rank)
+        out = []
+        for batch, _ in zip(data.train_dataloader(), range(6)):
+            out.append((len(batch["refs"][0]), batch["target"][0].tobytes()))
+        return out
+
+    assert picks(0) == picks(0)
+    assert picks(1) != picks(0)
 
 
 def test_export_keeps_the_best_validated_encoder(tiny_dirs, tmp_path):

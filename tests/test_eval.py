@@ -107,6 +107,8 @@ def test_parse_variant():
     for bad in (":base_lr=1", "x:nonsense=1", "x:base_lr"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+    with pytest.raises(ValueError, match="whole curve"):  # the model is loaded once, at --mixed_precision
+        parse_variant("half:mixed_precision=fp16")
 
 
 def test_curve_harness_and_report(tiny_dirs, concept_dir, tmp_path):

@@ -275,15 +275,56 @@ def test_invert_many_checkpoints_gradients_on_request_and_keys_states_by_dtype(t
     images = [[im.image for im in load_folder(concept_dir)]]
     cfg = small_cfg(steps=2, base_lr=5e-2)
     model = load_model("tiny-sd1")
+    calls: list[int] = []
+    # a pre-hook: a recomputation stops once it has what the backward needs, before any forward hook;
+    # a layer after cross-attention: only those are on the path of the gradient to the word
+    model.unet.up_blocks[-1].resnets[0].register_forward_pre_hook(lambda *_: calls.append(1))
     (plain,) = invert_many(model, images, ["disc"], cfg)
-    assert not model.unet.is_gradient_checkpointing
+    plain_calls = len(calls)
     ckpt = dataclasses.replace(cfg, gradient_checkpointing=True)
     (checkpointed,) = invert_many(model, images, ["disc"], ckpt)
-    assert model.unet.is_gradient_checkpointing
+    assert len(calls) - plain_calls == 2 * plain_calls  # the backward pass ran each layer again
     torch.testing.assert_close(checkpointed[0], plain[0], rtol=1e-5, atol=1e-7)
+    invert_many(model, images, ["disc"], cfg)  # a reused model follows each call's setting
+    assert not model.unet.is_gradient_checkpointing
     key = fingerprint(model, images, ["disc"], cfg, False)
     assert fingerprint(model, images, ["disc"], ckpt, False) == key  # memory only: a state carries over
     assert fingerprint(load_model("tiny-sd1", dtype="fp16"), images, ["disc"], cfg, False) != key
+
+
+def test_invert_many_with_a_gradient_scaler_resumes_exactly(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+    """fp16 weights on CUDA get a gradient scaler (this machine has none: a CPU scaler takes its
+    place); its scale is saved with the group's state, so an interrupted run still ends where an
+    uninterrupted one does, and it matches the unscaled run up to rounding."""
+    import oneword.inversion.multi as multi
+
+    images = [[im.image for im in load_folder(concept_dir)]]
+    cfg = small_cfg(steps=4, base_lr=5e-2)
+    model = load_model("tiny-sd1")
+    (unscaled,) = multi.invert_many(model, images, ["disc"], cfg)
+    scalers: list[torch.amp.GradScaler] = []
+    monkeypatch.setattr(multi, "grad_scaler", lambda m: scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10,
+                                                                                            growth_interval=1))
+                        or scalers[-1])
+    (whole,) = multi.invert_many(model, images, ["disc"], cfg)
+    torch.testing.assert_close(whole[0], unscaled[0], rtol=1e-4, atol=1e-6)
+    assert scalers[-1].get_scale() == 2.0 ** 14  # grew every step: the scaled path ran
+    state = tmp_path / "part.safetensors"
+    steps = []
+
+    def interrupted(*args, **kw):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return denoising_loss(*args, **kw)
+
+    monkeypatch.setattr(multi, "denoising_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
+    monkeypatch.setattr(multi, "denoising_loss", denoising_loss)
+    (resumed,) = multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
+    assert scalers[-1].get_scale() == 2.0 ** 14  # the saved scale (2 ** 12) grew twice more
+    torch.testing.assert_close(resumed[0], whole[0], rtol=1e-5, atol=1e-7)
 
 
 def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir, tmp_path):

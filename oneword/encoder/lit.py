@@ -29,6 +29,7 @@ from oneword.encoder.model import ConceptEncoder, EncoderConfig, load_encoder, s
 from oneword.encoder.shards import ConceptSample, decode_sample, expand_shards, is_validation
 from oneword.encoder.unet_features import unet_feature_dim, unet_map_channels
 from oneword.errors import InputError
+from oneword.inversion.bank import vae_encode, vae_in_safe_dtype
 from oneword.inversion.loss import denoising_loss
 from oneword.inversion.templates import sample_prompts
 from oneword.trainstate import warmup_cosine
@@ -86,8 +87,17 @@ class ConceptShards(L.LightningDataModule):
         ds = ds.select(lambda raw: is_validation(raw["__key__"], h.val_fraction) == val).map(decode_sample)
         if not val:
             ds = ds.repeat().shuffle(h.shuffle_buffer, seed=h.seed)  # endless: training counts steps
-        rng = random.Random(h.seed + (1 if val else 0))
-        return ds.map(lambda s: _item(s, rng, h.min_refs, h.max_refs, not val))
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        base = h.seed + (1 if val else 0) + 7_919 * rank
+        rngs: dict[int, random.Random] = {}
+
+        def item(sample: ConceptSample) -> dict:  # each rank and worker picks references on its own
+            info = torch.utils.data.get_worker_info()
+            worker = info.id if info is not None else 0
+            rng = rngs.setdefault(worker, random.Random(base + 104_729 * worker))
+            return _item(sample, rng, h.min_refs, h.max_refs, not val)
+
+        return ds.map(item)
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -219,9 +229,10 @@ class EncoderModule(L.LightningModule):
         inputs = self.encoder.features(batch["refs"], ldm)
         init = self._init_vectors(batch["init"])
         pred = self.encoder(inputs, init)
-        with torch.no_grad():
-            x = self._targets(batch["target"]).to(self.device, ldm.dtype)
-            latents = ldm.vae.encode(x).latent_dist.sample(generator=generator) * ldm.vae.config.scaling_factor
+        with torch.no_grad(), vae_in_safe_dtype(ldm.vae) as vae_dtype:  # SDXL's VAE overflows in fp16
+            x = self._targets(batch["target"]).to(self.device, vae_dtype)
+            latents = vae_encode(ldm.vae, x).sample(generator=generator) * ldm.vae.config.scaling_factor
+            latents = latents.to(ldm.dtype)
         cond = ldm.encode_text(self._prompts(batch["background"]), batch_vectors=[p.to(ldm.dtype) for p in pred])
         out = {"denoise": denoising_loss(ldm, latents, cond, generator).mean()}
         scale = self.encoder.mapper.scale

@@ -38,7 +38,7 @@ from PIL import Image
 from torch import Tensor
 
 from oneword.data.images import image_to_tensor, resize_and_crop
-from oneword.inversion.bank import vae_in_safe_dtype
+from oneword.inversion.bank import vae_encode, vae_in_safe_dtype
 from oneword.inversion.loss import unet_forward
 
 TIMESTEP = 0
@@ -134,7 +134,7 @@ def _run(model, images: Sequence[Image.Image], layout: str, keep_map: bool) -> t
                 per_scale = []
                 for scale in _SCALES[layout]:  # >1: the same view, larger, so the UNet's maps get finer
                     xs = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bicubic").clamp(-1, 1)
-                    latents = vae.encode(xs.to(model.device, vae_dtype)).latent_dist.mean * vae.config.scaling_factor
+                    latents = vae_encode(vae, xs.to(model.device, vae_dtype)).mean * vae.config.scaling_factor
                     latents = latents.to(model.dtype)
                     captured.clear()
                     unet_forward(model, latents, torch.full((len(chunk),), TIMESTEP, device=model.device), cond)

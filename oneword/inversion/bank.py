@@ -100,6 +100,13 @@ def vae_in_safe_dtype(vae) -> Iterator[torch.dtype]:
         vae.to(orig)
 
 
+def vae_encode(vae, x: torch.Tensor):
+    """``vae.encode(x).latent_dist`` outside any autocast: under fp16 autocast (a trainer's
+    ``16-mixed``) SD's VAE overflows just as with fp16 weights."""
+    with torch.autocast(x.device.type, enabled=False):
+        return vae.encode(x).latent_dist
+
+
 @torch.no_grad()
 def build_bank(
     model: FrozenLDM, images: Sequence[Image.Image], aug: AugmentConfig, seed: int, chunk: int = 8
@@ -112,7 +119,7 @@ def build_bank(
     with vae_in_safe_dtype(vae) as run_dtype:
         for i in range(0, len(views), chunk):
             x = torch.stack([image_to_tensor(v) for v in views[i : i + chunk]])
-            dist = vae.encode(x.to(model.device, run_dtype)).latent_dist
+            dist = vae_encode(vae, x.to(model.device, run_dtype))
             means.append(dist.mean.float())
             stds.append(dist.std.float())
     cfg = vae.config

@@ -138,6 +138,8 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     scaler = grad_scaler(model)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
+    else:  # a reused model keeps what an earlier call set
+        model.unet.disable_gradient_checkpointing()
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     prompt_rng = random.Random(cfg.seed)
     path = Path(checkpoint) if checkpoint is not None else None
@@ -174,7 +176,8 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
             # per concept as in a single run: squared distance summed over width, mean over its vectors
             loss = loss + cfg.reg_weight * sum(((p - a) ** 2).sum(-1).mean(-1).sum() for p, a in zip(params, anchors))
         if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"the loss became {loss.item()} at step {step + 1}; try a lower --base_lr")
+            raise TrainingDivergedError(f"the loss became {loss.item()} at step {step + 1}; try a lower --base_lr"
+                                        + (" or --dtype bf16 / fp32" if model.dtype == torch.float16 else ""))
         (scaler.scale(loss) if scaler else loss).backward()
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
