@@ -425,6 +425,21 @@ def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):
     assert "--sample-batch" in capsys.readouterr().err and not (tmp_path / "nob").exists()
 
 
+def test_ti_encode_with_the_toy_encoder_on_a_real_model_fails_before_loading_it(concept_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """`ti-encode photos/ --model sdxl` without --encoder used to load SDXL (minutes) only to
+    report mismatched widths; now it says at once what to do."""
+    import oneword.models
+    from oneword.encoder.encode import main
+
+    monkeypatch.setattr(oneword.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for model in ("sdxl", "tiny-sd1", str(tmp_path / "ckpt.safetensors")):
+        assert main([str(concept_dir), "--model", model, "--init", "cat", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "encoder for the toy world" in err and "Train an encoder" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_ti_data_shards(tmp_path, capsys):
     from oneword.cli import main
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oneword.encoder.model import check_fits, load_encoder, predict_embeddings
+    from oneword.encoder.model import TRAIN_ONE, check_fits, load_encoder, predict_embeddings
     from oneword.encoder.select import REFINED, candidate_name
     from oneword.eval.protocol import load_concept
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig, weights_dtype
@@ -140,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     enc_path = encoder_path(args.encoder)
     encoder = load_encoder(enc_path)
     model_name = args.model or encoder.cfg.model
+    if encoder.cfg.family == "toy" and model_name != "toy" and not Path(model_name).is_dir():
+        # fail before loading a real model (minutes for SDXL) that the toy encoder cannot fit
+        raise OneWordError(f"{enc_path} is an encoder for the toy world, not for --model {model_name}: {TRAIN_ONE}")
     model = load_model(model_name, device=args.device, dtype=weights_dtype(args.mixed_precision))
     check_fits(encoder, model)
     n = len(args.images)

@@ -272,7 +272,11 @@ def check_fits(encoder: ConceptEncoder, model) -> None:
     """Raise :class:`InputError` unless ``encoder`` predicts words for ``model``'s text encoders."""
     if tuple(model.widths) != tuple(encoder.cfg.widths):
         raise InputError(f"the encoder was trained for text-encoder widths {encoder.cfg.widths} "
-                         f"({encoder.cfg.model}); the model has {model.widths}")
+                         f"({encoder.cfg.model}); the model has {model.widths}: {TRAIN_ONE}")
+
+
+TRAIN_ONE = ("pass --encoder with an encoder trained for this model (README \"Train an encoder\"); the "
+             "shipped toy encoder fits only --model toy")
 
 
 def token_scale(model) -> list[float]:
