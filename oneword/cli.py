@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="render prompts that use learned pseudo-words")
     _model_options(g)
-    g.add_argument("--embedding", nargs="+", required=True, metavar="FILE",
-                   help="embedding files (diffusers, A1111/ComfyUI/kohya .safetensors or .pt) or run folders")
+    g.add_argument("--embedding", nargs="+", required=True, metavar="FILE[=TOKEN]",
+                   help="embedding files (diffusers, A1111/ComfyUI/kohya .safetensors or .pt) or run folders; "
+                        "FILE=<name> loads one under another token (two files with one token)")
     g.add_argument("--prompt", nargs="+", required=True, help="prompts; each becomes a row of the grid")
     g.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default: 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; the others use seed+1, ...")
@@ -260,7 +261,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     embs = add_embeddings(model, args.embedding)
     tokens = [e.token for e in embs]
     for prompt in args.prompt:
-        if not any(t in prompt for t in tokens):
+        if not any(t.lower() in prompt.lower() for t in tokens):  # CLIP ignores case
             logger.warning("prompt %r uses none of the loaded tokens (%s)", prompt, ", ".join(tokens))
     settings = SampleSettings(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative,
                               resolution=args.resolution, batch=args.batch,

@@ -7,6 +7,7 @@ training saw, whatever the pipeline's own prompt handling would do with added to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from oneword.errors import TokenError
 from oneword.imagegrid import image_grid, save_png
 from oneword.inversion.embedding_io import Embedding, check_widths, load_embedding
 from oneword.models import FrozenLDM, TextConditioning
@@ -50,13 +52,30 @@ class SampleSettings:
             raise ValueError("give at least one seed")
 
 
-def add_embeddings(model: FrozenLDM, paths: Sequence[str | Path]) -> list[Embedding]:
-    """Load embedding files into ``model``; widths are checked against its text encoders."""
+def split_token_override(spec: str | Path) -> tuple[str, str | None]:
+    """``"cat.safetensors=<tom>"`` -> ``("cat.safetensors", "<tom>")``; a spec that names an
+    existing path (even one with ``=`` in it) or has no ``=`` keeps the file's own token."""
+    text = str(spec)
+    path, eq, token = text.rpartition("=")
+    if not eq or Path(text).exists() or not path or not token:
+        return text, None
+    return path, token
+
+
+def add_embeddings(model: FrozenLDM, specs: Sequence[str | Path]) -> list[Embedding]:
+    """Load embedding files (``FILE`` or ``FILE=TOKEN`` to use another token) into ``model``;
+    widths are checked against its text encoders."""
     loaded = []
-    for path in paths:
+    for spec in specs:
+        path, token = split_token_override(spec)
         emb = load_embedding(path)
+        if token is not None:
+            emb = dataclasses.replace(emb, token=token)
         check_widths(emb, model.widths, path=path)
-        model.add_placeholder(emb.token, [v.to(torch.float32) for v in emb.vectors])
+        try:
+            model.add_placeholder(emb.token, [v.to(torch.float32) for v in emb.vectors])
+        except TokenError as err:
+            raise TokenError(f"{path}: {err}; load it under another token with {path}=<name>") from None
         loaded.append(emb)
     return loaded
 

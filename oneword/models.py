@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -265,11 +266,22 @@ class FrozenLDM:
                 emb.vectors[_rows(emb, ids)] = vecs.to(emb.vectors.device, emb.vectors.dtype)
 
     def expand_prompt(self, prompt: str) -> str:
-        """``"a <cat> toy"`` -> ``"a <cat> <cat>_1 <cat>_2 toy"`` for a 3-vector token."""
-        for token, n in sorted(self.placeholder_tokens.items(), key=lambda kv: -len(kv[0])):
-            if n > 1:
-                prompt = prompt.replace(token, " ".join(expand_token(token, n)))
-        return prompt
+        """``"a <cat> toy"`` -> ``"a <cat> <cat>_1 <cat>_2 toy"`` for a 3-vector token.
+
+        Matched as the tokenizer matches added tokens: in one pass, longest name first (so ``<cat>``
+        is not expanded inside ``<cat>-red``) and ignoring case (CLIP lower-cases the prompt, so
+        ``<MyCat>`` and ``<mycat>`` are one token)."""
+        if all(n == 1 for n in self.placeholder_tokens.values()):
+            return prompt
+        by_name = {t.lower(): t for t in self.placeholder_tokens}
+        names = sorted(self.placeholder_tokens, key=len, reverse=True)
+
+        def expand(match: re.Match) -> str:
+            token = by_name[match.group(0).lower()]
+            n = self.placeholder_tokens[token]
+            return " ".join(expand_token(token, n)) if n > 1 else match.group(0)
+
+        return re.sub("|".join(map(re.escape, names)), expand, prompt, flags=re.IGNORECASE)
 
     def initializer_vectors(self, words: str, num_vectors: int) -> list[torch.Tensor]:
         """Start vectors from the initializer word(s), per text encoder.
@@ -338,8 +350,9 @@ def validate_token(token: str, tokenizer, existing: dict[str, int] | None = None
     if not token or any(c.isspace() for c in token):
         raise TokenError(f"placeholder token {token!r} must be one word without spaces; {hint}")
     low = token.lower()
-    if low in (existing or {}) or token in (existing or {}):
-        raise TokenError(f"placeholder token {token!r} is already in use; {hint}")
+    if any(low == t.lower() for t in existing or {}):
+        raise TokenError(f"placeholder token {token!r} is already in use (tokens ignore case); give this one "
+                         "another name")
     vocab = tokenizer.get_vocab()
     if low in vocab or f"{low}</w>" in vocab:
         raise TokenError(f"placeholder token {token!r} is already a word of the vocabulary; {hint}")

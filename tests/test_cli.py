@@ -45,6 +45,26 @@ def test_generate_two_concepts_in_one_prompt(tiny_dirs, concept_dir, tmp_path):
     assert Image.open(png).text["tokens"] == "<red-disc>,<blue-box>"
 
 
+def test_generate_two_files_with_one_token(tiny_dirs, concept_dir, tmp_path, capsys, caplog):
+    """Two runs trained under one --token: the error names the file and the way out, FILE=TOKEN."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["invert", str(concept_dir), *INVERT, "--out", str(a)]) == 0
+    assert main(["invert", str(concept_dir), *INVERT, "--seed", "1", "--out", str(b)]) == 0
+    first, second = str(a / "red-disc.safetensors"), str(b / "red-disc.safetensors")
+    png = tmp_path / "two.png"
+    common = ["-n", "1", "--steps", "2", "--out", str(png)]
+    assert main(["generate", "--model", "tiny-sd1", "--embedding", first, second,
+                 "--prompt", "<red-disc>", *common]) == 2
+    err = _one_line_error(capsys)
+    assert second in err and "already in use" in err and f"{second}=<name>" in err
+    with caplog.at_level("WARNING"):
+        assert main(["generate", "--model", "tiny-sd1", "--embedding", first, f"{second}=<red-disc-2>",
+                     "--prompt", "<Red-Disc-2> alone", "a plain photo", *common]) == 0
+    assert Image.open(png).text["tokens"] == "<red-disc>,<red-disc-2>"
+    warned = [r.getMessage() for r in caplog.records if "uses none of the loaded tokens" in r.getMessage()]
+    assert len(warned) == 1 and "a plain photo" in warned[0]  # CLIP ignores case: <Red-Disc-2> is used
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: "), err

@@ -219,6 +219,10 @@ def test_a1111_parameter_and_legacy_formats(tmp_path: Path) -> None:
     torch.save({"<diff>": t.half()}, tmp_path / "learned_embeds.bin")  # diffusers legacy .bin
     emb = load_embedding(tmp_path)
     assert emb.token == "<diff>" and emb.vectors[0].dtype == torch.float32
+    two = _rand(2, 768, 9)  # the original textual_inversion code's layout: an nn.ParameterDict
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": torch.nn.ParameterDict({"*": two.clone()}),
+                "name": "pd", "step": 5000}, tmp_path / "pd.pt")
+    assert torch.equal(load_embedding(tmp_path / "pd.pt").vectors[0], two)
 
 
 def test_safetensors_renamed_to_pt_still_loads(tmp_path: Path) -> None:

@@ -231,6 +231,24 @@ def test_list_images_filters_and_sorts(tmp_path: Path) -> None:
     assert ".tiff" in IMAGE_SUFFIXES and ".gif" in IMAGE_SUFFIXES
 
 
+def test_list_images_says_what_it_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder with photos the loader does not take ran with fewer images and no word."""
+    for name in ("a.png", "b.jfif", "c.JPE", "d.heic", "notes.txt", ".DS_Store"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "more").mkdir()
+    with caplog.at_level("WARNING"):
+        assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.jfif", "c.JPE"]
+    assert "skipped 3 entries" in caplog.text and "d.heic, more/, notes.txt" in caplog.text
+    assert "convert HEIC files" in caplog.text and ".DS_Store" not in caplog.text
+    caplog.clear()
+    (tmp_path / "d.heic").unlink()
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "more").rmdir()
+    with caplog.at_level("WARNING"):
+        list_images(tmp_path)
+    assert caplog.text == ""  # nothing skipped, nothing said
+
+
 def test_list_images_bad_folders(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         list_images(tmp_path / "missing")

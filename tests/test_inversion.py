@@ -349,3 +349,20 @@ def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir
     other_token.add_placeholder("<mine>", other_token.initializer_vectors("disc", 1))
     with pytest.raises(ValueError, match="without placeholder"):
         invert_many(other_token, sets[:1], ["disc"], small_cfg(steps=1))
+
+
+def test_small_reference_images_are_reported(tiny_dirs, caplog):
+    """A 256 px photo trained at SD's 512 px is upscaled and the word learns the blur: say so."""
+    from PIL import Image
+
+    from oneword.inversion.bank import AugmentConfig, build_bank
+
+    model = load_model("tiny-sd1")
+    aug = AugmentConfig(resolution=32, views_per_image=1)
+    with caplog.at_level("WARNING"):
+        build_bank(model, [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (40, 40), "blue")], aug, 0)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        bank = build_bank(model, [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (24, 16), "blue")], aug, 0)
+    assert "1 of 2 reference images are smaller than the 32 px" in caplog.text and "16 px" in caplog.text
+    assert bank.mean.shape[0] == 2  # still used

@@ -105,6 +105,20 @@ def test_placeholder_surgery_multi_vector(tiny_dirs):
     assert torch.equal(out[0, 0], vocab_before[0][320])
 
 
+def test_prompt_expansion_matches_tokens_as_the_tokenizer_does(tiny_dirs):
+    """CLIP lower-cases prompts and matches added tokens longest first: expansion does the same, so
+    ``<CAT>`` gets all of ``<cat>``'s vectors and ``<cat>`` is not expanded inside ``<cat>-red``."""
+    m = load_model("tiny-sd1")
+    m.add_placeholder("<cat>", m.initializer_vectors("cat", 2))
+    m.add_placeholder("<cat>-red", m.initializer_vectors("red", 1))
+    assert m.expand_prompt("a <CAT> by a <cat>-red") == "a <cat> <cat>_1 by a <cat>-red"
+    ids = m.tokenizers[0](m.expand_prompt("a <Cat>-Red")).input_ids
+    assert ids[2] == m.token_ids("<cat>-red")[0][0] and len(ids) == 4
+    assert torch.equal(m.encode_text(["a <CAT> toy"]).hidden_states, m.encode_text(["a <cat> toy"]).hidden_states)
+    with pytest.raises(TokenError, match="already in use"):
+        m.add_placeholder("<Cat>", m.initializer_vectors("cat", 1))
+
+
 def test_clear_placeholders_restores_the_loaded_model(tiny_dirs):
     """ti-encode refines one concept after another on one model: clearing leaves no trace of the last."""
     m = load_model("tiny-sdxl")

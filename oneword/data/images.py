@@ -27,10 +27,22 @@ from oneword.errors import ImageError, InputError
 
 logger = logging.getLogger(__name__)
 
+def _decodable(feature: str) -> bool:
+    from PIL import features
+
+    try:
+        return bool(features.check(feature))
+    except Exception:  # noqa: BLE001 - an older Pillow that does not know the feature
+        return False
+
+
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    | ({".avif"} if _decodable("avif") else set())
 )
-"""File suffixes (lower case) that :func:`list_images` picks up."""
+"""File suffixes (lower case) that :func:`list_images` picks up (AVIF where this Pillow decodes it)."""
+_CONVERT_FIRST = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL", ".raw": "raw",
+                  ".cr2": "raw", ".nef": "raw", ".arw": "raw", ".dng": "raw", ".psd": "Photoshop"}
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 """Images with more pixels than this are refused (decompression-bomb guard); see ``--max-pixels``."""
@@ -287,6 +299,18 @@ def list_images(folder: str | Path) -> list[Path]:
         ),
         key=lambda p: p.name,
     )
+    chosen = set(images)
+    skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in entries
+                     if not p.name.startswith(".") and p not in chosen)
+    if images and skipped:  # a run with fewer images than the user meant says so
+        formats = sorted({_CONVERT_FIRST[Path(s).suffix.lower()] for s in skipped
+                          if Path(s).suffix.lower() in _CONVERT_FIRST})
+        hint = f"; convert {' and '.join(formats)} files to PNG or JPEG first" if formats else ""
+        listed = ", ".join(skipped[:_MAX_LISTED]) + (f" and {len(skipped) - _MAX_LISTED} more"
+                                                      if len(skipped) > _MAX_LISTED else "")
+        logger.warning("%s: skipped %d entr%s that %s not image files (subfolders are not searched)%s: %s",
+                       folder, len(skipped), "y" if len(skipped) == 1 else "ies",
+                       "is" if len(skipped) == 1 else "are", hint, listed)
     if not images:
         accepted = " ".join(sorted(IMAGE_SUFFIXES))
         subfolders = " (subfolders are not searched)" if any(p.is_dir() for p in entries) else ""

@@ -9,6 +9,7 @@ the same distribution over latents as re-encoding that view, at no VAE cost per 
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from PIL import Image
 
 from oneword.data.images import image_to_tensor, resize_and_crop
 from oneword.models import FrozenLDM
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +116,11 @@ def build_bank(
 ) -> LatentBank:
     """Encode every augmented view once. The VAE runs in fp32 when the model is in fp16 (SD's VAE
     overflows in fp16, and this pass is one-off)."""
+    small = [min(im.size) for im in images if min(im.size) < aug.resolution]
+    if small:
+        logger.warning("%d of %d reference images are smaller than the %d px training resolution (smallest "
+                       "%d px): they are upscaled, and the word learns their blur", len(small), len(images),
+                       aug.resolution, min(small))
     vae = model.vae
     views = augmented_views(images, aug, seed)
     means, stds = [], []

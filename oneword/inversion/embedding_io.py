@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,8 +259,12 @@ def _read_torch(path: Path) -> _Raw:
     if path.stat().st_size > _MAX_PICKLE_BYTES:
         size_mib = path.stat().st_size >> 20
         raise _fail(name, f"is {size_mib} MiB, far too large for an embedding", _NOT_TI)
+    # The original textual_inversion code saved its vectors in an nn.ParameterDict (A1111 and
+    # ComfyUI read those): allowed by name, nothing else is.
+    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with allow([torch.nn.ParameterDict]) if allow is not None else nullcontext():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "global" in str(err).lower():
             raise _fail(
@@ -275,6 +279,7 @@ def _read_torch(path: Path) -> _Raw:
         raise _fail(name, f"holds a {type(obj).__name__}, not a dict of tensors", _NOT_TI)
     if "string_to_param" in obj:
         params = obj["string_to_param"]
+        params = getattr(params, "_parameters", params)  # an nn.ParameterDict's own mapping
         if not isinstance(params, Mapping) or not params:
             raise _fail(name, "has an unusable 'string_to_param' entry")
         key = "*" if "*" in params else next(iter(params))
