@@ -423,6 +423,9 @@ def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):
     assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "2", "--sample-batch", "0",
                  "--out", str(tmp_path / "nob")]) == 2
     assert "--sample-batch" in capsys.readouterr().err and not (tmp_path / "nob").exists()
+    assert main([str(concept_dir), str(concept_dir), "--encoder", enc, "--init", "disc", "--token", "<a>", "<A>",
+                 "--out", str(tmp_path / "case")]) == 2  # one token to CLIP (and to some file systems)
+    assert "same token" in capsys.readouterr().err and not (tmp_path / "case").exists()
 
 
 def test_ti_encode_with_the_toy_encoder_on_a_real_model_fails_before_loading_it(concept_dir, tmp_path,

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = _per_concept(args.token, n, "--token")
     concepts = [load_concept(d, init) for d, init in zip(args.images, inits)]
     tokens = [t or f"<{safe_file_stem(Path(d).resolve().name)}>" for t, d in zip(tokens, args.images)]
-    if len(set(tokens)) != n:
+    if len({t.lower() for t in tokens}) != n:  # CLIP ignores case, and so may the file system
         raise OneWordError(f"two concepts would get the same token ({tokens}); pass --token")
     names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"num_vectors"}
     base = {k: getattr(args, k) for k in names}
