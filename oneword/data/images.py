@@ -42,7 +42,9 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 )
 """File suffixes (lower case) that :func:`list_images` picks up (AVIF where this Pillow decodes it)."""
 _CONVERT_FIRST = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL", ".raw": "raw",
-                  ".cr2": "raw", ".nef": "raw", ".arw": "raw", ".dng": "raw", ".psd": "Photoshop"}
+                  ".cr2": "raw", ".cr3": "raw", ".nef": "raw", ".arw": "raw", ".dng": "raw", ".orf": "raw",
+                  ".psd": "Photoshop", ".svg": "SVG"}
+"""Photo formats a user may drop into a concept folder that are not read here (named in a warning)."""
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 """Images with more pixels than this are refused (decompression-bomb guard); see ``--max-pixels``."""
@@ -270,6 +272,11 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
         raise ImageError(_one_line(f"cannot use image {name}: {bad.reason}; {bad.advice}")) from bad
 
 
+def _listed(names: list[str]) -> str:
+    more = len(names) - _MAX_LISTED
+    return ", ".join(names[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder`` (by suffix, case-insensitive), sorted by name.
 
@@ -299,18 +306,20 @@ def list_images(folder: str | Path) -> list[Path]:
         ),
         key=lambda p: p.name,
     )
-    chosen = set(images)
-    skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in entries
-                     if not p.name.startswith(".") and p not in chosen)
-    if images and skipped:  # a run with fewer images than the user meant says so
-        formats = sorted({_CONVERT_FIRST[Path(s).suffix.lower()] for s in skipped
-                          if Path(s).suffix.lower() in _CONVERT_FIRST})
-        hint = f"; convert {' and '.join(formats)} files to PNG or JPEG first" if formats else ""
-        listed = ", ".join(skipped[:_MAX_LISTED]) + (f" and {len(skipped) - _MAX_LISTED} more"
-                                                      if len(skipped) > _MAX_LISTED else "")
-        logger.warning("%s: skipped %d entr%s that %s not image files (subfolders are not searched)%s: %s",
-                       folder, len(skipped), "y" if len(skipped) == 1 else "ies",
-                       "is" if len(skipped) == 1 else "are", hint, listed)
+    # A run with fewer images than the user meant says so: photos in formats Pillow cannot read
+    # here, and subfolders. Other files (captions, concept.json) are sidecars, skipped quietly.
+    visible = [p for p in entries if not p.name.startswith(".")]
+    unreadable = sorted(p.name for p in visible if p.suffix.lower() in _CONVERT_FIRST and p.is_file()
+                        and p.suffix.lower() not in IMAGE_SUFFIXES)
+    subfolders = sorted(p.name + "/" for p in visible if p.is_dir())
+    if images and (unreadable or subfolders):
+        parts = []
+        if unreadable:
+            formats = " and ".join(sorted({_CONVERT_FIRST[Path(n).suffix.lower()] for n in unreadable}))
+            parts.append(f"photos it cannot read ({_listed(unreadable)}; convert {formats} files to PNG or JPEG)")
+        if subfolders:
+            parts.append(f"subfolders, which are not searched ({_listed(subfolders)})")
+        logger.warning("%s: skipped %s", folder, " and ".join(parts))
     if not images:
         accepted = " ".join(sorted(IMAGE_SUFFIXES))
         subfolders = " (subfolders are not searched)" if any(p.is_dir() for p in entries) else ""
