@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_invert(args: argparse.Namespace) -> int:
     from oneword.data.images import load_folder
     from oneword.inversion.config import InversionConfig, weights_dtype
-    from oneword.inversion.train import run_inversion, safe_file_stem
+    from oneword.inversion.train import check_run_folder, run_inversion, safe_file_stem
     from oneword.models import load_model
 
     names = {f.name for f in dataclasses.fields(InversionConfig)}
@@ -232,6 +232,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         raise OneWordError(f"invalid setting: {err}") from err
     out = Path(args.out or f"runs/{safe_file_stem(cfg.token)}")
     images = load_folder(args.images, max_pixels=cfg.max_pixels)
+    check_run_folder(out, cfg, args.resume)  # before a model load that takes minutes
     model = load_model(args.model, device=args.device, dtype=weights_dtype(cfg.mixed_precision))
     print(f"{model.describe()}\n{len(images)} images from {args.images}; lr {cfg.lr:g}", file=sys.stderr)
     t0 = time.perf_counter()

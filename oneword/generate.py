@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,10 @@ class SampleSettings:
     """How images are sampled."""
 
     steps: int = 50
-    """Denoising steps of the model's own scheduler."""
+    """Denoising steps."""
+    scheduler: str | None = None
+    """``ddim`` samples with DDIM (the paper's evaluation sampler) whatever the model's own
+    scheduler is (PNDM for SD 1.5, Euler for SDXL); ``None`` keeps the model's."""
     guidance: float = 7.5
     """Classifier-free guidance scale."""
     negative_prompt: str = ""
@@ -50,6 +54,8 @@ class SampleSettings:
             raise ValueError(f"batch must be at least 1, got {self.batch}")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if self.scheduler not in (None, "ddim"):
+            raise ValueError(f"scheduler must be None or 'ddim', got {self.scheduler!r}")
 
 
 def split_token_override(spec: str | Path) -> tuple[str, str | None]:
@@ -90,28 +96,52 @@ def negative_conditioning(model: FrozenLDM, negative_prompt: str, n: int) -> Tex
                             None if cond.pooled is None else torch.zeros_like(cond.pooled))
 
 
+@contextmanager
+def sampler(model: FrozenLDM, name: str | None) -> Iterator[None]:
+    """Sample with ``name``'s scheduler (``ddim``) inside, with the model's own outside."""
+    from diffusers import DDIMScheduler
+
+    pipe = model.pipeline
+    if name is None or isinstance(pipe.scheduler, DDIMScheduler):
+        yield
+        return
+    own = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(own.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = own
+
+
 @torch.no_grad()
 def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings) -> list[Image.Image]:
     """One image per (prompt, seed), prompt-major, ``settings.batch`` seeds per pipeline call. CPU
-    generators make seeds portable across devices."""
+    generators make seeds portable across devices. Images the model's safety checker blacked out
+    are counted in a warning (they would silently lower any score made from them)."""
     pipe = model.pipeline
     size = settings.resolution or model.resolution
     images: list[Image.Image] = []
+    flagged = 0
     chunks = [settings.seeds[i:i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
     sizes = {len(c) for c in chunks}  # at most two: the full batch and the remainder
     uncond = {n: negative_conditioning(model, settings.negative_prompt, n) for n in sizes}
-    for prompt in prompts:
-        conds = {n: model.encode_text([prompt] * n) for n in sizes}
-        for seeds in chunks:
-            cond, neg = conds[len(seeds)], uncond[len(seeds)]
-            kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=neg.hidden_states)
-            if cond.pooled is not None:
-                kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)
-            out = pipe(
-                num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=size, width=size,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil", **kwargs,
-            )
-            images.extend(out.images)
+    with sampler(model, settings.scheduler):
+        for prompt in prompts:
+            conds = {n: model.encode_text([prompt] * n) for n in sizes}
+            for seeds in chunks:
+                cond, neg = conds[len(seeds)], uncond[len(seeds)]
+                kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=neg.hidden_states)
+                if cond.pooled is not None:
+                    kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)
+                out = pipe(
+                    num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=size, width=size,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil", **kwargs,
+                )
+                images.extend(out.images)
+                flagged += sum(bool(f) for f in (getattr(out, "nsfw_content_detected", None) or []))
+    if flagged:
+        logger.warning("%d of %d images were blacked out by the model's safety checker (scores made from them "
+                       "count them as drawn)", flagged, len(images))
     return images
 
 

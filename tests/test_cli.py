@@ -241,3 +241,19 @@ def test_empty_negative_prompt_is_zeros_where_the_stock_sdxl_pipeline_uses_zeros
     assert torch.equal(written.hidden_states, xl.encode_text(["blurry"] * 2).hidden_states)
     sd1 = load_model("tiny-sd1")
     assert torch.equal(negative_conditioning(sd1, "", 1).hidden_states, sd1.encode_text([""]).hidden_states)
+
+
+def test_invert_checks_its_out_folder_before_loading_the_model(concept_dir, tmp_path, monkeypatch, capsys):
+    """A clash with an earlier run was reported only after loading the model (minutes for SDXL)."""
+    import oneword.models
+
+    monkeypatch.setattr(oneword.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "photo.png").write_bytes(b"someone's file")
+    assert main(["invert", str(concept_dir), *INVERT, "--out", str(taken)]) == 2
+    assert "already holds files" in _one_line_error(capsys)
+    assert main(["invert", str(concept_dir), *INVERT, "--resume", "--out", str(tmp_path / "new")]) == 2
+    assert "nothing to resume" in _one_line_error(capsys)
+    assert main(["invert", str(concept_dir), *INVERT, "--flip_p", "3", "--out", str(tmp_path / "f")]) == 2
+    assert "flip_p" in _one_line_error(capsys)

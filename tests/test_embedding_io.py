@@ -365,7 +365,7 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         (tmp_path / "d" / n).read_bytes()
         for n in ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
     ]
-    monkeypatch.setattr(eio, "save_file", _failing_save)
+    monkeypatch.setattr(eio, "_save_file", _failing_save)
     monkeypatch.setattr(safetensors.torch, "save_file", _failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_single_file(_two(), tmp_path / "new.safetensors")
@@ -392,7 +392,7 @@ def test_failed_second_file_of_pair_keeps_old_pair(
     save_diffusers(_two(), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     calls = []
-    real = eio.save_file
+    real = eio._save_file
 
     def second_fails(tensors, filename, metadata=None):
         calls.append(filename)
@@ -400,7 +400,18 @@ def test_failed_second_file_of_pair_keeps_old_pair(
             _failing_save(tensors, filename, metadata)
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(eio, "save_file", second_fails)
+    monkeypatch.setattr(eio, "_save_file", second_fails)
     with pytest.raises(OSError):
         save_diffusers(_two("<new>"), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_written_files_are_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    """An A1111 install running as another user must be able to read the word (safetensors'
+    save_file creates files with mode 0600)."""
+    old = os.umask(0o022)
+    try:
+        files = [save_single_file(_one(), tmp_path / "w.safetensors"), *save_diffusers(_two(), tmp_path / "d")]
+    finally:
+        os.umask(old)
+    assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(0o644)] * 3

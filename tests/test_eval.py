@@ -355,6 +355,16 @@ def test_ti_eval_curve_and_score(tiny_dirs, concept_dir, tmp_path, capsys):
                  "--model", "tiny-sd1", *TINY_EVAL, "--edit-prompt", "a sketch of {}", "--sample-batch", "1"]) == 0
     printed = capsys.readouterr().out
     assert "| red-disc.safetensors | 1 |" in printed and "real images" in printed
+    other = tmp_path / "other"  # another run: its files have the same names
+    assert main(["invert", str(concept_dir), "--model", "tiny-sd1", "--token", "<blue-box>", "--init", "box",
+                 "--steps", "1", "--batch_size", "1", "--resolution", "32", "--views_per_image", "1",
+                 "--no-progress", "--out", str(other)]) == 0
+    capsys.readouterr()
+    pair = [str(run / "learned_embeds.safetensors"), str(other / "learned_embeds.safetensors")]
+    assert main(["eval", "score", *pair, "--concept", str(concept_dir), "--model", "tiny-sd1", *TINY_EVAL,
+                 "--edit-prompt", "a sketch of {}"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {p} | 1 |" in printed for p in pair)  # two rows, not one average of both runs
 
 
 def test_ti_eval_errors(tiny_dirs, concept_dir, capsys):
@@ -467,3 +477,44 @@ def test_openai_clip_towers_are_built_with_quick_gelu(spec, quick, monkeypatch):
     with pytest.raises(ModelLoadError, match="cannot load CLIP"):
         load_space(spec)
     assert seen["force_quick_gelu"] is quick and seen["arch"] == spec.partition(":")[0]
+
+
+def test_evaluation_samples_with_ddim_whatever_the_model_uses(tiny_dirs):
+    """The paper scores 50 DDIM steps; SD 1.5 ships PNDM and SDXL Euler (as tiny-sdxl does)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from oneword.generate import SampleSettings, generate_images
+
+    model = load_model("tiny-sdxl")
+    assert isinstance(model.pipeline.scheduler, EulerDiscreteScheduler)
+    settings = EvalSettings(samples=2, steps=3, batch=2).sampling()
+    assert settings.scheduler == "ddim"
+    evaluated = generate_images(model, ["a photo"], settings)
+    assert isinstance(model.pipeline.scheduler, EulerDiscreteScheduler)  # the model's own again
+    own = generate_images(model, ["a photo"], dataclasses.replace(settings, scheduler=None))
+    euler = model.pipeline.scheduler
+    model.pipeline.scheduler = DDIMScheduler.from_config(euler.config)
+    by_hand = generate_images(model, ["a photo"], dataclasses.replace(settings, scheduler=None))
+    model.pipeline.scheduler = euler
+    assert [im.tobytes() for im in evaluated] == [im.tobytes() for im in by_hand]
+    assert [im.tobytes() for im in evaluated] != [im.tobytes() for im in own]
+    with pytest.raises(ValueError, match="scheduler"):
+        SampleSettings(scheduler="pndm")
+
+
+def test_safety_checker_blackouts_are_reported(tiny_dirs, monkeypatch, caplog):
+    """SD 1.5's safety checker turns flagged samples black; scores made from them drop silently."""
+    from types import SimpleNamespace
+
+    from oneword.generate import SampleSettings, generate_images
+
+    model = load_model("tiny-sd1")
+
+    def checked(self, *args, generator, **kwargs):
+        return SimpleNamespace(images=[Image.new("RGB", (32, 32))] * len(generator),
+                               nsfw_content_detected=[True] + [False] * (len(generator) - 1))
+
+    monkeypatch.setattr(type(model.pipeline), "__call__", checked)
+    with caplog.at_level("WARNING"):
+        images = generate_images(model, ["a photo", "a sketch"], SampleSettings(steps=1, seeds=[0, 1, 2], batch=2))
+    assert len(images) == 6 and "4 of 6 images were blacked out" in caplog.text

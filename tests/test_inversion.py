@@ -124,8 +124,57 @@ def test_run_folder_and_resume_matches_uninterrupted(tiny_dirs, concept_dir, tmp
         assert (tmp_path / "b" / name).is_file()
     assert InversionConfig.from_yaml((tmp_path / "b" / "config.yaml").read_text()).steps == 6
     with pytest.raises(InputError, match="settings differ"):
-        run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=8, base_lr=1.0), tmp_path / "b",
+        run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=8, reg_weight=1.0), tmp_path / "b",
                       resume=True, progress=False)
+
+
+def test_resume_checks_its_inputs(tiny_dirs, concept_dir, tmp_path, caplog):
+    """A checkpoint continues only on its images and its kind of model, up to --steps; a lower
+    --base_lr (what a divergence message advises) may continue it."""
+    from conftest import make_concept_images
+
+    images = load_folder(concept_dir)
+    run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=2), tmp_path / "r", progress=False)
+    other = load_folder(make_concept_images(tmp_path / "other", n=2))
+    with pytest.raises(InputError, match="other images"):
+        run_inversion(load_model("tiny-sd1"), other, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False)
+    with pytest.raises(InputError, match="sd2"):
+        run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False)
+    with pytest.raises(InputError, match="at step 2, past --steps 1"):
+        run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=1), tmp_path / "r", resume=True, progress=False)
+    with caplog.at_level("WARNING"):
+        done = run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3, base_lr=1e-3), tmp_path / "r",
+                             resume=True, progress=False)
+    assert done.step == 3 and "at base_lr 0.001" in caplog.text
+    cosine = small_cfg(steps=2, lr_schedule="cosine")
+    run_inversion(load_model("tiny-sd1"), images, cosine, tmp_path / "c", progress=False)
+    with pytest.raises(InputError, match="steps"):  # the schedule's length: every step's rate
+        run_inversion(load_model("tiny-sd1"), images, dataclasses.replace(cosine, steps=4), tmp_path / "c",
+                      resume=True, progress=False)
+    (tmp_path / "c" / "config.yaml").write_text("steps: [unclosed")
+    with pytest.raises(InputError, match="config.yaml is damaged"):
+        run_inversion(load_model("tiny-sd1"), images, cosine, tmp_path / "c", resume=True, progress=False)
+    with pytest.raises(ValueError, match="flip_p"):
+        small_cfg(flip_p=3)
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+    """A divergence (or an out-of-memory crash) before the first checkpoint left a folder that was
+    neither resumable nor reusable."""
+    real = Inversion.loss_on_batch
+    monkeypatch.setattr(Inversion, "loss_on_batch", lambda self: real(self) * float("nan"))
+    images = load_folder(concept_dir)
+    with pytest.raises(TrainingDivergedError):
+        run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", progress=False)
+    assert (tmp_path / "r" / "config.yaml").is_file() and not (tmp_path / "r" / "checkpoints").exists()
+    monkeypatch.setattr(Inversion, "loss_on_batch", real)
+    with pytest.raises(InputError, match="nothing to resume"):
+        run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False)
+    assert run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", progress=False).step == 3
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not ours")
+    with pytest.raises(InputError, match="already holds files"):  # someone else's files are never removed
+        run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=1), tmp_path / "mine", progress=False)
 
 
 def test_previews_are_written(tiny_dirs, concept_dir, tmp_path):

@@ -147,14 +147,17 @@ def _score(args: argparse.Namespace, load) -> int:
     embs = add_embeddings(model, args.embeddings)
     scorer = make_scorer(model)
     rows, seen = [], set()
-    for path, emb, folder in zip(args.embeddings, embs, folders):
+    names = [Path(str(p)).name for p in args.embeddings]
+    if len(set(names)) < len(names):  # two runs' learned_embeds.safetensors are two rows, not one average
+        names = [str(p) for p in args.embeddings]
+    for path, name, emb, folder in zip(args.embeddings, names, embs, folders):
         init = args.init or emb.metadata.get("oneword.init") or None
         concept = load_concept(folder, init)
         if folder not in seen:  # references once per concept
             seen.add(folder)
             rows += scorer.reference_rows(concept)
         steps = emb.metadata.get("oneword.steps")
-        rows.append({"method": Path(path).name, "concept": concept.name,
+        rows.append({"method": name, "concept": concept.name,
                      "steps": int(steps) if steps and steps.isdigit() else None, "seconds": 0.0,
                      **scorer.score(emb.token, concept).as_dict()})
         logger.info("%s: %s", path, json.dumps(rows[-1]))

@@ -81,7 +81,7 @@ class EvalSettings:
             raise ValueError(f"edit prompts need {{}} where the pseudo-word goes: {bad[0]!r}")
 
     def sampling(self) -> SampleSettings:
-        return SampleSettings(steps=self.steps, guidance=self.guidance,
+        return SampleSettings(steps=self.steps, guidance=self.guidance, scheduler="ddim",
                               seeds=list(range(self.seed, self.seed + self.samples)), batch=self.batch)
 
 
@@ -166,11 +166,11 @@ class Scorer:
             raise ValueError("give a CLIP space, an oracle, or both")
         self.model, self.settings, self.space, self.oracle = model, settings, space, oracle
         self.edits = edit_specs(model, settings)
-        self._ref_cache: dict[int, object] = {}
+        self._ref_cache: dict[tuple[str, ...], object] = {}
         self._text_cache = None
 
     def _ref_features(self, concept: ConceptRef):
-        key = id(concept)
+        key = tuple(im.sha256 for im in concept.images)  # by content: an id() may be reused
         if key not in self._ref_cache:
             self._ref_cache[key] = self.space.images([im.image for im in concept.images])
         return self._ref_cache[key]

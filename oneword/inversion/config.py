@@ -91,6 +91,8 @@ class InversionConfig:
         for name in ("save_every", "preview_every", "reg_weight", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.flip_p <= 1:
+            raise ValueError(f"flip_p is a probability (0 to 1), got {self.flip_p}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be positive, got {self.base_lr}")
         if self.template not in ("object", "style", "toy"):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from oneword.errors import EmbeddingFileError
 from oneword.fileio import atomic_path
@@ -141,6 +141,12 @@ def _header(embedding: Embedding) -> dict[str, str]:
     return meta
 
 
+def _save_file(tensors: dict[str, torch.Tensor], filename: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` through bytes: that one creates the file with mode 0600, so
+    an A1111 running as another user could not read the word; this one follows the umask."""
+    Path(filename).write_bytes(save(tensors, metadata=metadata))
+
+
 def save_diffusers(embedding: Embedding, out_dir: Path) -> list[Path]:
     """Write ``learned_embeds.safetensors`` (+ ``learned_embeds_2.safetensors`` for two encoders).
 
@@ -156,7 +162,7 @@ def save_diffusers(embedding: Embedding, out_dir: Path) -> list[Path]:
     with ExitStack() as stack:
         for path, vec in zip(paths, embedding.vectors):
             tmp = stack.enter_context(atomic_path(path))
-            save_file({embedding.token: vec}, str(tmp), metadata=meta)
+            _save_file({embedding.token: vec}, tmp, metadata=meta)
     if len(paths) == 1:
         (out_dir / DIFFUSERS_FILE_2).unlink(missing_ok=True)
     return paths
@@ -173,7 +179,7 @@ def save_single_file(embedding: Embedding, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=_header(embedding))
+        _save_file(tensors, tmp, metadata=_header(embedding))
     return path
 
 

@@ -9,8 +9,11 @@ last good vectors kept when the loss or the vectors stop being finite.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import random
+import shutil
 import signal
 import threading
 import time
@@ -29,6 +32,8 @@ from oneword.inversion.bank import bank_for_run
 from oneword.inversion.checkpoint import TrainState, load_state, restore_prompt_rng, save_state
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.embedding_io import (
+    DIFFUSERS_FILE,
+    DIFFUSERS_FILE_2,
     Embedding,
     build_metadata,
     save_diffusers,
@@ -184,23 +189,75 @@ def safe_file_stem(token: str) -> str:
     return stem or "embedding"
 
 
+# What a run writes before its first checkpoint: a folder holding only these and no checkpoint is a
+# run that stopped early (diverged, out of memory) and is started over, not refused.
+_RUN_FILES = {"config.yaml", "loss.csv", "loss.png", "previews", "checkpoints", DIFFUSERS_FILE, DIFFUSERS_FILE_2}
+
+
+def _saved_config(out_dir: Path) -> InversionConfig:
+    try:
+        return InversionConfig.from_yaml((out_dir / "config.yaml").read_text())
+    except OSError as err:
+        raise InputError(f"cannot resume {out_dir}: its config.yaml cannot be read ({err.strerror or err})") from None
+    except Exception as err:  # noqa: BLE001 - YAML errors, unknown keys, bad values: one line for the user
+        raise InputError(f"cannot resume {out_dir}: its config.yaml is damaged "
+                         f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})") from None
+
+
 def _prepare_out_dir(out_dir: Path, cfg: InversionConfig, resume: bool) -> TrainState | None:
-    cfg_path = out_dir / "config.yaml"
     if resume:
         if not (out_dir / CHECKPOINT).is_file():
             raise InputError(f"nothing to resume: {out_dir / CHECKPOINT} does not exist; drop --resume")
-        saved = InversionConfig.from_yaml(cfg_path.read_text())
-        ignore = {"steps", "save_every", "preview_every", "preview_prompts", "preview_seeds", "preview_steps"}
+        saved = _saved_config(out_dir)
+        ignore = {"steps", "base_lr", "save_every", "preview_every", "preview_prompts", "preview_seeds",
+                  "preview_steps"}
+        if cfg.lr_schedule == "cosine":  # the schedule's length is part of every step's rate
+            ignore.discard("steps")
         diff = [k for k, v in saved.to_dict().items() if k not in ignore and getattr(cfg, k) != v]
         if diff:
             raise InputError(
                 f"cannot resume {out_dir}: settings differ from the saved run ({', '.join(diff)}); "
                 "use the same settings or another --out"
             )
-        return load_state(out_dir / CHECKPOINT)
+        if cfg.base_lr != saved.base_lr:
+            logger.warning("continuing %s at base_lr %g (it ran at %g)", out_dir, cfg.base_lr, saved.base_lr)
+        ts = load_state(out_dir / CHECKPOINT)
+        if ts.step > cfg.steps:
+            raise InputError(f"cannot resume {out_dir}: it is at step {ts.step}, past --steps {cfg.steps}; "
+                             f"give --steps {ts.step} or more")
+        return ts
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise InputError(f"{out_dir} already holds files; pass --resume to continue that run or choose another --out")
+        names = {p.name for p in out_dir.iterdir()}
+        stem = f"{safe_file_stem(cfg.token)}.safetensors"
+        if (out_dir / CHECKPOINT).is_file() or not names <= _RUN_FILES | {stem}:
+            raise InputError(f"{out_dir} already holds files; pass --resume to continue that run or choose "
+                             "another --out")
+        logger.warning("%s holds a run that stopped before its first checkpoint: starting it over", out_dir)
+        for name in names:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return None
+
+
+def check_run_folder(out_dir: str | Path, cfg: InversionConfig, resume: bool) -> None:
+    """Raise :class:`InputError` now if ``run_inversion`` would refuse ``out_dir`` (call it before
+    loading a model that takes minutes); a run that stopped before its first checkpoint is cleared."""
+    _prepare_out_dir(Path(out_dir), cfg, resume)
+
+
+def _check_resumed_inputs(ts: TrainState, model: FrozenLDM, hashes: list[str], out_dir: Path) -> None:
+    """A checkpoint continues only on the images and the kind of model it was made with."""
+    saved_hashes = json.loads(ts.meta.get("images", "null") or "null")
+    if saved_hashes is not None and sorted(saved_hashes) != sorted(hashes):
+        differ = len(set(hashes) ^ set(saved_hashes))
+        raise InputError(f"cannot resume {out_dir}: it was trained on other images ({len(saved_hashes)} then, "
+                         f"{len(hashes)} now, {differ} not in both); use the same folder or another --out")
+    kind = f"{model.family} {list(model.widths)}"
+    if ts.meta.get("model_kind", kind) != kind:
+        raise InputError(f"cannot resume {out_dir}: it was trained on a {ts.meta['model_kind']} model "
+                         f"({ts.meta.get('model')}), this is {kind} ({model.source})")
+    if ts.meta.get("model", model.source) != model.source:
+        logger.warning("resuming %s, made with --model %s, on --model %s", out_dir, ts.meta["model"], model.source)
 
 
 def run_inversion(
@@ -227,6 +284,9 @@ def run_inversion(
     if not images:
         raise InputError("no reference images given")
     ts = _prepare_out_dir(out, cfg, resume)
+    hashes = [im.sha256 for im in images]
+    if ts is not None:
+        _check_resumed_inputs(ts, model, hashes, out)
     inv = Inversion(model, images, cfg, init_vectors)  # bad tokens etc. fail before any file exists
     out.mkdir(parents=True, exist_ok=True)
     if ts is not None:
@@ -234,7 +294,6 @@ def run_inversion(
         logger.info("resumed %s at step %d", out, inv.step)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     log = LossLog(out / "loss.csv", keep_until=inv.step)
-    hashes = [im.sha256 for im in images]
 
     def save_outputs() -> list[Path]:
         meta = build_metadata(
@@ -247,8 +306,10 @@ def run_inversion(
         plot_losses(log.path, out / "loss.png")
         return files
 
+    inputs = {"images": json.dumps(hashes), "model": model.source, "model_kind": f"{model.family} {list(model.widths)}"}
+
     def checkpoint() -> list[Path]:
-        save_state(out / CHECKPOINT, inv.state())
+        save_state(out / CHECKPOINT, dataclasses.replace(inv.state(), meta=inputs))
         return save_outputs()
 
     def preview() -> None:
