@@ -518,3 +518,21 @@ def test_safety_checker_blackouts_are_reported(tiny_dirs, monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         images = generate_images(model, ["a photo", "a sketch"], SampleSettings(steps=1, seeds=[0, 1, 2], batch=2))
     assert len(images) == 6 and "4 of 6 images were blacked out" in caplog.text
+
+
+def test_scoring_a_prompt_at_a_time_draws_the_same_images(tiny_dirs):
+    """The scorer samples prompt by prompt so `ti eval score` can show progress; the images (and
+    so every saved score) are those of one call over all prompts."""
+    from types import SimpleNamespace
+
+    from oneword.generate import generate_images
+
+    model = load_model("tiny-sd1")
+    settings = EvalSettings(samples=3, steps=2, batch=2, edit_prompts=["a sketch of {}", "a photo of {} at night"])
+    scorer = Scorer(model, settings, load_space("random"))
+    ticks = []
+    scorer.bar = SimpleNamespace(update=ticks.append)
+    prompts = ["a photo of disc", "a sketch of disc", "a photo of disc at night"]
+    one_by_one = scorer._sample(prompts)
+    together = generate_images(model, prompts, settings.sampling())
+    assert [im.tobytes() for im in one_by_one] == [im.tobytes() for im in together] and ticks == [3, 3, 3]

@@ -47,6 +47,7 @@ def add_eval_parser(sub, model_options) -> None:
     s.add_argument("--concept", nargs="+", required=True, metavar="DIR",
                    help="reference-image folder: one for all embeddings, or one per embedding")
     s.add_argument("--init", default=None, help="initializer word of the baseline (default: from the file)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     _scoring_options(s)
 
     c = ev_sub.add_parser("curve", help="quality versus optimization steps for one or more settings",
@@ -136,6 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace, load) -> int:
+    from tqdm.auto import tqdm
+
     from oneword.eval.protocol import load_concept
     from oneword.generate import add_embeddings
 
@@ -146,6 +149,9 @@ def _score(args: argparse.Namespace, load) -> int:
     settings, make_scorer, clip_name = _scorer_factory(args, model)
     embs = add_embeddings(model, args.embeddings)
     scorer = make_scorer(model)
+    words = len(embs) + len(set(folders))  # each embedding, and each concept's initializer word
+    scorer.bar = tqdm(total=words * (1 + len(scorer.edits)) * settings.samples, unit="image", desc="sampling",
+                      disable=args.no_progress, dynamic_ncols=True)
     rows, seen = [], set()
     names = [Path(str(p)).name for p in args.embeddings]
     if len(set(names)) < len(names):  # two runs' learned_embeds.safetensors are two rows, not one average
@@ -161,4 +167,5 @@ def _score(args: argparse.Namespace, load) -> int:
                      "steps": int(steps) if steps and steps.isdigit() else None, "seconds": 0.0,
                      **scorer.score(emb.token, concept).as_dict()})
         logger.info("%s: %s", path, json.dumps(rows[-1]))
+    scorer.bar.close()
     return _finish(rows, args, settings, clip_name)
