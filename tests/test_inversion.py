@@ -19,6 +19,16 @@ from oneword.inversion.train import Inversion, run_inversion
 from oneword.models import load_model
 
 
+def _loss_interrupted_at(call: int, calls: list[int]):
+    """The denoising loss, raising KeyboardInterrupt (as Ctrl-C would) at its ``call``-th use."""
+    def loss(*args, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return denoising_loss(*args, **kw)
+    return loss
+
+
 def small_cfg(**kw) -> InversionConfig:
     base = dict(token="<red-disc>", init="disc", steps=4, batch_size=2, resolution=32,
                 views_per_image=2, save_every=2, preview_every=0, preview_steps=2, seed=3)
@@ -278,15 +288,8 @@ def test_invert_many_resumes_exactly_from_its_checkpoint(tiny_dirs, concept_dir,
     model = load_model("tiny-sd1")
     (whole,) = multi.invert_many(model, images, ["disc"], cfg)
     state = tmp_path / "part.safetensors"
-    calls = []
-
-    def interrupted(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:  # during step 3, after the state of step 2 was saved
-            raise KeyboardInterrupt
-        return denoising_loss(*args, **kw)
-
-    monkeypatch.setattr(multi, "denoising_loss", interrupted)
+    calls: list[int] = []
+    monkeypatch.setattr(multi, "denoising_loss", _loss_interrupted_at(3, calls))  # after step 2's state
     with pytest.raises(KeyboardInterrupt):
         multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
     monkeypatch.setattr(multi, "denoising_loss", lambda *a, **kw: calls.append(1) or denoising_loss(*a, **kw))
@@ -359,15 +362,7 @@ def test_invert_many_with_a_gradient_scaler_resumes_exactly(tiny_dirs, concept_d
     torch.testing.assert_close(whole[0], unscaled[0], rtol=1e-4, atol=1e-6)
     assert scalers[-1].get_scale() == 2.0 ** 14  # grew every step: the scaled path ran
     state = tmp_path / "part.safetensors"
-    steps = []
-
-    def interrupted(*args, **kw):
-        steps.append(1)
-        if len(steps) == 3:
-            raise KeyboardInterrupt
-        return denoising_loss(*args, **kw)
-
-    monkeypatch.setattr(multi, "denoising_loss", interrupted)
+    monkeypatch.setattr(multi, "denoising_loss", _loss_interrupted_at(3, []))
     with pytest.raises(KeyboardInterrupt):
         multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
     monkeypatch.setattr(multi, "denoising_loss", denoising_loss)
