@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--targets", nargs="+", default=None, metavar="RUN_OR_FILE",
                     help="one ti invert run folder or embedding file per concept folder: distillation targets")
     sh.add_argument("--per-shard", type=int, default=256, help="concepts per shard (default: 256)")
+    sh.add_argument("--prefix", default="concepts",
+                    help="shard file names, PREFIX-000000.tar ... (default: concepts); give each data set its "
+                         "own when several are used together")
     sh.add_argument("--out", required=True, help="folder for the .tar shards")
     tg = d_sub.add_parser(
         "targets", help="add distillation targets to shards: a short textual inversion of every concept",
@@ -344,11 +347,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
         return _cmd_data_targets(args)
     if args.toy == bool(args.folders):
         raise OneWordError("give concept folders or --toy (not both)")
+    out = Path(args.out)
+    if out.is_dir() and any(out.glob(f"{args.prefix}-*.tar")):  # old shards would stay beside the new ones
+        raise OneWordError(f"{out} already holds {args.prefix}-*.tar shards: give another --out or --prefix, "
+                           "or remove them")
     if args.toy:
         samples = toy_samples(args.split, args.images, args.seed, args.size, args.limit)
     else:
         samples = folder_samples(args.folders, args.init, args.targets)
-    for path in write_shards(samples, Path(args.out), args.per_shard):
+    for path in write_shards(samples, out, args.per_shard, prefix=args.prefix):
         print(path)
     return 0
 

@@ -282,6 +282,21 @@ def test_encoder_training_can_checkpoint_the_unet(tiny_dirs):
         assert module.ldm.unet.is_gradient_checkpointing is on
 
 
+def test_targets_from_another_model_are_refused(tiny_dirs):
+    """SDXL targets fed to an SD 1.x encoder were distilled toward silently (the first encoder's
+    vectors); the other way round crashed with an IndexError."""
+    from oneword.encoder.lit import EncoderModule
+
+    module = EncoderModule(model="tiny-sd1", clip="random", hidden=32, depth=1, template="toy", distill_weight=0.1)
+    image = Image.new("RGB", (32, 32), "red")
+    batch = {"key": ["a", "b"], "refs": [[image], [image]], "target": [image, image], "init": ["disc", "disc"],
+             "background": [None, None], "target_vectors": [None, [torch.zeros(1, 32)]]}
+    assert torch.isfinite(module.losses(batch, torch.Generator().manual_seed(0))["loss"])
+    batch["target_vectors"][1] = [torch.zeros(1, 32), torch.zeros(1, 48)]  # an SDXL-shaped target
+    with pytest.raises(InputError, match="target of concept 'b'.*ti data targets"):
+        module.losses(batch, torch.Generator().manual_seed(0))
+
+
 def test_fewer_shards_than_readers_is_an_error(tmp_path):
     """Shards are handed out whole per rank and per worker: a reader with none would hang the run."""
     from types import SimpleNamespace
@@ -450,6 +465,33 @@ def test_ti_data_shards(tmp_path, capsys):
                  "--per-shard", "2", "--out", str(tmp_path / "s")]) == 0
     assert len(capsys.readouterr().out.split()) == 2
     assert main(["data", "shards", "--out", str(tmp_path / "s")]) == 2
+    capsys.readouterr()
+    toy = ["data", "shards", "--toy", "--limit", "1", "--images", "2", "--size", "32", "--out", str(tmp_path / "s")]
+    assert main(toy) == 2  # a rerun into the same folder would leave the old shards beside the new ones
+    assert "already holds concepts-*.tar" in capsys.readouterr().err
+    assert main([*toy, "--prefix", "more"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "concepts-000000.tar", "concepts-000001.tar", "more-000000.tar"]
+
+
+def test_ti_data_refuses_what_would_lose_concepts(tmp_path, capsys):
+    """Two concept folders of one name made an unreadable shard; two shard folders written with
+    one prefix fed to ti data targets kept only the first folder's concepts."""
+    from conftest import make_concept_images
+
+    from oneword.cli import main
+
+    for sub in ("a", "b"):
+        make_concept_images(tmp_path / sub / "cat")
+    assert main(["data", "shards", str(tmp_path / "a" / "cat"), str(tmp_path / "b" / "cat"), "--init", "cat",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "distinct names" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    for sub in ("a", "b"):
+        assert main(["data", "shards", str(tmp_path / sub / "cat"), "--init", "cat", "--out", str(tmp_path / f"s{sub}")]) == 0
+    capsys.readouterr()
+    assert main(["data", "targets", str(tmp_path / "s*" / "*.tar"), "--model", "tiny-sd1", "--steps", "1",
+                 "--out", str(tmp_path / "t")]) == 2
+    assert "share file names (concepts-000000.tar)" in capsys.readouterr().err
 
 
 def test_shards_from_folders_with_targets(tiny_dirs, concept_dir, tmp_path):
@@ -510,6 +552,46 @@ def test_every_shipped_config_parses(name, capsys):
     assert f"  model: {name}\n" in printed
     if name == "sdxl":
         assert "gradient_checkpointing: true" in printed
+
+
+def test_training_interrupted_by_ctrl_c_resumes_where_it_stopped(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """Ctrl-C lost every step since the last periodic checkpoint (up to 999 with sd15.yaml), and a
+    rerun without --ckpt_path replaced the exported encoder with an untrained one's."""
+    from pathlib import Path
+
+    from oneword.encoder.lit import EncoderModule, cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
+    write_shards(toy_samples(limit=12, images=3, size=32), tmp_path / "shards", per_shard=12)
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(config), "--model.model", "tiny-sd1", "--model.clip", "random",
+            "--model.hidden", "32", "--model.depth", "1", "--model.unet_features", "false", "--model.unet_map", "0",
+            "--data.shards", str(tmp_path / "shards"), "--data.batch_size", "2", "--data.val_fraction", "0.5",
+            "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "1"]
+    real = EncoderModule.training_step
+    steps = []
+
+    def ctrl_c_at_step_3(self, batch, batch_idx):
+        steps.append(self.global_step)
+        if self.global_step == 2:
+            raise KeyboardInterrupt
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(EncoderModule, "training_step", ctrl_c_at_step_3)
+    with pytest.raises(SystemExit):
+        cli_main(args + ["--trainer.max_steps", "5"])
+    ckpts = tmp_path / "runs" / "encoder" / "toy" / "checkpoints"
+    assert (ckpts / "on_exception.ckpt").is_file() and not (ckpts / "last.ckpt").exists()
+    monkeypatch.setattr(EncoderModule, "training_step", real)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # a fresh fit would replace the exported encoder
+        cli_main(args + ["--trainer.max_steps", "5"])
+    assert refused.value.code == 2 and "--ckpt_path last" in capsys.readouterr().err
+    steps.clear()
+    monkeypatch.setattr(EncoderModule, "training_step", lambda self, b, i: steps.append(self.global_step)
+                        or real(self, b, i))
+    cli_main(args + ["--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert steps == [2, 3]  # continued at the step Ctrl-C stopped, not from the start
 
 
 def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):

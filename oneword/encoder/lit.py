@@ -21,6 +21,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -238,6 +239,12 @@ class EncoderModule(L.LightningModule):
         scale = self.encoder.mapper.scale
         out["reg"] = sum((((p - i) / s) ** 2).sum(-1).mean() for p, i, s in zip(pred, init, scale))
         have = [b for b, t in enumerate(batch["target_vectors"]) if t is not None]
+        for b in have:  # targets made with another model would be distilled toward silently (or crash)
+            got = [tuple(t.shape) for t in batch["target_vectors"][b]]
+            want = [tuple(p.shape[1:]) for p in pred]
+            if got != want:
+                raise InputError(f"the target of concept {batch['key'][b]!r} has shape(s) {got}; this model's words "
+                                 f"are {want}: make the targets with this model (ti data targets --model ...)")
         out["distill"] = torch.zeros((), device=self.device)
         if have and h.distill_weight > 0:
             for j, s in enumerate(scale):
@@ -387,6 +394,26 @@ class ExportEncoder(L.Callback):
         self.best = state_dict.get("best")
 
 
+class CheckpointOnInterrupt(OnExceptionCheckpoint):
+    """Save the training state when Ctrl-C stops a fit after at least one step (``--ckpt_path
+    last`` takes the newer of it and ``last.ckpt``). Other exceptions save nothing: a fit that
+    fails before its first step would otherwise leave a fresh model's state that looks newer than
+    an earlier run's ``last.ckpt``."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+            super().on_exception(trainer, pl_module, exception)
+
+
+def _refuse_replacing_an_export(trainer: L.Trainer, ckpt_path: str | None) -> None:
+    """A fresh fit in a folder whose encoder was exported would replace that encoder at its first
+    validation (a rerun of the same command without ``--ckpt_path last``)."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, ExportEncoder) and ckpt_path is None and cb.target(trainer).is_file():
+            raise InputError(f"{cb.target(trainer)} exists: continue its run with --ckpt_path last, or move the "
+                             "file (or run in another folder) to train a new encoder")
+
+
 def cli_main(args: list[str] | None = None) -> None:
     """``ti-train-encoder``: LightningCLI over :class:`EncoderModule` and :class:`ConceptShards`
     (``ti-train-encoder fit --config configs/encoder/toy.yaml``; add ``--ckpt_path last`` to resume)."""
@@ -394,9 +421,13 @@ def cli_main(args: list[str] | None = None) -> None:
 
     from oneword.cli import run_reporting_errors
 
+    class CLI(LightningCLI):
+        def before_fit(self) -> None:
+            _refuse_replacing_an_export(self.trainer, getattr(self.config[self.subcommand], "ckpt_path", None))
+
     def run(_args) -> int:
-        LightningCLI(EncoderModule, ConceptShards, args=args, seed_everything_default=0,
-                     save_config_kwargs={"overwrite": True})
+        CLI(EncoderModule, ConceptShards, args=args, seed_everything_default=0,
+            save_config_kwargs={"overwrite": True})
         return 0
 
     code = run_reporting_errors(run, None)  # bad shards or --model.init_from: one line, not a traceback

@@ -137,6 +137,10 @@ def folder_samples(folders: Sequence[str | Path], init: str | None = None,
 
     if targets is not None and len(targets) != len(folders):
         raise InputError(f"give one target per concept folder ({len(folders)}), got {len(targets)}")
+    keys = [re.sub(r"[^A-Za-z0-9_-]+", "_", Path(f).name) for f in folders]
+    if len(set(keys)) < len(keys):  # a tar with two equal keys cannot be read back
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise InputError(f"concept folders need distinct names; these occur twice: {', '.join(twice[:5])}")
     for i, folder in enumerate(folders):
         c = load_concept(folder, init)
         key = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(folder).name)

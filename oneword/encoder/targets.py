@@ -60,6 +60,12 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
     urls = expand_shards(shards)
     if any(Path(u).resolve().parent == out.resolve() for u in urls):
         raise InputError(f"{out} holds the input shards: give another --out")
+    names = [Path(u).name for u in urls]
+    if len(set(names)) < len(names):  # OUT/<name> would hold only the first; the others would be "skipped"
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"input shards from different folders share file names ({', '.join(twice[:3])}): "
+                         "their targets would overwrite each other; write the data sets with different "
+                         "`ti data shards --prefix` or run ti data targets once per folder")
     paths = []
     for url in urls:
         path = out / Path(url).name
