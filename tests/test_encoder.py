@@ -458,6 +458,25 @@ def test_ti_encode_with_the_toy_encoder_on_a_real_model_fails_before_loading_it(
     assert not (tmp_path / "o").exists()
 
 
+def test_ti_encode_checks_every_run_folder_before_loading(concept_dir, tmp_path, monkeypatch, capsys):
+    """`ti-encode c2 c1` wrote c2, then failed on an existing c1 with advice to pass --resume, an
+    option ti-encode does not have; and only after loading the model."""
+    import shutil
+
+    import oneword.models
+    from oneword.encoder.encode import main
+
+    other = tmp_path / "other"
+    shutil.copytree(concept_dir, other)
+    (tmp_path / "o" / "concept").mkdir(parents=True)
+    (tmp_path / "o" / "concept" / "report.md").write_text("an earlier run")
+    monkeypatch.setattr(oneword.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main([str(other), str(concept_dir), "--init", "disc", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "neither resumes nor overwrites" in err and "--resume" not in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["concept"]  # other/ was not written
+
+
 def test_ti_data_shards(tmp_path, capsys):
     from oneword.cli import main
 
@@ -626,6 +645,11 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
     assert main(args) == 0
     assert out[0].stat().st_mtime_ns == stamp and out[1].is_file()
     assert main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--out", str(tmp_path / "s")]) == 2
+    capsys.readouterr()  # other settings into the same OUT skipped every shard and reported success
+    assert main([*args[:-2], "--steps", "5", "--out", str(tmp_path / "t")]) == 2
+    assert "steps: 2 there, 5 now" in capsys.readouterr().err and out[0].stat().st_mtime_ns == stamp
+    assert main([*args[:4], "tiny-sd2", *args[5:]]) == 2
+    assert "'tiny-sd1' there, 'tiny-sd2' now" in capsys.readouterr().err
     # --continue starts from the existing targets: at a negligible rate they come back unchanged.
     more = ["data", "targets", str(tmp_path / "t"), "--model", "tiny-sd1", "--steps", "1", "--continue",
             "--base-lr", "1e-12", "--out", str(tmp_path / "t2")]

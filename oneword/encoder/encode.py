@@ -143,15 +143,21 @@ def run(args: argparse.Namespace) -> int:
     if encoder.cfg.family == "toy" and model_name != "toy" and not Path(model_name).is_dir():
         # fail before loading a real model (minutes for SDXL) that the toy encoder cannot fit
         raise OneWordError(f"{enc_path} is an encoder for the toy world, not for --model {model_name}: {TRAIN_ONE}")
-    model = load_model(model_name, device=args.device, dtype=weights_dtype(args.mixed_precision))
-    check_fits(encoder, model)
     n = len(args.images)
     inits = _per_concept(args.init, n, "--init")
     tokens = _per_concept(args.token, n, "--token")
     concepts = [load_concept(d, init) for d, init in zip(args.images, inits)]
     tokens = [t or f"<{safe_file_stem(Path(d).resolve().name)}>" for t, d in zip(tokens, args.images)]
-    if len({t.lower() for t in tokens}) != n:  # CLIP ignores case, and so may the file system
-        raise OneWordError(f"two concepts would get the same token ({tokens}); pass --token")
+    if len({safe_file_stem(t).lower() for t in tokens}) != n or len({t.lower() for t in tokens}) != n:
+        # CLIP ignores case, and so may the file system; each word gets its own run folder
+        raise OneWordError(f"two concepts would get the same token or run folder ({tokens}); pass --token")
+    out_root = Path(args.out)
+    taken = [str(d) for t in tokens if (d := out_root / safe_file_stem(t)).is_dir() and any(d.iterdir())]
+    if taken:  # before the model loads (minutes), and before any concept is written
+        raise OneWordError(f"{', '.join(taken)} already hold{'s' if len(taken) == 1 else ''} files: ti-encode "
+                           "neither resumes nor overwrites a run folder; choose another --out or remove them")
+    model = load_model(model_name, device=args.device, dtype=weights_dtype(args.mixed_precision))
+    check_fits(encoder, model)
     names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"num_vectors"}
     base = {k: getattr(args, k) for k in names}
     if model.family == "toy" and base["template"] == "object":
@@ -170,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
                                    [c.init for c in concepts])
     encode_s = time.perf_counter() - t0
     print(f"encoded {n} concept(s) in {encode_s:.2f}s with {enc_path}", file=sys.stderr)
-    out_root = Path(args.out)
     for i, (concept, cfg, vectors) in enumerate(zip(concepts, cfgs, predicted)):
         out = out_root / safe_file_stem(cfg.token)
         choice, kept_steps = None, args.refine

@@ -17,6 +17,7 @@ instead of wherever an inversion from the initializer happened to land.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from oneword.encoder.model import ConceptEncoder, check_fits, predict_embeddings
 from oneword.encoder.shards import expand_shards, read_shard, write_shard
 from oneword.errors import InputError
+from oneword.fileio import atomic_write_text
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.multi import invert_many
 from oneword.models import FrozenLDM
@@ -34,6 +36,26 @@ logger = logging.getLogger(__name__)
 
 PARTIAL = ".partial"  # the state of the groups of the shard in progress
 SAVE_EVERY = 50
+
+
+MANIFEST = "targets.json"
+
+
+def _check_manifest(out: Path, settings: dict) -> None:
+    """``OUT/targets.json`` records what made the targets; a rerun with other settings (another
+    model, more steps) would skip every finished shard and report success, so it is refused."""
+    path = out / MANIFEST
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+        if diff:
+            raise InputError(f"{out} holds targets made with other settings ({'; '.join(diff)}): give another "
+                             "--out, or the same settings to finish it")
+    elif out.is_dir() and any(out.glob("*.tar")):
+        logger.warning("%s holds shards but no %s: cannot check they were made with these settings", out, MANIFEST)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: FrozenLDM,
@@ -66,6 +88,10 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
         raise InputError(f"input shards from different folders share file names ({', '.join(twice[:3])}): "
                          "their targets would overwrite each other; write the data sets with different "
                          "`ti data shards --prefix` or run ti data targets once per folder")
+    _check_manifest(out, {"model": model.source, "widths": list(model.widths), "steps": cfg.steps,
+                          "base_lr": cfg.base_lr, "batch_size": cfg.batch_size, "template": cfg.template,
+                          "seed": cfg.seed, "num_vectors": cfg.num_vectors,
+                          "start": "continue" if continue_targets else "encoder" if encoder is not None else "init"})
     paths = []
     for url in urls:
         path = out / Path(url).name
