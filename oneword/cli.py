@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--size", type=int, default=64, help="toy render side in pixels (default: 64)")
     sh.add_argument("--limit", type=int, default=None, help="at most this many toy concepts")
     sh.add_argument("--seed", type=int, default=0, help="seed of the toy renders")
-    sh.add_argument("--init", default=None, help="initializer word of folder concepts (default: concept.json's shape)")
+    sh.add_argument("--init", nargs="+", default=None, metavar="WORD",
+                    help="initializer word of the folder concepts: one for all, or one per folder (default: "
+                         "concept.json's shape)")
     sh.add_argument("--targets", nargs="+", default=None, metavar="RUN_OR_FILE",
                     help="one ti invert run folder or embedding file per concept folder: distillation targets")
     sh.add_argument("--per-shard", type=int, default=256, help="concepts per shard (default: 256)")

@@ -220,6 +220,13 @@ def test_shard_round_trip_and_expand(tmp_path):
     assert len(paths) == 2 and expand_shards(str(tmp_path / "s")) == [str(p) for p in paths]
     with pytest.raises(InputError):
         expand_shards(str(tmp_path / "none-*.tar"))
+    whole = paths[1].read_bytes()
+    paths[1].write_bytes(whole[: len(whole) // 2])  # a copy cut short: one line now, not a traceback later
+    with pytest.raises(InputError, match="concepts-000001.tar is damaged or truncated"):
+        expand_shards(str(tmp_path / "s"))
+    paths[1].write_bytes(b"not a tar at all")
+    with pytest.raises(InputError, match="damaged or truncated"):
+        expand_shards(str(paths[1]))
 
 
 def test_lightning_fit_and_resume(tiny_dirs, tmp_path):
@@ -511,6 +518,15 @@ def test_ti_data_refuses_what_would_lose_concepts(tmp_path, capsys):
     assert main(["data", "targets", str(tmp_path / "s*" / "*.tar"), "--model", "tiny-sd1", "--steps", "1",
                  "--out", str(tmp_path / "t")]) == 2
     assert "share file names (concepts-000000.tar)" in capsys.readouterr().err
+    make_concept_images(tmp_path / "b" / "dog")  # classes in one data set: a word per folder
+    both = [str(tmp_path / "a" / "cat"), str(tmp_path / "b" / "dog")]
+    assert main(["data", "shards", *both, "--init", "cat", "dog", "mug", "--out", str(tmp_path / "m")]) == 2
+    assert "one per folder (2), got 3" in capsys.readouterr().err
+    assert main(["data", "shards", *both, "--init", "cat", "dog", "--out", str(tmp_path / "m")]) == 0
+    from oneword.encoder.shards import read_shard
+
+    assert [(x.key, x.init) for x in read_shard(tmp_path / "m" / "concepts-000000.tar")] == [("cat", "cat"),
+                                                                                          ("dog", "dog")]
 
 
 def test_shards_from_folders_with_targets(tiny_dirs, concept_dir, tmp_path):

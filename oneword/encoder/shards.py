@@ -127,22 +127,29 @@ def write_shards(samples: Iterable[ConceptSample], out: str | Path, per_shard: i
     return paths
 
 
-def folder_samples(folders: Sequence[str | Path], init: str | None = None,
+def folder_samples(folders: Sequence[str | Path], init: str | Sequence[str] | None = None,
                    targets: Sequence[str | Path] | None = None) -> Iterator[ConceptSample]:
     """Samples from concept folders (``concept.json`` supplies attributes and, for toy concepts,
-    the initializer: the shape). ``targets``, one embedding file or ``ti invert`` run folder per
-    concept, become distillation targets."""
+    the initializer: the shape). ``init`` is one word for all folders or one per folder.
+    ``targets``, one embedding file or ``ti invert`` run folder per concept, become distillation
+    targets."""
     from oneword.eval.protocol import load_concept
     from oneword.inversion.embedding_io import load_embedding
 
     if targets is not None and len(targets) != len(folders):
         raise InputError(f"give one target per concept folder ({len(folders)}), got {len(targets)}")
+    inits = [init] * len(folders) if init is None or isinstance(init, str) else list(init)
+    if len(inits) == 1:
+        inits = inits * len(folders)
+    if len(inits) != len(folders):
+        raise InputError(f"give one --init word for all concept folders or one per folder ({len(folders)}), "
+                         f"got {len(inits)}")
     keys = [re.sub(r"[^A-Za-z0-9_-]+", "_", Path(f).name) for f in folders]
     if len(set(keys)) < len(keys):  # a tar with two equal keys cannot be read back
         twice = sorted({k for k in keys if keys.count(k) > 1})
         raise InputError(f"concept folders need distinct names; these occur twice: {', '.join(twice[:5])}")
     for i, folder in enumerate(folders):
-        c = load_concept(folder, init)
+        c = load_concept(folder, inits[i])
         key = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(folder).name)
         target = None
         if targets is not None:
@@ -189,4 +196,20 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     missing = [p for p in out if "://" not in p and not os.path.isfile(p)]
     if not out or missing:
         raise InputError(f"no shards found for {spec!r}" + (f" (missing: {missing[0]})" if missing else ""))
+    for p in out:
+        if "://" not in p:
+            _check_tar(p)
     return out
+
+
+def _check_tar(path: str) -> None:
+    """A damaged or truncated shard fails here, in one line, not as a traceback hours into a run
+    (reading the headers seeks past each member: cheap even for large shards)."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise InputError(f"shard {path} is damaged or truncated ({err}); write it again (ti data shards, "
+                         "ti data targets)") from None
