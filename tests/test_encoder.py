@@ -629,6 +629,15 @@ def test_training_interrupted_by_ctrl_c_resumes_where_it_stopped(tiny_dirs, tmp_
     assert steps == [2, 3]  # continued at the step Ctrl-C stopped, not from the start
 
 
+def test_data_options_are_explained_in_help(capsys):
+    from oneword.encoder.lit import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "--data.shards SHARDS the training shards" in printed and "every worker of every rank" in printed
+
+
 def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):
     from oneword.cli import main
 

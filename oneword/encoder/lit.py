@@ -66,6 +66,21 @@ class ConceptShards(L.LightningDataModule):
     def __init__(self, shards: str = "runs/shards/toy-train", batch_size: int = 16, min_refs: int = 1,
                  max_refs: int = 4, val_fraction: float = 0.05, shuffle_buffer: int = 512,
                  num_workers: int = 0, seed: int = 0) -> None:
+        """
+        Args:
+            shards: the training shards: a folder of .tar files, a glob or a brace pattern (the
+                output of ti data targets, for distillation).
+            batch_size: concepts per training step (per device).
+            min_refs: fewest reference images drawn per concept and step.
+            max_refs: most reference images drawn per concept and step (the rest of its images
+                supply the target view).
+            val_fraction: share of concepts held out for validation, chosen by a hash of their
+                keys (stable across runs).
+            shuffle_buffer: samples shuffled together while streaming.
+            num_workers: dataloader worker processes per device; every worker of every rank needs
+                at least one shard.
+            seed: seed of the shuffle and of the reference draws.
+        """
         super().__init__()
         if not 1 <= min_refs <= max_refs:
             raise ValueError("need 1 <= min_refs <= max_refs")
