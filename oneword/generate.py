@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,10 +114,12 @@ def sampler(model: FrozenLDM, name: str | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings) -> list[Image.Image]:
+def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings,
+                    progress: Callable[[int], object] | None = None) -> list[Image.Image]:
     """One image per (prompt, seed), prompt-major, ``settings.batch`` seeds per pipeline call. CPU
-    generators make seeds portable across devices. Images the model's safety checker blacked out
-    are counted in a warning (they would silently lower any score made from them)."""
+    generators make seeds portable across devices. ``progress`` is called with each prompt's image
+    count when its images are drawn. Images the model's safety checker blacked out are counted in a
+    warning (they would silently lower any score made from them)."""
     pipe = model.pipeline
     size = settings.resolution or model.resolution
     images: list[Image.Image] = []
@@ -139,6 +141,8 @@ def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSe
                 )
                 images.extend(out.images)
                 flagged += sum(bool(f) for f in (getattr(out, "nsfw_content_detected", None) or []))
+            if progress is not None:
+                progress(len(settings.seeds))
     if flagged:
         logger.warning("%d of %d images were blacked out by the model's safety checker (scores made from them "
                        "count them as drawn)", flagged, len(images))

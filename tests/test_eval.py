@@ -520,9 +520,9 @@ def test_safety_checker_blackouts_are_reported(tiny_dirs, monkeypatch, caplog):
     assert len(images) == 6 and "4 of 6 images were blacked out" in caplog.text
 
 
-def test_scoring_a_prompt_at_a_time_draws_the_same_images(tiny_dirs):
-    """The scorer samples prompt by prompt so `ti eval score` can show progress; the images (and
-    so every saved score) are those of one call over all prompts."""
+def test_sampling_reports_progress_per_prompt_and_draws_the_same_images(tiny_dirs):
+    """`ti eval score` shows a bar that advances as each prompt's samples are drawn; the images
+    (and so every saved score) are those drawn without it."""
     from types import SimpleNamespace
 
     from oneword.generate import generate_images
@@ -533,6 +533,6 @@ def test_scoring_a_prompt_at_a_time_draws_the_same_images(tiny_dirs):
     ticks = []
     scorer.bar = SimpleNamespace(update=ticks.append)
     prompts = ["a photo of disc", "a sketch of disc", "a photo of disc at night"]
-    one_by_one = scorer._sample(prompts)
+    one_by_one = generate_images(model, prompts, settings.sampling(), scorer._advance)
     together = generate_images(model, prompts, settings.sampling())
     assert [im.tobytes() for im in one_by_one] == [im.tobytes() for im in together] and ticks == [3, 3, 3]

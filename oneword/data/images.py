@@ -27,6 +27,7 @@ from oneword.errors import ImageError, InputError
 
 logger = logging.getLogger(__name__)
 
+
 def _decodable(feature: str) -> bool:
     from PIL import features
 

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = _per_concept(args.token, n, "--token")
     concepts = [load_concept(d, init) for d, init in zip(args.images, inits)]
     tokens = [t or f"<{safe_file_stem(Path(d).resolve().name)}>" for t, d in zip(tokens, args.images)]
-    if len({safe_file_stem(t).lower() for t in tokens}) != n or len({t.lower() for t in tokens}) != n:
+    if len({safe_file_stem(t).lower() for t in tokens}) != n:  # tokens equal but for case share one too
         # CLIP ignores case, and so may the file system; each word gets its own run folder
         raise OneWordError(f"two concepts would get the same token or run folder ({tokens}); pass --token")
     out_root = Path(args.out)

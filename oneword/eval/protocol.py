@@ -171,14 +171,9 @@ class Scorer:
         self.bar = None
         """A progress bar (tqdm) to advance by each prompt's samples, or ``None``."""
 
-    def _sample(self, prompts: list[str]) -> list:
-        """Each prompt's samples, a prompt at a time so a bar can follow (the same images as one call)."""
-        out = []
-        for prompt in prompts:
-            out += generate_images(self.model, [prompt], self.settings.sampling())
-            if self.bar is not None:
-                self.bar.update(self.settings.samples)
-        return out
+    def _advance(self, images: int) -> None:
+        if self.bar is not None:
+            self.bar.update(images)
 
     def _ref_features(self, concept: ConceptRef):
         key = tuple(im.sha256 for im in concept.images)  # by content: an id() may be reused
@@ -190,8 +185,8 @@ class Scorer:
         """Sample "a photo of <word>" and every edit prompt with ``word``, and score them."""
         sampling = self.settings.sampling()
         n = len(sampling.seeds)
-        recon = self._sample([RECONSTRUCTION_PROMPT.format(word)])
-        edits = self._sample([p.format(word) for p, _ in self.edits])
+        recon = generate_images(self.model, [RECONSTRUCTION_PROMPT.format(word)], sampling, self._advance)
+        edits = generate_images(self.model, [p.format(word) for p, _ in self.edits], sampling, self._advance)
         s = Scores()
         if self.space is not None:
             s.recon_clip = mean_similarity(self.space.images(recon), self._ref_features(concept))

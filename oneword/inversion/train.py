@@ -245,6 +245,11 @@ def check_run_folder(out_dir: str | Path, cfg: InversionConfig, resume: bool) ->
     _prepare_out_dir(Path(out_dir), cfg, resume)
 
 
+def _model_kind(model: FrozenLDM) -> str:
+    """What a checkpoint's vectors fit: the family and the text encoders' widths."""
+    return f"{model.family} {list(model.widths)}"
+
+
 def _check_resumed_inputs(ts: TrainState, model: FrozenLDM, hashes: list[str], out_dir: Path) -> None:
     """A checkpoint continues only on the images and the kind of model it was made with."""
     saved_hashes = json.loads(ts.meta.get("images", "null") or "null")
@@ -252,7 +257,7 @@ def _check_resumed_inputs(ts: TrainState, model: FrozenLDM, hashes: list[str], o
         differ = len(set(hashes) ^ set(saved_hashes))
         raise InputError(f"cannot resume {out_dir}: it was trained on other images ({len(saved_hashes)} then, "
                          f"{len(hashes)} now, {differ} not in both); use the same folder or another --out")
-    kind = f"{model.family} {list(model.widths)}"
+    kind = _model_kind(model)
     if ts.meta.get("model_kind", kind) != kind:
         raise InputError(f"cannot resume {out_dir}: it was trained on a {ts.meta['model_kind']} model "
                          f"({ts.meta.get('model')}), this is {kind} ({model.source})")
@@ -306,7 +311,7 @@ def run_inversion(
         plot_losses(log.path, out / "loss.png")
         return files
 
-    inputs = {"images": json.dumps(hashes), "model": model.source, "model_kind": f"{model.family} {list(model.widths)}"}
+    inputs = {"images": json.dumps(hashes), "model": model.source, "model_kind": _model_kind(model)}
 
     def checkpoint() -> list[Path]:
         save_state(out / CHECKPOINT, dataclasses.replace(inv.state(), meta=inputs))
