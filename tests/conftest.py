@@ -44,3 +44,29 @@ def tiny_dirs() -> dict[str, Path]:
 @pytest.fixture(params=["sd1", "sd2", "sdxl"])
 def family(request) -> str:
     return request.param
+
+
+def tiny_encoder(family: str = "sd1", num_vectors: int = 1, randomize: bool = True,
+                 unet: bool = False, layout: str = "blocks", map_width: int = 0):
+    """A small encoder (random CLIP space) for a miniature model, and the model: ``(encoder, model)``."""
+    import torch
+
+    from oneword.encoder.model import ConceptEncoder, EncoderConfig, token_scale
+    from oneword.encoder.unet_features import unet_feature_dim, unet_map_channels
+    from oneword.eval.space import load_space
+    from oneword.models import load_model
+
+    model = load_model(f"tiny-{family}")
+    space = load_space("random")
+    unet_dim = unet_feature_dim(model.unet, layout) if unet else 0
+    map_channels = unet_map_channels(model.unet) if map_width else 0
+    cfg = EncoderConfig(clip="random", feature_dim=32, unet_dim=unet_dim, unet_layout=layout, widths=model.widths,
+                        map_channels=map_channels, map_width=max(map_width, 1),
+                        num_vectors=num_vectors, hidden=32,
+                        depth=1, offset_scale=token_scale(model), family=model.family, model=f"tiny-{family}")
+    enc = ConceptEncoder(cfg, space)
+    if randomize:  # heads start at zero; give them weights so the tests see real offsets
+        torch.manual_seed(0)
+        for head in enc.mapper.heads:
+            torch.nn.init.normal_(head.weight, std=0.2)
+    return enc, model
