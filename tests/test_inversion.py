@@ -171,13 +171,14 @@ def test_resume_checks_its_inputs(tiny_dirs, concept_dir, tmp_path, caplog):
 def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(tiny_dirs, concept_dir, tmp_path, monkeypatch):
     """A divergence (or an out-of-memory crash) before the first checkpoint left a folder that was
     neither resumable nor reusable."""
-    real = Inversion.loss_on_batch
-    monkeypatch.setattr(Inversion, "loss_on_batch", lambda self: real(self) * float("nan"))
+    import oneword.inversion.group as group
+
+    monkeypatch.setattr(group, "denoising_loss", lambda *a, **kw: denoising_loss(*a, **kw) * float("nan"))
     images = load_folder(concept_dir)
     with pytest.raises(TrainingDivergedError):
         run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", progress=False)
     assert (tmp_path / "r" / "config.yaml").is_file() and not (tmp_path / "r" / "checkpoints").exists()
-    monkeypatch.setattr(Inversion, "loss_on_batch", real)
+    monkeypatch.setattr(group, "denoising_loss", denoising_loss)
     with pytest.raises(InputError, match="nothing to resume"):
         run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False)
     assert run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", progress=False).step == 3
@@ -198,14 +199,14 @@ def test_previews_are_written(tiny_dirs, concept_dir, tmp_path):
 
 def test_nan_loss_stops_and_keeps_finite_vectors(tiny_dirs, concept_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = Inversion.loss_on_batch
+    import oneword.inversion.group as group
 
-    def flaky(self):
+    def flaky(*args, **kw):
         calls["n"] += 1
-        loss = real(self)
+        loss = denoising_loss(*args, **kw)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(Inversion, "loss_on_batch", flaky)
+    monkeypatch.setattr(group, "denoising_loss", flaky)
     with pytest.raises(TrainingDivergedError, match="step 3"):
         run_inversion(load_model("tiny-sd1"), load_folder(concept_dir), small_cfg(steps=5), tmp_path / "r",
                       progress=False)
@@ -281,6 +282,7 @@ def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir, 
 def test_invert_many_resumes_exactly_from_its_checkpoint(tiny_dirs, concept_dir, tmp_path, monkeypatch, caplog):
     """``ti data targets`` spends most of an hour on one group: an interruption costs at most
     ``save_every`` steps, and the continued run ends where an uninterrupted one does."""
+    import oneword.inversion.group as group
     import oneword.inversion.multi as multi
 
     images = [[im.image for im in load_folder(concept_dir)]]
@@ -289,10 +291,10 @@ def test_invert_many_resumes_exactly_from_its_checkpoint(tiny_dirs, concept_dir,
     (whole,) = multi.invert_many(model, images, ["disc"], cfg)
     state = tmp_path / "part.safetensors"
     calls: list[int] = []
-    monkeypatch.setattr(multi, "denoising_loss", _loss_interrupted_at(3, calls))  # after step 2's state
+    monkeypatch.setattr(group, "denoising_loss", _loss_interrupted_at(3, calls))  # after step 2's state
     with pytest.raises(KeyboardInterrupt):
         multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
-    monkeypatch.setattr(multi, "denoising_loss", lambda *a, **kw: calls.append(1) or denoising_loss(*a, **kw))
+    monkeypatch.setattr(group, "denoising_loss", lambda *a, **kw: calls.append(1) or denoising_loss(*a, **kw))
     calls.clear()
     (resumed,) = multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
     assert len(calls) == 2  # steps 3 and 4 only
@@ -348,6 +350,7 @@ def test_invert_many_with_a_gradient_scaler_resumes_exactly(tiny_dirs, concept_d
     """fp16 weights on CUDA get a gradient scaler (this machine has none: a CPU scaler takes its
     place); its scale is saved with the group's state, so an interrupted run still ends where an
     uninterrupted one does, and it matches the unscaled run up to rounding."""
+    import oneword.inversion.group as group
     import oneword.inversion.multi as multi
 
     images = [[im.image for im in load_folder(concept_dir)]]
@@ -355,17 +358,17 @@ def test_invert_many_with_a_gradient_scaler_resumes_exactly(tiny_dirs, concept_d
     model = load_model("tiny-sd1")
     (unscaled,) = multi.invert_many(model, images, ["disc"], cfg)
     scalers: list[torch.amp.GradScaler] = []
-    monkeypatch.setattr(multi, "grad_scaler", lambda m: scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10,
+    monkeypatch.setattr(group, "grad_scaler", lambda m: scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10,
                                                                                             growth_interval=1))
                         or scalers[-1])
     (whole,) = multi.invert_many(model, images, ["disc"], cfg)
     torch.testing.assert_close(whole[0], unscaled[0], rtol=1e-4, atol=1e-6)
     assert scalers[-1].get_scale() == 2.0 ** 14  # grew every step: the scaled path ran
     state = tmp_path / "part.safetensors"
-    monkeypatch.setattr(multi, "denoising_loss", _loss_interrupted_at(3, []))
+    monkeypatch.setattr(group, "denoising_loss", _loss_interrupted_at(3, []))
     with pytest.raises(KeyboardInterrupt):
         multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
-    monkeypatch.setattr(multi, "denoising_loss", denoising_loss)
+    monkeypatch.setattr(group, "denoising_loss", denoising_loss)
     (resumed,) = multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
     assert scalers[-1].get_scale() == 2.0 ** 14  # the saved scale (2 ** 12) grew twice more
     torch.testing.assert_close(resumed[0], whole[0], rtol=1e-5, atol=1e-7)
@@ -386,7 +389,7 @@ def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir
         assert all(torch.isfinite(v).all() and not torch.allclose(v, s)
                    for v, s in zip(vecs, fresh.initializer_vectors(word, 1)))
     assert not torch.allclose(out[0][0], out[1][0])
-    assert list(model.placeholder_tokens) == ["<multi>"]  # one token, whatever the number of concepts
+    assert list(model.placeholder_tokens) == ["<ow-group-1>"]  # one token, whatever the number of concepts
     (again,) = invert_many(model, sets[:1], ["disc"], small_cfg(steps=2, base_lr=5e-2))  # the model is reusable
     assert all(torch.isfinite(v).all() for v in again)
     other_token = load_model("tiny-sdxl")

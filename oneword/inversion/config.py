@@ -7,11 +7,12 @@ augmentation, 5,000 steps. The run folder keeps these settings in ``config.yaml`
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import yaml
+
+from oneword.trainstate import warmup_cosine
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
@@ -115,7 +116,7 @@ class InversionConfig:
         """The learning rate of optimizer step ``step`` (0-based) under :attr:`lr_schedule`."""
         if self.lr_schedule == "constant":
             return self.lr
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
+        return warmup_cosine(min(step, self.steps), self.steps, self.lr, warmup=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,20 +27,24 @@ def denoising_loss(
     model: FrozenLDM,
     latents: torch.Tensor,
     cond: TextConditioning,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample MSE between the UNet's prediction and its target (``[batch]``, fp32).
 
     Noise and timesteps come from ``generator`` (a CPU generator, so a run is reproducible on any
-    device and resumable). The target is the noise for epsilon models and the velocity for
-    v-prediction models (SD 2.x 768). Take ``.mean()`` for the usual scalar loss.
+    device and resumable) unless given: the group engine draws them per concept with
+    :func:`draw_noise` and passes the stacked batch. The target is the noise for epsilon models
+    and the velocity for v-prediction models (SD 2.x 768). Take ``.mean()`` for the usual scalar loss.
     """
     scheduler = model.pipeline.scheduler
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    if timesteps is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    if noise is None:
+        if generator is None:
+            raise ValueError("denoising_loss needs a generator or the noise and timesteps")
+        noise, drawn = draw_noise(model, latents, generator, timesteps is None)
+        timesteps = drawn if timesteps is None else timesteps
+    noise = noise.to(latents.device, latents.dtype)
     timesteps = timesteps.to(latents.device)
     noisy = _add_noise(scheduler, latents, noise, timesteps)
     if model.prediction_type == "v_prediction":
@@ -51,6 +55,17 @@ def denoising_loss(
         raise ValueError(f"unsupported prediction type {model.prediction_type!r}")
     pred = unet_forward(model, noisy, timesteps, cond)
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def draw_noise(model: FrozenLDM, latents: torch.Tensor, generator: torch.Generator,
+               with_timesteps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The noise (CPU, fp32, ``latents``' shape) and, with ``with_timesteps``, the training
+    timesteps of one batch, drawn from ``generator`` in that order."""
+    noise = torch.randn(latents.shape, generator=generator)
+    if not with_timesteps:
+        return noise, None
+    steps = model.pipeline.scheduler.config.num_train_timesteps
+    return noise, torch.randint(0, steps, (latents.shape[0],), generator=generator)
 
 
 def unet_forward(model: FrozenLDM, noisy: torch.Tensor, timesteps: torch.Tensor,

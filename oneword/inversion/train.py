@@ -1,7 +1,8 @@
 """The textual-inversion optimizer (:class:`Inversion`) and the run that wraps it (:func:`run_inversion`).
 
-``Inversion`` is the algorithm: the placeholder's vectors are the only parameters, the reference
-latents come from a bank encoded once, and each step calls the shared :func:`denoising_loss`.
+``Inversion`` is one concept on the group engine (G = 1): the placeholder's vectors are the only
+parameters, the reference latents come from a bank encoded once, and each step calls the shared
+:func:`~oneword.inversion.loss.denoising_loss`.
 ``run_inversion`` adds what a long job needs: a run folder with the config, a loss CSV and plot,
 preview grids, checkpoints every N steps, ``resume``, Ctrl-C/SIGTERM handling and a stop with the
 last good vectors kept when the loss or the vectors stop being finite.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import shutil
 import signal
 import threading
@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from oneword.data.images import LoadedImage
 from oneword.errors import InputError, TrainingDivergedError
 from oneword.fileio import atomic_write_text
-from oneword.inversion.bank import bank_for_run
-from oneword.inversion.checkpoint import TrainState, load_state, restore_prompt_rng, save_state
+from oneword.inversion.bank import LatentBank
+from oneword.inversion.checkpoint import TrainState, load_state, save_state
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.embedding_io import (
     DIFFUSERS_FILE,
@@ -39,11 +39,9 @@ from oneword.inversion.embedding_io import (
     save_diffusers,
     save_single_file,
 )
-from oneword.inversion.loss import denoising_loss, grad_scaler
+from oneword.inversion.group import GroupEngine, Slot
 from oneword.inversion.runlog import LossLog, plot_losses
-from oneword.inversion.templates import sample_prompts
 from oneword.models import FrozenLDM
-from oneword.trainstate import load_optimizer, optimizer_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +50,13 @@ DEFAULT_PREVIEW_PROMPTS = ("a photo of {}", "a painting of {} on the beach")
 
 
 class Inversion:
-    """Optimizes one placeholder token's vectors on a frozen model.
+    """One concept's inversion: the group engine (:mod:`oneword.inversion.group`) with G = 1.
 
     ``init_vectors`` (one ``[n, width]`` tensor per text encoder) starts from a given embedding, e.g.
     an encoder's prediction; by default the vectors start from the initializer word(s). The L2
-    regularizer (``cfg.reg_weight``) pulls toward the starting vectors.
+    regularizer (``cfg.reg_weight``) pulls toward the starting vectors. ``cfg.token`` is added to
+    the model and follows the learned vectors after every step, so previews and ``encode_text``
+    prompts that name it see the current word.
     """
 
     def __init__(
@@ -68,90 +68,49 @@ class Inversion:
     ) -> None:
         self.model, self.cfg = model, cfg
         self.images = list(images)
-        start = init_vectors or model.initializer_vectors(cfg.init, cfg.num_vectors)
-        model.add_placeholder(cfg.token, [v.float() for v in start])
-        self.anchor = [v.detach().float().to(model.device) for v in start]
-        self.bank = bank_for_run(model, [im.image for im in self.images], cfg, cfg.seed)
-        if cfg.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-        self.params = model.trainable_vectors()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scaler = grad_scaler(model)
-        self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
-        self.prompt_rng = random.Random(cfg.seed)
-        self.step = 0
+        start = [v.float() for v in (init_vectors or model.initializer_vectors(cfg.init, cfg.num_vectors))]
+        model.add_placeholder(cfg.token, start)  # refuses a bad or taken token before any work
+        self.engine = GroupEngine(model, capacity=1)
+        self.slot = self.engine.add([im.image for im in self.images], cfg, start=start, name=cfg.token)
 
-    def loss_on_batch(self) -> torch.Tensor:
-        """The objective on one freshly drawn batch (shared loss + optional L2 regularizer)."""
-        cfg = self.cfg
-        latents = self.bank.sample(cfg.batch_size, self.generator).to(self.model.dtype)
-        prompts = sample_prompts(cfg.template, cfg.token, cfg.batch_size, self.prompt_rng)
-        cond = self.model.encode_text(prompts)
-        loss = denoising_loss(self.model, latents, cond, self.generator).mean()
-        if cfg.reg_weight > 0:
-            reg = sum(((p - a) ** 2).sum(-1).mean() for p, a in zip(self.params, self.anchor))
-            loss = loss + cfg.reg_weight * reg
-        return loss
+    @property
+    def _slot(self) -> Slot:
+        return self.engine.slot(self.slot)
+
+    @property
+    def bank(self) -> LatentBank:
+        return self._slot.bank
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self._slot.params
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._slot.optimizer
+
+    @property
+    def step(self) -> int:
+        return self._slot.step
 
     def train_step(self) -> float:
         """One optimizer step (``grad_accum`` batches). Raises :class:`TrainingDivergedError`
         with the vectors rolled back if the loss or the updated vectors are not finite."""
-        before = [p.detach().clone() for p in self.params]
-        total = 0.0
-        for _ in range(self.cfg.grad_accum):
-            loss = self.loss_on_batch()
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingDivergedError(
-                    f"the loss became {loss.item()} at step {self.step + 1}; "
-                    "try a lower --base_lr or --mixed_precision no"
-                )
-            scaled = loss / self.cfg.grad_accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += loss.item() / self.cfg.grad_accum
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr_at(self.step)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in self.params):
-            with torch.no_grad():
-                for p, b in zip(self.params, before):
-                    p.copy_(b)
-            raise TrainingDivergedError(
-                f"the learned vectors became NaN/inf at step {self.step + 1} and were rolled back; "
-                "try a lower --base_lr"
-            )
-        self.step += 1
-        return total
+        losses = self.engine.step()
+        self.model.set_vectors(self.cfg.token, [p.detach() for p in self.params])
+        if self._slot.error:
+            raise TrainingDivergedError(self._slot.error)
+        return losses[self.slot]
 
     def embedding(self, metadata: dict[str, str] | None = None) -> Embedding:
-        return Embedding(self.cfg.token, self.model.vectors_of(self.cfg.token), metadata or {})
+        return Embedding(self.cfg.token, self._slot.vectors(), metadata or {})
 
     def state(self) -> TrainState:
-        optim, groups = optimizer_tensors(self.optimizer)
-        return TrainState(
-            step=self.step, vectors=[p.detach() for p in self.params], optimizer=optim,
-            param_groups=groups, generator_state=self.generator.get_state(),
-            prompt_rng_state=self.prompt_rng.getstate(),
-            scaler=self.scaler.state_dict() if self.scaler else None,
-        )
+        return self.engine.state(self.slot)
 
     def load(self, ts: TrainState) -> None:
-        if [tuple(v.shape) for v in ts.vectors] != [tuple(p.shape) for p in self.params]:
-            raise InputError("the checkpoint's vectors do not match this run's token/model settings")
-        with torch.no_grad():
-            for p, v in zip(self.params, ts.vectors):
-                p.copy_(v.to(p.device))
-        load_optimizer(self.optimizer, ts.optimizer, ts.param_groups)
-        self.generator.set_state(ts.generator_state)
-        self.prompt_rng = restore_prompt_rng(ts.prompt_rng_state)
-        if self.scaler and ts.scaler:
-            self.scaler.load_state_dict(ts.scaler)
-        self.step = ts.step
+        self.engine.load(self.slot, ts)
+        self.model.set_vectors(self.cfg.token, self._slot.vectors())
 
 
 @dataclass

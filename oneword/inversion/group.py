@@ -1,0 +1,278 @@
+"""The group engine: the one optimizer of textual inversion, for one concept or many at once.
+
+A :class:`GroupEngine` holds up to ``capacity`` concepts ("slots") on one frozen model. Each slot
+owns everything that makes its trajectory: its vectors (the only parameters), its latent bank, its
+AdamW moments, learning-rate schedule, step count and budget (``cfg.steps``), and its random
+generators (views, noise and timesteps from one CPU generator, prompts from one ``random.Random``,
+both seeded from ``cfg.seed``). :meth:`GroupEngine.step` draws every active slot's batch from its
+own generators, stacks the batches, and makes one call of the shared
+:func:`~oneword.inversion.loss.denoising_loss` and one backward pass for all of them.
+
+The objective is the *sum* of the slots' own objectives, so each slot's gradient is exactly its
+single-run gradient, and each slot's AdamW steps it as a run alone would: a concept's trajectory
+does not depend on who shares its group, up to the order of floating-point sums inside the batched
+UNet (tested). Slots join (:meth:`~GroupEngine.add`) and leave (:meth:`~GroupEngine.remove`)
+between steps with their own budgets and settings, so a finished concept frees its slot at once.
+
+Prompts use one internal placeholder per vector count (:func:`group_token`); the text encoder reads
+each sample's vectors from ``batch_vectors``, so the model's tokenizer does not grow with the
+number of concepts, and the concepts' own tokens never meet in one vocabulary.
+
+What slots of one group must share: the model, and the latent size (the training resolution).
+With fp16 weights on CUDA one gradient scaler serves the group; its scale is the one group-wide
+state (it only skips steps whose fp16 gradients overflowed).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from oneword.errors import InputError
+from oneword.inversion.bank import LatentBank, bank_for_run
+from oneword.inversion.checkpoint import TrainState, restore_prompt_rng
+from oneword.inversion.config import InversionConfig
+from oneword.inversion.loss import denoising_loss, draw_noise, grad_scaler
+from oneword.inversion.templates import sample_prompts
+from oneword.models import FrozenLDM
+from oneword.trainstate import load_optimizer, optimizer_tensors
+
+
+def group_token(num_vectors: int) -> str:
+    """The internal placeholder the engine trains ``num_vectors``-vector words on."""
+    return f"<ow-group-{num_vectors}>"
+
+
+@dataclass
+class SlotResult:
+    """What a slot leaves behind when it is removed."""
+
+    slot: int
+    vectors: list[torch.Tensor]
+    """One ``[n, width]`` fp32 CPU tensor per text encoder."""
+    step: int
+    loss: float | None
+    """The objective of its last step (``None`` before the first)."""
+    error: str | None = None
+    """Why it stopped early (its loss or vectors stopped being finite); the vectors are the last good ones."""
+
+
+class Slot:
+    """One concept in a group: its vectors, bank, optimizer, schedule, budget and generators."""
+
+    def __init__(self, sid: int, cfg: InversionConfig, start: list[torch.Tensor], anchor: list[torch.Tensor],
+                 bank: LatentBank, device: torch.device, name: str) -> None:
+        self.id, self.cfg, self.bank, self.name = sid, cfg, bank, name
+        self.params = [v.detach().float().to(device).clone().requires_grad_(True) for v in start]
+        self.anchor = [v.detach().float().to(device) for v in anchor]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        self.prompt_rng = random.Random(cfg.seed)
+        self.step = 0
+        self.loss: float | None = None
+        self.error: str | None = None
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.params[0].shape[0])
+
+    @property
+    def active(self) -> bool:
+        """Still stepping: under its budget and not stopped by an error."""
+        return self.error is None and self.step < self.cfg.steps
+
+    def vectors(self) -> list[torch.Tensor]:
+        return [p.detach().float().cpu().clone() for p in self.params]
+
+    def regularizer(self) -> torch.Tensor:
+        """Squared distance to the anchor, summed over the width, mean over the vectors, summed over encoders."""
+        return sum(((p - a) ** 2).sum(-1).mean() for p, a in zip(self.params, self.anchor))
+
+
+class GroupEngine:
+    """Up to ``capacity`` concepts optimized together on ``model``; see the module docstring."""
+
+    def __init__(self, model: FrozenLDM, capacity: int = 8) -> None:
+        if capacity < 1:
+            raise ValueError(f"a group holds at least one concept, got capacity {capacity}")
+        self.model, self.capacity = model, capacity
+        self.slots: dict[int, Slot] = {}
+        self.scaler = grad_scaler(model)
+        self._next_id = 0
+
+    # ----------------------------------------------------------------- membership
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def active(self) -> list[Slot]:
+        return [s for s in self.slots.values() if s.active]
+
+    def add(self, images: Sequence[Image.Image], cfg: InversionConfig, start: list[torch.Tensor] | None = None,
+            anchor: list[torch.Tensor] | None = None, name: str = "") -> int:
+        """Add a concept; returns its slot id. ``start`` (one ``[n, width]`` tensor per text encoder)
+        defaults to ``cfg.init``'s vectors; ``anchor``, the regularizer's target, to ``start``."""
+        if len(self.slots) >= self.capacity:
+            raise RuntimeError(f"the group is full ({self.capacity} concepts); remove one first")
+        if not images:
+            raise InputError(f"no reference images given{f' for {name}' if name else ''}")
+        model = self.model
+        if start is None or anchor is None:
+            init = model.initializer_vectors(cfg.init, cfg.num_vectors)
+            start = init if start is None else start
+            anchor = start if anchor is None else anchor
+        want = [(cfg.num_vectors, w) for w in model.widths]
+        for what, vecs in (("start", start), ("anchor", anchor)):
+            if [tuple(v.shape) for v in vecs] != want:
+                raise ValueError(f"a {what} has shapes {[tuple(v.shape) for v in vecs]}; this model and "
+                                 f"num_vectors need {want}")
+        bank = bank_for_run(model, list(images), cfg, cfg.seed)
+        for other in self.slots.values():
+            if other.bank.mean.shape[1:] != bank.mean.shape[1:]:
+                raise ValueError(f"the slots of a group share one resolution: {name or 'this concept'} has latents "
+                                 f"{tuple(bank.mean.shape[1:])}, the group {tuple(other.bank.mean.shape[1:])}")
+        self._ensure_token(cfg.num_vectors)
+        sid = self._next_id
+        self._next_id += 1
+        self.slots[sid] = Slot(sid, cfg, list(start), list(anchor), bank, model.device, name)
+        return sid
+
+    def remove(self, sid: int) -> SlotResult:
+        """Take a slot out of the group (finished or not) and return its word."""
+        slot = self.slots.pop(sid)
+        return SlotResult(sid, slot.vectors(), slot.step, slot.loss, slot.error)
+
+    def slot(self, sid: int) -> Slot:
+        return self.slots[sid]
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self, sid: int) -> TrainState:
+        """Everything needed to continue slot ``sid`` exactly (with the group's gradient scale)."""
+        slot = self.slots[sid]
+        optim, groups = optimizer_tensors(slot.optimizer)
+        return TrainState(
+            step=slot.step, vectors=[p.detach() for p in slot.params], optimizer=optim, param_groups=groups,
+            generator_state=slot.generator.get_state(), prompt_rng_state=slot.prompt_rng.getstate(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+        )
+
+    def load(self, sid: int, ts: TrainState) -> None:
+        """Continue slot ``sid`` from a :meth:`state`. The gradient scale is taken only when the slot
+        is alone in its group (another member's scale is as good, and a group has one)."""
+        slot = self.slots[sid]
+        if [tuple(v.shape) for v in ts.vectors] != [tuple(p.shape) for p in slot.params]:
+            raise InputError("the checkpoint's vectors do not match this run's token/model settings")
+        if ts.step > slot.cfg.steps:
+            raise InputError(f"the checkpoint is at step {ts.step}, past this run's {slot.cfg.steps} steps")
+        with torch.no_grad():
+            for p, v in zip(slot.params, ts.vectors):
+                p.copy_(v.to(p.device))
+        load_optimizer(slot.optimizer, ts.optimizer, ts.param_groups)
+        slot.generator.set_state(ts.generator_state)
+        slot.prompt_rng = restore_prompt_rng(ts.prompt_rng_state)
+        slot.step = ts.step
+        if self.scaler and ts.scaler and len(self.slots) == 1:
+            self.scaler.load_state_dict(ts.scaler)
+
+    # ----------------------------------------------------------------- the step
+    def step(self) -> dict[int, float]:
+        """One optimizer step of every active slot; returns each stepped slot's objective.
+
+        A slot whose loss or updated vectors stop being finite keeps its last good vectors, records
+        why in ``error`` and stops; the others go on (check :attr:`Slot.error` after a step).
+        """
+        slots = self.active
+        if not slots:
+            return {}
+        for n in {s.num_vectors for s in slots}:
+            self._ensure_token(n)
+        self._set_gradient_checkpointing(any(s.cfg.gradient_checkpointing for s in slots))
+        befores = {s.id: [p.detach().clone() for p in s.params] for s in slots}
+        totals = dict.fromkeys((s.id for s in slots), 0.0)
+        for micro in range(max(s.cfg.grad_accum for s in slots)):
+            members = [s for s in slots if s.error is None and s.cfg.grad_accum > micro]
+            if members:
+                self._accumulate(members, totals)
+        stepped = [s for s in slots if s.error is None]
+        for s in stepped:
+            for group in s.optimizer.param_groups:
+                group["lr"] = s.cfg.lr_at(s.step)
+            if self.scaler:  # skips a step whose fp16 gradients overflowed
+                self.scaler.step(s.optimizer)
+            else:
+                s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+        if self.scaler and stepped:
+            self.scaler.update()
+        out = {}
+        for s in stepped:
+            if not all(torch.isfinite(p).all() for p in s.params):
+                with torch.no_grad():
+                    for p, b in zip(s.params, befores[s.id]):
+                        p.copy_(b)
+                s.error = (f"the learned vectors became NaN/inf at step {s.step + 1} and were rolled back; "
+                           "try a lower --base_lr")
+                continue
+            s.step += 1
+            s.loss = out[s.id] = totals[s.id]
+        return out
+
+    def _accumulate(self, members: list[Slot], totals: dict[int, float]) -> None:
+        """One micro-batch of ``members``: a stacked forward, per-slot objectives, one backward."""
+        model = self.model
+        latents, noises, timesteps, prompts, sizes = [], [], [], [], []
+        for s in members:  # each slot's own draws, in the order a run alone makes them
+            lat = s.bank.sample(s.cfg.batch_size, s.generator)
+            noise, t = draw_noise(model, lat, s.generator)
+            latents.append(lat)
+            noises.append(noise)
+            timesteps.append(t)
+            prompts += sample_prompts(s.cfg.template, group_token(s.num_vectors), s.cfg.batch_size, s.prompt_rng)
+            sizes.append(s.cfg.batch_size)
+        cond = model.encode_text(prompts, batch_vectors=self._batch_vectors(members))
+        per_sample = denoising_loss(model, torch.cat(latents).to(model.dtype), cond, None,
+                                    timesteps=torch.cat(timesteps), noise=torch.cat(noises))
+        objective = None
+        for s, losses in zip(members, per_sample.split(sizes)):
+            loss = losses.mean()
+            if s.cfg.reg_weight > 0:
+                loss = loss + s.cfg.reg_weight * s.regularizer()
+            if not torch.isfinite(loss):
+                s.error = f"the loss became {loss.item()} at step {s.step + 1}; try a lower --base_lr" + (
+                    " or fp32 weights (--mixed_precision no)" if model.dtype != torch.float32 else "")
+                s.optimizer.zero_grad(set_to_none=True)
+                continue
+            totals[s.id] += loss.item() / s.cfg.grad_accum
+            term = loss / s.cfg.grad_accum
+            objective = term if objective is None else objective + term
+        if objective is not None:
+            (self.scaler.scale(objective) if self.scaler else objective).backward()
+
+    def _batch_vectors(self, members: list[Slot]) -> list[torch.Tensor]:
+        """Per text encoder, ``[samples, new tokens, width]``: every sample's table of placeholder
+        vectors, holding its slot's vectors at its group token's rows."""
+        out = []
+        for j, emb in enumerate(self.model.placeholder_embeddings()):
+            base = emb.vectors.detach()
+            tables = []
+            for s in members:
+                ids = self.model.token_ids(group_token(s.num_vectors))[j]
+                rows = torch.tensor(ids, device=base.device) - emb.first_new_id
+                table = base.index_put((rows,), s.params[j])
+                tables.append(table.unsqueeze(0).expand(s.cfg.batch_size, -1, -1))
+            out.append(torch.cat(tables))
+        return out
+
+    def _ensure_token(self, n: int) -> None:
+        name = group_token(n)
+        if name not in self.model.placeholder_tokens:  # also after the model's placeholders were cleared
+            self.model.add_placeholder(name, [torch.zeros(n, w) for w in self.model.widths])
+
+    def _set_gradient_checkpointing(self, on: bool) -> None:
+        unet = self.model.unet
+        if on != bool(getattr(unet, "is_gradient_checkpointing", False)):
+            unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
