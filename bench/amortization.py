@@ -57,7 +57,7 @@ def save_progress(path: Path, plan: dict, rows: list[dict], took: float) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from oneword.encoder.encode import REFINE_DEFAULTS
+    from oneword.encoder.pipeline import REFINE_DEFAULTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concepts", type=int, default=6, help="held-out toy concepts (default: 6)")
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--select-among takes encoder budgets (--encoder-budgets), 0 among them: the prediction is the "
                 "round trip's target")
 
-    from oneword.encoder.encode import SHIPPED
     from oneword.encoder.model import load_encoder, predict_embeddings
+    from oneword.encoder.pipeline import SHIPPED
     from oneword.eval.curves import Method, run_curve
     from oneword.eval.protocol import EvalSettings, Scorer
     from oneword.eval.report import GOAL_METRICS, goal_gaps, select_pairs, summarize, write_report

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=8, help="samples per concept (default: 8, as the evaluation)")
     args = p.parse_args(argv)
 
-    from oneword.encoder.encode import SHIPPED
     from oneword.encoder.model import load_encoder, predict_embeddings
+    from oneword.encoder.pipeline import SHIPPED
     from oneword.eval.protocol import RECONSTRUCTION_PROMPT, EvalSettings
     from oneword.generate import generate_images
     from oneword.models import load_model

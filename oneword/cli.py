@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_invert(args: argparse.Namespace) -> int:
     from oneword.data.images import load_folder
     from oneword.inversion.config import InversionConfig, weights_dtype
-    from oneword.inversion.train import check_run_folder, run_inversion, safe_file_stem
+    from oneword.inversion.runfolder import RunFolder, safe_file_stem
+    from oneword.inversion.train import run_inversion
     from oneword.models import load_model
 
     names = {f.name for f in dataclasses.fields(InversionConfig)}
@@ -237,11 +238,12 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         raise OneWordError(f"invalid setting: {err}") from err
     out = Path(args.out or f"runs/{safe_file_stem(cfg.token)}")
     images = load_folder(args.images, max_pixels=cfg.max_pixels)
-    check_run_folder(out, cfg, args.resume)  # before a model load that takes minutes
-    model = load_model(args.model, device=args.device, dtype=weights_dtype(cfg.mixed_precision))
-    print(f"{model.describe()}\n{len(images)} images from {args.images}; lr {cfg.lr:g}", file=sys.stderr)
-    t0 = time.perf_counter()
-    res = run_inversion(model, images, cfg, out, resume=args.resume, progress=not args.no_progress)
+    with RunFolder(out) as folder:  # held from the check to the last file: a second run on --out is refused
+        folder.prepare(cfg, args.resume)  # before a model load that takes minutes
+        model = load_model(args.model, device=args.device, dtype=weights_dtype(cfg.mixed_precision))
+        print(f"{model.describe()}\n{len(images)} images from {args.images}; lr {cfg.lr:g}", file=sys.stderr)
+        t0 = time.perf_counter()
+        res = run_inversion(model, images, cfg, out, resume=args.resume, progress=not args.no_progress)
     took = time.perf_counter() - t0
     state = "interrupted at" if res.interrupted else "finished"
     print(f"{state} step {res.step}/{cfg.steps} in {took:.0f}s; wrote:", file=sys.stderr)
@@ -376,8 +378,8 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
         raise OneWordError(f"invalid setting: {err}") from err
     encoder = None
     if args.from_encoder:
-        from oneword.encoder.encode import encoder_path
         from oneword.encoder.model import load_encoder
+        from oneword.encoder.pipeline import encoder_path
 
         encoder = load_encoder(encoder_path(args.from_encoder))
     t0 = time.perf_counter()

@@ -197,7 +197,10 @@ def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
         fours = generate_images(toy, prompts, SampleSettings(steps=3, seeds=list(range(8))))
     finally:
         torch.set_num_threads(threads)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(eight, fours, strict=True))
+    # the same images up to rounding: on some CPUs a batch of 8 and two of 4 differ by 1 in a few
+    # pixels (6 of 16 x 3,072 values on an Intel Xeon with torch 2.14)
+    for a, b in zip(eight, fours, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
 
 
 def test_mixed_precision_sets_the_weights_dtype_of_every_trainer(concept_dir, tmp_path, monkeypatch, capsys):

@@ -194,14 +194,16 @@ def _encoder_file(tmp_path):
 
 @pytest.mark.parametrize("refine,select", [(0, 2), (2, 0), (2, 1), (2, None)])
 def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, capsys):
-    from oneword.encoder.encode import REFINE_DEFAULTS, main, select_samples
+    from oneword.encoder.encode import main
+    from oneword.encoder.pipeline import REFINE_DEFAULTS, select_samples
+    from oneword.fileio import sha256_file
     from oneword.inversion.config import InversionConfig
     from oneword.inversion.embedding_io import load_embedding
     from tests.conftest import make_concept_images
 
     other = make_concept_images(tmp_path / "other", n=2)
-    out = tmp_path / "out"
-    code = main([str(concept_dir), str(other), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc",
+    out, enc_file = tmp_path / "out", _encoder_file(tmp_path)
+    code = main([str(concept_dir), str(other), "--encoder", str(enc_file), "--init", "disc",
                  "--refine", str(refine), "--out", str(out), "--batch_size", "1", "--resolution", "32",
                  "--views_per_image", "1", "--preview-steps", "2", "--no-progress",
                  "--sample-batch", "3", *(["--select", str(select)] if select is not None else [])])
@@ -218,6 +220,9 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, 
         kept = report.get("kept", "refined" if refine else "prediction")
         assert ("kept" in report) == bool(select) and kept in ("prediction", "refined")
         assert e.token == token and e.metadata["oneword.steps"] == ("0" if kept == "prediction" else str(refine))
+        # the encoder is named by file name and hash: people share words, not where they keep encoders
+        assert e.metadata["oneword.encoder"] == "enc.safetensors" and "/" not in e.metadata["oneword.encoder"]
+        assert e.metadata["oneword.encoder_sha256"] == sha256_file(enc_file)
         if select:
             assert "round-trip distances" in report and "prediction" in report["round-trip distances"]
         assert ((run / "loss.csv").is_file()) == (refine > 0)
@@ -227,7 +232,8 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, 
 
 
 def test_ti_encode_refinement_defaults_show_in_help():
-    from oneword.encoder.encode import DEFAULT_SELECT, REFINE_DEFAULTS, build_parser, select_samples
+    from oneword.encoder.encode import build_parser
+    from oneword.encoder.pipeline import DEFAULT_SELECT, REFINE_DEFAULTS, select_samples
 
     p = build_parser()
     # the round trip judges every refinement unless told otherwise; without one there is nothing to judge

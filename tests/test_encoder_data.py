@@ -145,9 +145,9 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
 
 def test_ti_data_targets_continues_a_group_after_an_interruption(tiny_dirs, tmp_path, monkeypatch, capsys):
     import oneword.encoder.targets as targets
-    import oneword.inversion.multi as multi
+    import oneword.inversion.group as group
     from oneword.cli import main
-    from oneword.inversion.checkpoint import load_state
+    from oneword.inversion.checkpoint import load_states
     from oneword.inversion.loss import denoising_loss
 
     write_shards(toy_samples(limit=2, images=2, size=32), tmp_path / "s", per_shard=2)
@@ -161,15 +161,15 @@ def test_ti_data_targets_continues_a_group_after_an_interruption(tiny_dirs, tmp_
         return denoising_loss(*a, **kw)
 
     monkeypatch.setattr(targets, "SAVE_EVERY", 1)
-    monkeypatch.setattr(multi, "denoising_loss", interrupted)
+    monkeypatch.setattr(group, "denoising_loss", interrupted)
     assert main(args) == 130
     assert "the same command continues" in capsys.readouterr().err
     (state,) = (tmp_path / "t" / ".partial").iterdir()
-    assert load_state(state).step == 2 and not list((tmp_path / "t").glob("*.tar"))
+    assert all(ts.step == 2 for ts in load_states(state)[0]) and not list((tmp_path / "t").glob("*.tar"))
     stale = state.with_name("concepts-000000-000064.safetensors")  # as if from a run with another --group
     stale.write_bytes(b"")
     calls.clear()
-    monkeypatch.setattr(multi, "denoising_loss", lambda *a, **kw: calls.append(1) or denoising_loss(*a, **kw))
+    monkeypatch.setattr(group, "denoising_loss", lambda *a, **kw: calls.append(1) or denoising_loss(*a, **kw))
     assert main(args) == 0
     assert len(calls) == 1 and len(list((tmp_path / "t").glob("*.tar"))) == 1  # only the third step ran
     assert not any((tmp_path / "t" / ".partial").iterdir())

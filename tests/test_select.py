@@ -40,9 +40,9 @@ def test_set_vectors_round_trips_and_checks_shapes():
 
 
 def test_the_shipped_encoder_prefers_its_prediction_to_the_bare_initializer():
-    from oneword.encoder.encode import SHIPPED
+    from oneword.data.concepts import load_concept
     from oneword.encoder.model import load_encoder, predict_embeddings
-    from oneword.eval.protocol import load_concept
+    from oneword.encoder.pipeline import SHIPPED
 
     model, encoder = load_model("toy"), load_encoder(SHIPPED)
     concept = load_concept(EXAMPLE)

@@ -133,7 +133,7 @@ def folder_samples(folders: Sequence[str | Path], init: str | Sequence[str] | No
     the initializer: the shape). ``init`` is one word for all folders or one per folder.
     ``targets``, one embedding file or ``ti invert`` run folder per concept, become distillation
     targets."""
-    from oneword.eval.protocol import load_concept
+    from oneword.data.concepts import load_concept
     from oneword.inversion.embedding_io import load_embedding
 
     if targets is not None and len(targets) != len(folders):

@@ -108,7 +108,7 @@ def _finish(rows, args, settings, clip_name) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from oneword.eval.protocol import load_concept
+    from oneword.data.concepts import load_concept
     from oneword.inversion.config import weights_dtype
     from oneword.models import load_model
 
@@ -139,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace, load) -> int:
     from tqdm.auto import tqdm
 
-    from oneword.eval.protocol import load_concept
+    from oneword.data.concepts import load_concept
     from oneword.generate import add_embeddings
 
     if len(args.concept) not in (1, len(args.embeddings)):

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from oneword.eval.protocol import ConceptRef, Scorer
+from oneword.data.concepts import ConceptRef
+from oneword.eval.protocol import Scorer
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.train import Inversion
 from oneword.models import FrozenLDM

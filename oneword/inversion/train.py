@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import signal
 import threading
 import time
@@ -29,23 +28,16 @@ from oneword.data.images import LoadedImage
 from oneword.errors import InputError, TrainingDivergedError
 from oneword.fileio import atomic_write_text
 from oneword.inversion.bank import LatentBank
-from oneword.inversion.checkpoint import TrainState, load_state, save_state
+from oneword.inversion.checkpoint import TrainState, save_state
 from oneword.inversion.config import InversionConfig
-from oneword.inversion.embedding_io import (
-    DIFFUSERS_FILE,
-    DIFFUSERS_FILE_2,
-    Embedding,
-    build_metadata,
-    save_diffusers,
-    save_single_file,
-)
+from oneword.inversion.embedding_io import Embedding
 from oneword.inversion.group import GroupEngine, Slot
+from oneword.inversion.runfolder import RunFolder, word_metadata
 from oneword.inversion.runlog import LossLog, plot_losses
 from oneword.models import FrozenLDM
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoints/last.safetensors"
 DEFAULT_PREVIEW_PROMPTS = ("a photo of {}", "a painting of {} on the beach")
 
 
@@ -142,68 +134,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def safe_file_stem(token: str) -> str:
-    """File name for the single-file layout: A1111 and ComfyUI use the name as the prompt word."""
-    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in token.strip("<>")).strip("-.")
-    return stem or "embedding"
-
-
-# What a run writes before its first checkpoint: a folder holding only these and no checkpoint is a
-# run that stopped early (diverged, out of memory) and is started over, not refused.
-_RUN_FILES = {"config.yaml", "loss.csv", "loss.png", "previews", "checkpoints", DIFFUSERS_FILE, DIFFUSERS_FILE_2}
-
-
-def _saved_config(out_dir: Path) -> InversionConfig:
-    try:
-        return InversionConfig.from_yaml((out_dir / "config.yaml").read_text())
-    except OSError as err:
-        raise InputError(f"cannot resume {out_dir}: its config.yaml cannot be read ({err.strerror or err})") from None
-    except Exception as err:  # noqa: BLE001 - YAML errors, unknown keys, bad values: one line for the user
-        raise InputError(f"cannot resume {out_dir}: its config.yaml is damaged "
-                         f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})") from None
-
-
-def _prepare_out_dir(out_dir: Path, cfg: InversionConfig, resume: bool) -> TrainState | None:
-    if resume:
-        if not (out_dir / CHECKPOINT).is_file():
-            raise InputError(f"nothing to resume: {out_dir / CHECKPOINT} does not exist; drop --resume")
-        saved = _saved_config(out_dir)
-        ignore = {"steps", "base_lr", "save_every", "preview_every", "preview_prompts", "preview_seeds",
-                  "preview_steps"}
-        if cfg.lr_schedule == "cosine":  # the schedule's length is part of every step's rate
-            ignore.discard("steps")
-        diff = [k for k, v in saved.to_dict().items() if k not in ignore and getattr(cfg, k) != v]
-        if diff:
-            raise InputError(
-                f"cannot resume {out_dir}: settings differ from the saved run ({', '.join(diff)}); "
-                "use the same settings or another --out"
-            )
-        if cfg.base_lr != saved.base_lr:
-            logger.warning("continuing %s at base_lr %g (it ran at %g)", out_dir, cfg.base_lr, saved.base_lr)
-        ts = load_state(out_dir / CHECKPOINT)
-        if ts.step > cfg.steps:
-            raise InputError(f"cannot resume {out_dir}: it is at step {ts.step}, past --steps {cfg.steps}; "
-                             f"give --steps {ts.step} or more")
-        return ts
-    if out_dir.exists() and any(out_dir.iterdir()):
-        names = {p.name for p in out_dir.iterdir()}
-        stem = f"{safe_file_stem(cfg.token)}.safetensors"
-        if (out_dir / CHECKPOINT).is_file() or not names <= _RUN_FILES | {stem}:
-            raise InputError(f"{out_dir} already holds files; pass --resume to continue that run or choose "
-                             "another --out")
-        logger.warning("%s holds a run that stopped before its first checkpoint: starting it over", out_dir)
-        for name in names:
-            path = out_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return None
-
-
-def check_run_folder(out_dir: str | Path, cfg: InversionConfig, resume: bool) -> None:
-    """Raise :class:`InputError` now if ``run_inversion`` would refuse ``out_dir`` (call it before
-    loading a model that takes minutes); a run that stopped before its first checkpoint is cleared."""
-    _prepare_out_dir(Path(out_dir), cfg, resume)
-
-
 def _model_kind(model: FrozenLDM) -> str:
     """What a checkpoint's vectors fit: the family and the text encoders' widths."""
     return f"{model.family} {list(model.widths)}"
@@ -236,44 +166,45 @@ def run_inversion(
     extra_metadata: dict[str, str] | None = None,
     snapshot_steps: Collection[int] = (),
 ) -> InversionResult:
-    """Invert ``images`` into ``cfg.token`` and write the run folder ``out_dir``.
+    """Invert ``images`` into ``cfg.token`` and write the run folder ``out_dir``, holding its lock.
 
     Writes ``learned_embeds.safetensors`` (diffusers layout; plus ``learned_embeds_2`` for SDXL),
     ``<token>.safetensors`` (the single-file layout of A1111/ComfyUI/kohya), ``config.yaml``,
-    ``loss.csv``, ``loss.png``, ``previews/`` and ``checkpoints/``. The vectors at
-    ``snapshot_steps`` come back in the result's ``snapshots`` (e.g. to judge a shorter
-    refinement's word against the final one).
+    ``loss.csv``, ``loss.png``, ``previews/`` and ``checkpoints/`` (see
+    :mod:`oneword.inversion.runfolder`). The vectors at ``snapshot_steps`` come back in the
+    result's ``snapshots`` (e.g. to judge a shorter refinement's word against the final one).
     """
-    out = Path(out_dir)
     if not images:
         raise InputError("no reference images given")
-    ts = _prepare_out_dir(out, cfg, resume)
+    with RunFolder(out_dir) as folder:
+        return _run(model, images, cfg, folder, resume, init_vectors, progress, extra_metadata, snapshot_steps)
+
+
+def _run(model: FrozenLDM, images: Sequence[LoadedImage], cfg: InversionConfig, folder: RunFolder, resume: bool,
+         init_vectors: list[torch.Tensor] | None, progress: bool, extra_metadata: dict[str, str] | None,
+         snapshot_steps: Collection[int]) -> InversionResult:
+    out = folder.path
+    ts = folder.prepare(cfg, resume)
     hashes = [im.sha256 for im in images]
     if ts is not None:
         _check_resumed_inputs(ts, model, hashes, out)
     inv = Inversion(model, images, cfg, init_vectors)  # bad tokens etc. fail before any file exists
-    out.mkdir(parents=True, exist_ok=True)
     if ts is not None:
         inv.load(ts)
         logger.info("resumed %s at step %d", out, inv.step)
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    log = LossLog(out / "loss.csv", keep_until=inv.step)
+    atomic_write_text(folder.config, cfg.to_yaml())
+    log = LossLog(folder.loss_csv, keep_until=inv.step)
 
     def save_outputs() -> list[Path]:
-        meta = build_metadata(
-            family=model.family, token=cfg.token, init=cfg.init, steps=inv.step,
-            source_hashes=hashes, extra={"oneword.model": model.source, **(extra_metadata or {})},
-        )
-        emb = inv.embedding(meta)
-        files = save_diffusers(emb, out)
-        files.append(save_single_file(emb, out / f"{safe_file_stem(cfg.token)}.safetensors"))
-        plot_losses(log.path, out / "loss.png")
+        meta = word_metadata(model, cfg.token, cfg.init, inv.step, hashes, extra_metadata)
+        files = folder.write_word(inv.embedding(meta))
+        plot_losses(log.path, folder.loss_png)
         return files
 
     inputs = {"images": json.dumps(hashes), "model": model.source, "model_kind": _model_kind(model)}
 
     def checkpoint() -> list[Path]:
-        save_state(out / CHECKPOINT, dataclasses.replace(inv.state(), meta=inputs))
+        save_state(folder.checkpoint, dataclasses.replace(inv.state(), meta=inputs))
         return save_outputs()
 
     def preview() -> None:
@@ -282,8 +213,7 @@ def run_inversion(
         prompts = [p.replace("{}", cfg.token) for p in (cfg.preview_prompts or DEFAULT_PREVIEW_PROMPTS)]
         settings = SampleSettings(steps=cfg.preview_steps, seeds=list(cfg.preview_seeds),
                                   resolution=cfg.resolution)
-        render_grid(model, prompts, settings, out / "previews" / f"step_{inv.step:06d}.png",
-                    {"token": cfg.token, "step": str(inv.step)})
+        render_grid(model, prompts, settings, folder.preview(inv.step), {"token": cfg.token, "step": str(inv.step)})
 
     last_loss: float | None = None
     interrupted = False

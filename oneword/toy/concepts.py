@@ -57,7 +57,7 @@ def write_bench_concepts(n: int, out: Path, draw: int = 0) -> list[Path]:
 def load_bench_concepts(n: int, draw: int = 0) -> list:
     """:func:`write_bench_concepts` into a temporary folder, loaded into memory (one
     :class:`~oneword.eval.protocol.ConceptRef` each); the folder is removed afterwards."""
-    from oneword.eval.protocol import load_concept
+    from oneword.data.concepts import load_concept
 
     with tempfile.TemporaryDirectory(prefix="oneword-bench-") as tmp:
         return [load_concept(f) for f in write_bench_concepts(n, Path(tmp), draw)]
