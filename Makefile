@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-fast lint format bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,15 +16,26 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: $(STAMP)  # skips the end-to-end and shipped-weight tests (marker `slow`)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check oneword tests bench
+	$(BIN)/ruff format --check oneword tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix oneword tests bench
+	$(BIN)/ruff format oneword tests bench
 
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/ti-encode examples/toy/red-circle-stripes-silver --refine 100 --out runs/demo --no-progress
+	$(BIN)/ti encode examples/toy/red-circle-stripes-silver --refine 100 --out runs/demo --no-progress
 	$(BIN)/ti generate --model toy --embedding runs/demo/red-circle-stripes-silver/learned_embeds.safetensors \
 		--prompt "a photo of <red-circle-stripes-silver>" "a photo of <red-circle-stripes-silver> on a teal background" \
 		-n 4 --steps 25 --guidance 5 --out runs/demo/generated.png
-	@echo "demo done: see runs/demo/red-circle-stripes-silver/ (report.md, preview.png, loss.png) and runs/demo/generated.png"
+	@echo "demo done: see runs/demo/red-circle-stripes-silver/ (report.md, preview.png, loss.csv, loss.png) and runs/demo/generated.png"
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_speed.py --steps 20

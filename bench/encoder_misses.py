@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from oneword.encoder.model import load_encoder, predict_embeddings
     from oneword.encoder.pipeline import SHIPPED
     from oneword.eval.protocol import RECONSTRUCTION_PROMPT, EvalSettings
-    from oneword.generate import generate_images
     from oneword.models import load_model
+    from oneword.sampling import generate_images
     from oneword.toy.concepts import load_bench_concepts
     from oneword.toy.oracle import load_oracle
 

@@ -37,8 +37,10 @@ PRESETS: dict[str, str] = {
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
-#: Randomly initialised miniature models (fixed seed) with the real architectures' code paths.
-TINY_PRESETS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
+#: Entry-point group of presets that are local diffusers folders: each entry is a callable
+#: ``(name) -> Path``. The package registers ``toy`` (the shipped toy world) and ``tiny-sd1``,
+#: ``tiny-sd2``, ``tiny-sdxl`` (miniature random models) in pyproject.toml; other packages may add theirs.
+PRESET_GROUP = "oneword.presets"
 FAMILY_FILE = "oneword.json"  # optional marker in a diffusers folder: {"family": "toy"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -448,6 +450,13 @@ def _load_single_file(path: Path, dtype: torch.dtype):
     return pipe, family
 
 
+def folder_presets() -> dict:
+    """The registered presets that are local folders, by name (entry points of :data:`PRESET_GROUP`)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=PRESET_GROUP)}
+
+
 def load_model(
     model: str, *, device: str | None = None, dtype: str | None = None, family: Family | None = None
 ) -> FrozenLDM:
@@ -459,15 +468,9 @@ def load_model(
     torch_dtype = pick_dtype(dtype, dev)
     folder: Path | None = None
     path = Path(os.path.expanduser(model))
-    if model == "toy":
-        from oneword.toy import weights_dir  # supplied by the toy world
-
-        folder = weights_dir()
-        pipe = _from_pretrained(str(folder), torch_dtype, True)
-    elif model in TINY_PRESETS:
-        from oneword.tiny import tiny_model_dir
-
-        folder = tiny_model_dir(model.removeprefix("tiny-"))
+    local = folder_presets()
+    if model in local:
+        folder = Path(local[model].load()(model))
         pipe = _from_pretrained(str(folder), torch_dtype, True)
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -488,7 +491,7 @@ def load_model(
             except Exception as err:
                 raise _not_available(model, repo, err) from err
     else:
-        choices = ", ".join([*PRESETS, "toy", *TINY_PRESETS])
+        choices = ", ".join([*PRESETS, *local])
         raise ModelLoadError(
             f"--model {model!r} is neither a preset ({choices}) nor an existing folder or file"
         )

@@ -111,3 +111,9 @@ def tiny_model_dir(family: str) -> Path:
         logger.info("building the miniature %s model in %s", family, out)
         save_tiny_model(family, out)
     return out
+
+
+def preset_folder(name: str) -> Path:
+    """The ``tiny-sd1`` / ``tiny-sd2`` / ``tiny-sdxl`` presets of :func:`oneword.models.load_model`
+    (entry points in pyproject.toml): built on first use, then cached."""
+    return tiny_model_dir(name.removeprefix("tiny-"))

@@ -171,8 +171,8 @@ def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
     whose saved scores later runs are paired with, exactly the same images."""
     import numpy as np
 
-    from oneword.generate import SampleSettings, generate_images
     from oneword.models import load_model
+    from oneword.sampling import SampleSettings, generate_images
 
     model = load_model("tiny-sd1")
     assert model.pipeline.vae.use_slicing  # real families decode one image at a time
@@ -208,7 +208,7 @@ def test_mixed_precision_sets_the_weights_dtype_of_every_trainer(concept_dir, tm
     --mixed_precision names (ti-encode and ti eval used to take the device's default), ti data
     targets in its --dtype."""
     import oneword.models
-    from oneword.encoder.encode import main as encode_main
+    from oneword.cli.encode import main as encode_main
     from oneword.errors import ModelLoadError
 
     asked: list[str | None] = []
@@ -232,8 +232,8 @@ def test_mixed_precision_sets_the_weights_dtype_of_every_trainer(concept_dir, tm
 def test_empty_negative_prompt_is_zeros_where_the_stock_sdxl_pipeline_uses_zeros(tiny_dirs):
     """SDXL's config says an empty negative prompt is all zeros (``force_zeros_for_empty_prompt``);
     SD 1.x encodes the empty text; a written negative prompt is always encoded."""
-    from oneword.generate import negative_conditioning
     from oneword.models import load_model
+    from oneword.sampling import negative_conditioning
 
     xl = load_model("tiny-sdxl")
     assert xl.pipeline.config.force_zeros_for_empty_prompt

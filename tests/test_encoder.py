@@ -194,7 +194,7 @@ def _encoder_file(tmp_path):
 
 @pytest.mark.parametrize("refine,select", [(0, 2), (2, 0), (2, 1), (2, None)])
 def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, capsys):
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
     from oneword.encoder.pipeline import REFINE_DEFAULTS, select_samples
     from oneword.fileio import sha256_file
     from oneword.inversion.config import InversionConfig
@@ -232,7 +232,7 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, 
 
 
 def test_ti_encode_refinement_defaults_show_in_help():
-    from oneword.encoder.encode import build_parser
+    from oneword.cli.encode import build_parser
     from oneword.encoder.pipeline import DEFAULT_SELECT, REFINE_DEFAULTS, select_samples
 
     p = build_parser()
@@ -249,7 +249,7 @@ def test_ti_encode_refinement_defaults_show_in_help():
 
 
 def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
 
     enc = str(_encoder_file(tmp_path))
     assert main([str(concept_dir), "--encoder", enc, "--out", str(tmp_path / "o")]) == 2
@@ -274,7 +274,7 @@ def test_ti_encode_with_the_toy_encoder_on_a_real_model_fails_before_loading_it(
     """`ti-encode photos/ --model sdxl` without --encoder used to load SDXL (minutes) only to
     report mismatched widths; now it says at once what to do."""
     import oneword.models
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
 
     monkeypatch.setattr(oneword.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     for model in ("sdxl", "tiny-sd1", str(tmp_path / "ckpt.safetensors")):
@@ -290,7 +290,7 @@ def test_ti_encode_checks_every_run_folder_before_loading(concept_dir, tmp_path,
     import shutil
 
     import oneword.models
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
 
     other = tmp_path / "other"
     shutil.copytree(concept_dir, other)

@@ -98,7 +98,7 @@ def test_fit_resume_and_export_guard_with_a_start_file(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("bad", ["start file", "shards"])
 def test_ti_train_encoder_reports_bad_input_in_one_line(tiny_dirs, tmp_path, capsys, monkeypatch, bad):
-    from oneword.encoder.lit import cli_main
+    from oneword.cli.train_encoder import cli_main
 
     monkeypatch.chdir(tmp_path)  # Lightning's default run folder
     write_shards(toy_samples(limit=4, images=3, size=32), tmp_path / "shards", per_shard=4)

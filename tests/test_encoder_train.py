@@ -161,7 +161,7 @@ def test_export_keeps_the_best_validated_encoder(tiny_dirs, tmp_path):
 def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from oneword.encoder.lit import cli_main
+    from oneword.cli.train_encoder import cli_main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
     write_shards(toy_samples(limit=6, images=3, size=32), tmp_path / "shards", per_shard=6)
@@ -190,7 +190,7 @@ def test_every_shipped_config_parses(name, capsys):
     in one fails the parse: LightningCLI checks every key against the classes' signatures."""
     from pathlib import Path
 
-    from oneword.encoder.lit import cli_main
+    from oneword.cli.train_encoder import cli_main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / f"{name}.yaml"
     with pytest.raises(SystemExit) as done:
@@ -207,7 +207,8 @@ def test_training_interrupted_by_ctrl_c_resumes_where_it_stopped(tiny_dirs, tmp_
     rerun without --ckpt_path replaced the exported encoder with an untrained one's."""
     from pathlib import Path
 
-    from oneword.encoder.lit import EncoderModule, cli_main
+    from oneword.cli.train_encoder import cli_main
+    from oneword.encoder.lit import EncoderModule
 
     config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
     write_shards(toy_samples(limit=12, images=3, size=32), tmp_path / "shards", per_shard=12)
@@ -243,7 +244,7 @@ def test_training_interrupted_by_ctrl_c_resumes_where_it_stopped(tiny_dirs, tmp_
 
 
 def test_data_options_are_explained_in_help(capsys):
-    from oneword.encoder.lit import cli_main
+    from oneword.cli.train_encoder import cli_main
 
     with pytest.raises(SystemExit):
         cli_main(["fit", "--help"])

@@ -35,9 +35,9 @@ from oneword.eval.report import (
     write_report,
 )
 from oneword.eval.space import ClipSpace, load_space
-from oneword.generate import SampleSettings
 from oneword.inversion.config import InversionConfig
 from oneword.models import load_model
+from oneword.sampling import SampleSettings
 
 TINY_EVAL = ["--samples", "2", "--sample-steps", "2", "--clip", "random"]
 
@@ -327,7 +327,7 @@ def test_curate_keeps_the_closest_candidate(tiny_dirs):
     picked = curate(model, ["a photo"], settings, 3, space, refs)
     assert len(picked.images) == 2 and picked.seeds[0] in (0, 1, 2) and picked.seeds[1] in (3, 4, 5)
     target = torch.nn.functional.normalize(mean_colour(refs)[0], dim=0)
-    from oneword.generate import generate_images
+    from oneword.sampling import generate_images
 
     for slot in range(2):
         cands = generate_images(model, ["a photo"], SampleSettings(steps=2, seeds=[3 * slot + k for k in range(3)]))
@@ -483,7 +483,7 @@ def test_evaluation_samples_with_ddim_whatever_the_model_uses(tiny_dirs):
     """The paper scores 50 DDIM steps; SD 1.5 ships PNDM and SDXL Euler (as tiny-sdxl does)."""
     from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-    from oneword.generate import SampleSettings, generate_images
+    from oneword.sampling import SampleSettings, generate_images
 
     model = load_model("tiny-sdxl")
     assert isinstance(model.pipeline.scheduler, EulerDiscreteScheduler)
@@ -506,7 +506,7 @@ def test_safety_checker_blackouts_are_reported(tiny_dirs, monkeypatch, caplog):
     """SD 1.5's safety checker turns flagged samples black; scores made from them drop silently."""
     from types import SimpleNamespace
 
-    from oneword.generate import SampleSettings, generate_images
+    from oneword.sampling import SampleSettings, generate_images
 
     model = load_model("tiny-sd1")
 
@@ -525,7 +525,7 @@ def test_sampling_reports_progress_per_prompt_and_draws_the_same_images(tiny_dir
     (and so every saved score) are those drawn without it."""
     from types import SimpleNamespace
 
-    from oneword.generate import generate_images
+    from oneword.sampling import generate_images
 
     model = load_model("tiny-sd1")
     settings = EvalSettings(samples=3, steps=2, batch=2, edit_prompts=["a sketch of {}", "a photo of {} at night"])

@@ -60,7 +60,7 @@ def test_the_shipped_encoder_prefers_its_prediction_to_the_bare_initializer():
 
 def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, monkeypatch):
     import oneword.encoder.select as select
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
     from tests.test_encoder import _encoder_file
 
@@ -87,7 +87,7 @@ def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept
     """--select-among 2 with --refine 3: the round trip also judges the word after 2 steps, and when
     it keeps that one the run's word files hold exactly a 2-step refinement's word."""
     import oneword.encoder.select as select
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
     from tests.test_encoder import _encoder_file
 
@@ -119,7 +119,7 @@ def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept
 
 def test_an_interrupted_ti_encode_keeps_its_word_and_stops(tiny_dirs, concept_dir, tmp_path, monkeypatch, capsys):
     import oneword.encoder.select as select
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
     from oneword.inversion.train import Inversion
     from tests.conftest import make_concept_images
@@ -153,7 +153,7 @@ def test_an_interrupted_ti_encode_keeps_its_word_and_stops(tiny_dirs, concept_di
                                    ["--refine", "3", "--select", "0", "--select-among", "2"],
                                    ["--refine", "0", "--select-among", "0"]])
 def test_ti_encode_select_among_errors(tiny_dirs, concept_dir, tmp_path, extra, capsys):
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
     from tests.test_encoder import _encoder_file
 
     out = tmp_path / "out"

@@ -8,8 +8,8 @@ import stat
 
 import torch
 
-from oneword.generate import SampleSettings, generate_images
 from oneword.models import load_model
+from oneword.sampling import SampleSettings, generate_images
 from oneword.toy import weights_dir
 
 
@@ -51,7 +51,7 @@ def test_background_and_fill_prompts_are_honoured():
 def test_ti_encode_with_the_shipped_toy_encoder(tmp_path):
     from pathlib import Path
 
-    from oneword.encoder.encode import main
+    from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
 
     concept = Path(__file__).resolve().parents[1] / "examples" / "toy" / "purple-triangle-solid-gold"

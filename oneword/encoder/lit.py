@@ -420,35 +420,10 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
             super().on_exception(trainer, pl_module, exception)
 
 
-def _refuse_replacing_an_export(trainer: L.Trainer, ckpt_path: str | None) -> None:
+def refuse_replacing_an_export(trainer: L.Trainer, ckpt_path: str | None) -> None:
     """A fresh fit in a folder whose encoder was exported would replace that encoder at its first
     validation (a rerun of the same command without ``--ckpt_path last``)."""
     for cb in trainer.callbacks:
         if isinstance(cb, ExportEncoder) and ckpt_path is None and cb.target(trainer).is_file():
             raise InputError(f"{cb.target(trainer)} exists: continue its run with --ckpt_path last, or move the "
                              "file (or run in another folder) to train a new encoder")
-
-
-def cli_main(args: list[str] | None = None) -> None:
-    """``ti-train-encoder``: LightningCLI over :class:`EncoderModule` and :class:`ConceptShards`
-    (``ti-train-encoder fit --config configs/encoder/toy.yaml``; add ``--ckpt_path last`` to resume)."""
-    from lightning.pytorch.cli import LightningCLI
-
-    from oneword.cli import run_reporting_errors
-
-    class CLI(LightningCLI):
-        def before_fit(self) -> None:
-            _refuse_replacing_an_export(self.trainer, getattr(self.config[self.subcommand], "ckpt_path", None))
-
-    def run(_args) -> int:
-        CLI(EncoderModule, ConceptShards, args=args, seed_everything_default=0,
-            save_config_kwargs={"overwrite": True})
-        return 0
-
-    code = run_reporting_errors(run, None)  # bad shards or --model.init_from: one line, not a traceback
-    if code:
-        raise SystemExit(code)
-
-
-if __name__ == "__main__":
-    cli_main()

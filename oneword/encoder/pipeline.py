@@ -215,7 +215,7 @@ def _select(encoder, model, cfg, concept, prediction, settings: EncodeSettings, 
 
 
 def _preview(model, token: str, out: Path, steps: int, batch: int) -> Path:
-    from oneword.generate import SampleSettings, render_grid
+    from oneword.sampling import SampleSettings, render_grid
 
     second = "a photo of {} on a teal background" if model.family == "toy" else "a painting of {} on the beach"
     prompts = [p.format(token) for p in ("a photo of {}", second)]

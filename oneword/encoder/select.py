@@ -13,39 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from oneword.generate import SampleSettings, generate_images
+from oneword.eval.choice import PREDICTION, REFINED, Choice, candidate_name  # noqa: F401 (used here and by callers)
+from oneword.sampling import SampleSettings, generate_images
 
 ROUND_TRIP_PROMPT = "a photo of {}"
 SELECT_SEED = 1000
-#: Candidate names: the encoder's prediction and the word after the whole refinement.
-PREDICTION, REFINED = "prediction", "refined"
-
-
-def candidate_name(budget: int, top: int) -> str:
-    """The name of the word at ``budget`` steps of a refinement run to ``top`` steps:
-    :data:`PREDICTION` (0), :data:`REFINED` (``top``) or ``refined@<budget>``."""
-    return PREDICTION if budget == 0 else REFINED if budget == top else f"{REFINED}@{budget}"
-
-
-@dataclass(frozen=True)
-class Choice:
-    """Which candidate was kept and every candidate's round-trip distance."""
-
-    kept: str
-    distances: dict[str, float]
-    seconds: dict[str, float] = field(default_factory=dict)
-    """Each candidate's round trip, in seconds."""
-
-    def describe_distances(self) -> str:
-        """``"prediction 0.0075, refined 0.0089"``: for logs and reports."""
-        return ", ".join(f"{name} {d:.4f}" for name, d in self.distances.items())
-
-
 def select_settings(samples: int, steps: int = 25, guidance: float = 5.0, batch: int = 4) -> SampleSettings:
     """``samples`` fresh samples (seeds from :data:`SELECT_SEED`) for the round trip, ``batch`` per
     pipeline call."""

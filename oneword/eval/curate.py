@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from oneword.eval.space import ClipSpace
-from oneword.generate import SampleSettings, generate_images
 from oneword.models import FrozenLDM
+from oneword.sampling import SampleSettings, generate_images
 
 
 @dataclass

@@ -25,7 +25,7 @@ from oneword.inversion.train import Inversion
 from oneword.models import FrozenLDM
 
 if TYPE_CHECKING:
-    from oneword.encoder.select import Choice
+    from oneword.eval.choice import Choice
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def reselect(rows: Sequence[dict], among: Sequence[int]) -> list[dict]:
     its seconds are the refinement's to ``max(among)`` plus those candidates' round trips. With a
     constant learning rate the word at 50 steps of a 200-step run is a 50-step refinement's word;
     with a cosine schedule it is not (the curve's own rows share that caveat)."""
-    from oneword.encoder.select import candidate_name
+    from oneword.eval.choice import candidate_name
 
     among = sorted(set(among))
     if not among or among[0] < 0:

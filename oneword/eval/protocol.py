@@ -25,8 +25,8 @@ from oneword.eval.metrics import (
     paired_similarity,
 )
 from oneword.eval.space import ClipSpace
-from oneword.generate import SampleSettings, generate_images
 from oneword.models import FrozenLDM
+from oneword.sampling import SampleSettings, generate_images
 
 RECONSTRUCTION_PROMPT = "a photo of {}"
 

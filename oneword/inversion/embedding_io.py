@@ -12,20 +12,24 @@ Layouts understood (the reader picks one by the file's *content*, never its exte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from oneword.errors import EmbeddingFileError
+from oneword.errors import EmbeddingFileError, TokenError
 from oneword.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from oneword.models import FrozenLDM
 
 __all__ = [
     "DIFFUSERS_FILE",
@@ -368,3 +372,31 @@ def check_widths(
     else:
         problem = f"has vectors of widths {hv} but the model's text encoders expect {wv}"
     raise EmbeddingFileError(f"{name} {problem} (this embedding was made for {made_for}; {fix})")
+
+
+def split_token_override(spec: str | Path) -> tuple[str, str | None]:
+    """``"cat.safetensors=<tom>"`` -> ``("cat.safetensors", "<tom>")``; a spec that names an
+    existing path (even one with ``=`` in it) or has no ``=`` keeps the file's own token."""
+    text = str(spec)
+    path, eq, token = text.rpartition("=")
+    if not eq or Path(text).exists() or not path or not token:
+        return text, None
+    return path, token
+
+
+def add_embeddings(model: FrozenLDM, specs: Sequence[str | Path]) -> list[Embedding]:
+    """Load embedding files (``FILE`` or ``FILE=TOKEN`` to use another token) into ``model``;
+    widths are checked against its text encoders."""
+    loaded = []
+    for spec in specs:
+        path, token = split_token_override(spec)
+        emb = load_embedding(path)
+        if token is not None:
+            emb = dataclasses.replace(emb, token=token)
+        check_widths(emb, model.widths, path=path)
+        try:
+            model.add_placeholder(emb.token, [v.to(torch.float32) for v in emb.vectors])
+        except TokenError as err:
+            raise TokenError(f"{path}: {err}; load it under another token with {path}=<name>") from None
+        loaded.append(emb)
+    return loaded

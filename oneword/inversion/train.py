@@ -208,7 +208,7 @@ def _run(model: FrozenLDM, images: Sequence[LoadedImage], cfg: InversionConfig, 
         return save_outputs()
 
     def preview() -> None:
-        from oneword.generate import SampleSettings, render_grid
+        from oneword.sampling import SampleSettings, render_grid
 
         prompts = [p.replace("{}", cfg.token) for p in (cfg.preview_prompts or DEFAULT_PREVIEW_PROMPTS)]
         settings = SampleSettings(steps=cfg.preview_steps, seeds=list(cfg.preview_seeds),

@@ -24,3 +24,8 @@ def weights_dir() -> Path:
             "`ti toy train` or use --model tiny-sd1 for a miniature random model"
         )
     return folder
+
+
+def preset_folder(name: str) -> Path:
+    """The ``toy`` preset of :func:`oneword.models.load_model` (an entry point in pyproject.toml)."""
+    return weights_dir()

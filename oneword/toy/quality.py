@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from oneword.data.images import image_to_tensor
-from oneword.generate import SampleSettings, generate_images
 from oneword.models import FrozenLDM
+from oneword.sampling import SampleSettings, generate_images
 from oneword.toy.captions import prompt_for
 from oneword.toy.oracle import AttributeOracle, attribute_accuracy
 from oneword.toy.render import ATTRIBUTES, VOCAB, all_concepts, backgrounds_for, render, sample_pose

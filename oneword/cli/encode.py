@@ -30,7 +30,7 @@ from oneword.inversion.runfolder import safe_file_stem
 logger = logging.getLogger("oneword")
 
 def build_parser() -> argparse.ArgumentParser:
-    from oneword.cli import add_dataclass_options
+    from oneword.cli.options import add_dataclass_options
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
 
     p = argparse.ArgumentParser(prog="ti-encode", description=__doc__.split("\n\n")[0])
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from oneword.cli import run_reporting_errors
+    from oneword.cli.options import run_reporting_errors
 
     return run_reporting_errors(run, args)
 

@@ -1,4 +1,6 @@
-"""``ti``: the command line. Thin: it parses arguments, calls library functions, prints progress.
+"""ti: learn, encode, use and evaluate pseudo-words for text-to-image diffusion models.
+
+The command line. Thin: it parses arguments, calls library functions, prints progress.
 
 Options of ``ti invert`` are generated from :class:`InversionConfig`'s fields, so the dataclass's
 field docstrings *are* the ``--help`` text and the two never drift apart.
@@ -7,80 +9,25 @@ field docstrings *are* the ``--help`` text and the two never drift apart.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import logging
 import sys
 import time
-import typing
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
 
+from oneword.cli.options import add_dataclass_options, run_reporting_errors
+from oneword.cli.options import model_options as _model_options
 from oneword.errors import OneWordError
 
 logger = logging.getLogger("oneword")
 
-# Command-line names that differ from the field names (the contract of `ti invert`).
-_RENAMES = {"num_vectors": "vectors"}
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (a string literal right after an annotated field) of a dataclass."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def add_dataclass_options(
-    parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset(),
-    required: frozenset[str] = frozenset(), defaults: Mapping[str, Any] | None = None,
-    helps: Mapping[str, str] | None = None,
-) -> None:
-    """One ``--option`` per field, typed, with the field's docstring and default as help;
-    ``defaults`` replaces some fields' defaults for this command (e.g. a refinement's rate) and
-    ``helps`` some fields' help (where a field means something else in this command)."""
-    docs = {**field_docs(cls), **(helps or {})}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        name = _RENAMES.get(f.name, f.name)
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if defaults and f.name in defaults:
-            default = defaults[f.name]
-        kind = hints[f.name]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default}
-        if f.name in required:
-            kwargs = {"dest": f.name, "required": True}
-        args = [a for a in get_args(kind) if a is not type(None)]
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(kind) is Literal:
-            kwargs["choices"] = list(get_args(kind))
-        elif get_origin(kind) is list:
-            kwargs.update(nargs="+", type=get_args(kind)[0])
-        elif get_origin(kind) is tuple:
-            kwargs.update(nargs=len(get_args(kind)), type=get_args(kind)[0])
-        else:
-            kwargs["type"] = args[0] if args else kind
-        suffix = " (required)" if f.name in required else f" (default: {default})"
-        kwargs["help"] = f"{docs.get(f.name, '')}{suffix}".replace("%", "%%")
-        parser.add_argument(*flags, **kwargs)
-
-
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="sd15, sd21, sdxl, toy, tiny-sd1/tiny-sd2/tiny-sdxl, a diffusers folder, "
-                        "a .safetensors checkpoint or a Hugging Face hub id")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+#: Subcommands with a command line of their own: ``ti encode ARGS`` is ``ti-encode ARGS``.
+DELEGATED = {
+    "encode": ("predict words for concept folders in one pass, optionally refine them (ti-encode)",
+               "oneword.cli.encode", "main"),
+    "train-encoder": ("train an encoder: LightningCLI fit/validate (ti-train-encoder)",
+                      "oneword.cli.train_encoder", "cli_main"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ti", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (text, module, _) in DELEGATED.items():  # listed in --help; run before parsing (see main)
+        sub.add_parser(name, help=text, add_help=False,
+                       description=f"{text}; `ti {name} --help` shows its options ({module})")
 
     p = sub.add_parser("invert", help="learn a pseudo-word from 3-5 images of a concept",
                        description="Textual inversion (Gal et al. 2022) of the images in IMAGES_DIR.")
@@ -218,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "targets are the encoder's refined words (then train the next encoder on OUT)")
     tg.add_argument("--out", required=True, help="folder for the shards with targets")
 
-    from oneword.eval.cli import add_eval_parser
+    from oneword.cli.eval import add_eval_parser
 
     add_eval_parser(sub, _model_options)
     return parser
@@ -256,8 +206,9 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from oneword.generate import SampleSettings, add_embeddings, render_grid
+    from oneword.inversion.embedding_io import add_embeddings
     from oneword.models import load_model
+    from oneword.sampling import SampleSettings, render_grid
 
     if not args.out.lower().endswith(".png"):
         raise OneWordError(f"--out must be a .png file, got {args.out}")
@@ -400,27 +351,21 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        _, module, function = DELEGATED[argv[0]]
+        code = getattr(importlib.import_module(module), function)(argv[1:])
+        return code or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from oneword.eval.cli import cmd_eval
+    from oneword.cli.eval import cmd_eval
 
     commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info, "toy": _cmd_toy,
                 "eval": cmd_eval, "data": _cmd_data}
     return run_reporting_errors(commands[args.command], args)
-
-
-def run_reporting_errors(command, args: argparse.Namespace) -> int:
-    """Run a command; a :class:`OneWordError` becomes its one-line message and exit code 2,
-    Ctrl-C exit code 130. Anything else is a bug and keeps its traceback."""
-    try:
-        return command(args)
-    except OneWordError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

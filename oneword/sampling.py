@@ -1,4 +1,4 @@
-"""Render prompts that use learned pseudo-words (``ti generate``, preview grids, evaluation).
+"""Sample images from prompts that use learned pseudo-words (``ti generate``, previews, evaluation).
 
 Prompts are encoded by :meth:`FrozenLDM.encode_text` (placeholders expanded, vectors injected) and
 handed to the diffusers pipeline as ``prompt_embeds``: generation conditions on exactly what the
@@ -7,7 +7,6 @@ training saw, whatever the pipeline's own prompt handling would do with added to
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -18,9 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from oneword.errors import TokenError
 from oneword.imagegrid import image_grid, save_png
-from oneword.inversion.embedding_io import Embedding, check_widths, load_embedding
 from oneword.models import FrozenLDM, TextConditioning
 
 logger = logging.getLogger(__name__)
@@ -56,34 +53,6 @@ class SampleSettings:
             raise ValueError("give at least one seed")
         if self.scheduler not in (None, "ddim"):
             raise ValueError(f"scheduler must be None or 'ddim', got {self.scheduler!r}")
-
-
-def split_token_override(spec: str | Path) -> tuple[str, str | None]:
-    """``"cat.safetensors=<tom>"`` -> ``("cat.safetensors", "<tom>")``; a spec that names an
-    existing path (even one with ``=`` in it) or has no ``=`` keeps the file's own token."""
-    text = str(spec)
-    path, eq, token = text.rpartition("=")
-    if not eq or Path(text).exists() or not path or not token:
-        return text, None
-    return path, token
-
-
-def add_embeddings(model: FrozenLDM, specs: Sequence[str | Path]) -> list[Embedding]:
-    """Load embedding files (``FILE`` or ``FILE=TOKEN`` to use another token) into ``model``;
-    widths are checked against its text encoders."""
-    loaded = []
-    for spec in specs:
-        path, token = split_token_override(spec)
-        emb = load_embedding(path)
-        if token is not None:
-            emb = dataclasses.replace(emb, token=token)
-        check_widths(emb, model.widths, path=path)
-        try:
-            model.add_placeholder(emb.token, [v.to(torch.float32) for v in emb.vectors])
-        except TokenError as err:
-            raise TokenError(f"{path}: {err}; load it under another token with {path}=<name>") from None
-        loaded.append(emb)
-    return loaded
 
 
 def negative_conditioning(model: FrozenLDM, negative_prompt: str, n: int) -> TextConditioning:

@@ -34,7 +34,7 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_parser(sub, model_options) -> None:
-    from oneword.cli import add_dataclass_options
+    from oneword.cli.options import add_dataclass_options
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
 
     ev = sub.add_parser("eval", help="score embeddings the paper's way; quality-versus-steps curves")
@@ -140,7 +140,7 @@ def _score(args: argparse.Namespace, load) -> int:
     from tqdm.auto import tqdm
 
     from oneword.data.concepts import load_concept
-    from oneword.generate import add_embeddings
+    from oneword.inversion.embedding_io import add_embeddings
 
     if len(args.concept) not in (1, len(args.embeddings)):
         raise OneWordError(f"give one --concept folder or one per embedding ({len(args.embeddings)})")

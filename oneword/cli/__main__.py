@@ -1,0 +1,7 @@
+"""``python -m oneword.cli`` is ``ti``."""
+
+import sys
+
+from oneword.cli import main
+
+sys.exit(main())
