@@ -6,7 +6,7 @@ many steps (and seconds) encoder + refinement needs to match scratch inversion a
 budget, and whether the encoder alone beats scratch at ``--compare-at`` steps. Without a shipped
 encoder it runs the scratch curve only (the baseline of the evaluation issue).
 
-    python bench/amortization.py                        # the README's numbers (long)
+    python bench/amortization.py                        # the numbers in docs/benchmarks.md (long)
     python bench/amortization.py --quick                # what `make bench` runs (minutes)
 
 The rows are saved after every concept (``progress.json`` in ``--out``): rerunning the same command
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concepts", type=int, default=6, help="held-out toy concepts (default: 6)")
     p.add_argument("--draw", type=int, default=0,
-                   help="which disjoint set of held-out concepts (default: 0, the README's; e.g. 1 to choose a "
-                        "setting on concepts the README's numbers do not use)")
+                   help="which disjoint set of held-out concepts (default: 0, the published one; e.g. 1 to choose a "
+                        "setting on concepts the published numbers do not use)")
     p.add_argument("--scratch-budgets", type=int, nargs="+", default=[0, 50, 100, 200, 500, 1000, 2000, 3000])
     p.add_argument("--encoder-budgets", type=int, nargs="+", default=[0, 25, 50, 100, 200])
     p.add_argument("--compare-at", type=int, default=500, help="scratch budget the encoder alone must beat")

@@ -3,7 +3,7 @@
 For each attribute: the mean distance between the text states of prompts naming each of its values
 alone (``text_separation``), and the relative denoising-loss increase when a render is scored with a
 prompt naming a wrong value instead of its own, per timestep (``conditioning_gap``; 0 = the word is
-ignored). This is how session 7 found that the shipped model ignores pattern words (NOTES.md).
+ignored). It showed that an earlier toy model ignored pattern words (docs/experiments).
 
     python bench/toy_conditioning.py                       # the shipped toy model
     python bench/toy_conditioning.py --model runs/x/ldm    # a model from ti toy train --out runs/x

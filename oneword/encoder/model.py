@@ -275,7 +275,7 @@ def check_fits(encoder: ConceptEncoder, model) -> None:
                          f"({encoder.cfg.model}); the model has {model.widths}: {TRAIN_ONE}")
 
 
-TRAIN_ONE = ("pass --encoder with an encoder trained for this model (README \"Train an encoder\"); the "
+TRAIN_ONE = ("pass --encoder with an encoder trained for this model (docs/encoder.md, \"Train an encoder\"); the "
              "shipped toy encoder fits only --model toy")
 
 

@@ -2,7 +2,7 @@
 
 The refinement minimizes the denoising loss, and on some concepts that loss favours a word whose
 samples lose an attribute the prediction had (in the toy world purple-circle-dots-black: 0.906 of
-the oracle's attributes alone, 0.781 after 200 steps; README "Benchmarks"). The encoder itself reads
+the oracle's attributes alone, 0.781 after 200 steps; docs/benchmarks.md). The encoder itself reads
 attributes from images, so it can judge: draw a few samples of "a photo of <word>" with each
 candidate word, let the encoder predict a word from those samples, and keep the candidate whose round
 trip lands closest to its prediction from the reference images. The samples use their own seeds

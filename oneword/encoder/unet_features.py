@@ -11,7 +11,7 @@ what is kept depends on the layout:
 - ``resnets``: every layer's output on the down path (each resnet or resnet + attention, before
   each downsampling as well as after it), and the middle block's, pooled by mean, max and standard deviation. The full-resolution
   maps and the spread keep texture: on the toy world a linear probe reads an unseen concept's
-  pattern from them 66 % of the time against 48 % from ``blocks`` (NOTES.md, session 11);
+  pattern from them 66 % of the time against 48 % from ``blocks`` (docs/experiments);
 - ``multiscale``: ``resnets`` twice, of the image at the model's resolution and of the same view
   bicubic-upsampled 2x, so the UNet's maps resolve finer texture (twice the features; the second
   pass costs 4x the pixels of the first, i.e. a 2,048 px pass for SDXL). With toy CLIP it lifts
@@ -23,7 +23,7 @@ the finest *map* itself (:func:`unet_features_and_map`: the first down block's f
 layout's largest scale) through a trained convolutional head
 (:class:`oneword.encoder.model.MapHead`): on the toy world such a head reads an unseen concept's
 pattern from the 2x view's map 98 % of the time, against 73-81 % for linear probes on the pooled
-features (NOTES.md, session 16).
+features (docs/experiments).
 
 Nothing here is trained.
 """

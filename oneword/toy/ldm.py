@@ -66,7 +66,7 @@ class ToyLDMConfig:
     cross_attention_levels: tuple[int, ...] = (1, 2)
     """UNet levels (0 = the 8x8 latent resolution) whose down and up blocks cross-attend to the
     text. With ``init_from``, levels the loaded UNet lacks are added as identity blocks (see
-    :func:`grow_unet`). Adding level 0 to the shipped model did not help patterns (NOTES.md)."""
+    :func:`grow_unet`). Adding level 0 to the shipped model did not help patterns (docs/experiments)."""
     vae_steps: int = 1500
     """Optimizer steps of stage 1."""
     vae_batch: int = 32
@@ -85,12 +85,12 @@ class ToyLDMConfig:
     min_snr_gamma: float = 0.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023: min(SNR, gamma) / SNR); 0 (the default)
     turns it off. Weighting down the low-noise steps, where texture forms, kept the toy model from
-    drawing patterns (gamma 5 gave 0.59 pattern accuracy; NOTES.md)."""
+    drawing patterns (gamma 5 gave 0.59 pattern accuracy; docs/experiments)."""
     text_aux_weight: float | None = None
     """Weight of an auxiliary loss on the text encoder: a linear head reads, from the mean of the
     caption's token states, which value of each attribute the caption names (or that it names
     none). The denoising loss alone barely separates the pattern words (the three gave nearly equal
-    text states in the shipped model, NOTES.md); this makes every named attribute visible to the
+    text states in the shipped model; docs/experiments); this makes every named attribute visible to the
     UNet's cross-attention. Training-only: the head is not exported. 0 turns it off; None (the
     default) means 0.05 when the text encoder trains and 0 when ``train_text`` is False."""
     ema_decay: float = 0.999
