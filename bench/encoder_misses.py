@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concepts", type=int, default=24, help="held-out toy concepts (default: 24)")
     p.add_argument("--encoder", default=None, help="encoder file (default: the shipped toy encoder)")
-    p.add_argument("--samples", type=int, default=8, help="samples per concept (default: 8, as the evaluation)")
+    p.add_argument(
+        "--samples", type=int, default=8, help="samples per concept (default: 8, as the evaluation)"
+    )
     args = p.parse_args(argv)
 
     from oneword.encoder.model import load_encoder, predict_embeddings
@@ -49,17 +51,25 @@ def main(argv: list[str] | None = None) -> int:
         token = f"<miss-{i}>"
         model.add_placeholder(token, vectors)
         preds = oracle.predict(generate_images(model, [RECONSTRUCTION_PROMPT.format(token)], sampling))
-        wrong = Counter((k, v, pred[k]) for pred in preds for k, v in concept.attributes.items() if pred[k] != v)
+        wrong = Counter(
+            (k, v, pred[k]) for pred in preds for k, v in concept.attributes.items() if pred[k] != v
+        )
         for (k, _, _), n in wrong.items():
             per_attribute[k] += n
         score = 1 - sum(wrong.values()) / (len(preds) * len(concept.attributes))
         scores.append(score)
-        print(f"{concept.name:34s} {score:.3f}  "
-              + ", ".join(f"{k} {v}->{w} x{n}" for (k, v, w), n in wrong.most_common()), flush=True)
+        print(
+            f"{concept.name:34s} {score:.3f}  "
+            + ", ".join(f"{k} {v}->{w} x{n}" for (k, v, w), n in wrong.most_common()),
+            flush=True,
+        )
     total = len(concepts) * args.samples
-    print(f"\nmean recon_oracle {sum(scores) / len(scores):.3f}; missed attributes over {total} images: "
-          f"{sum(per_attribute.values())} ("
-          + ", ".join(f"{k} {n}" for k, n in per_attribute.most_common()) + f"); {time.perf_counter() - started:.0f} s")
+    print(
+        f"\nmean recon_oracle {sum(scores) / len(scores):.3f}; missed attributes over {total} images: "
+        f"{sum(per_attribute.values())} ("
+        + ", ".join(f"{k} {n}" for k, n in per_attribute.most_common())
+        + f"); {time.perf_counter() - started:.0f} s"
+    )
     return 0
 
 

@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int,
-                   l2: float = 1e-2) -> tuple[float, float]:
+def probe_accuracy(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int, l2: float = 1e-2
+) -> tuple[float, float]:
     """Train and held-out accuracy of an L2-regularized linear classifier fit with L-BFGS."""
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     a, b = (train_x - mu) / sd, (test_x - mu) / sd
@@ -43,7 +44,7 @@ def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(a @ w + bias, train_y) + l2 * (w ** 2).sum()
+        loss = F.cross_entropy(a @ w + bias, train_y) + l2 * (w**2).sum()
         loss.backward()
         return loss
 
@@ -53,13 +54,22 @@ def probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
         return acc(a, train_y), acc(b, test_y)
 
 
-def head_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int,
-                  steps: int, width: int = 64) -> tuple[float, float]:
+def head_accuracy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    classes: int,
+    steps: int,
+    width: int = 64,
+) -> tuple[float, float]:
     """Train and held-out accuracy of a MapHead + linear classifier on ``[N, C, H, W]`` maps."""
     from oneword.encoder.model import MapHead
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(MapHead(train_x.shape[1], width, 128), torch.nn.GELU(), torch.nn.Linear(128, classes))
+    net = torch.nn.Sequential(
+        MapHead(train_x.shape[1], width, 128), torch.nn.GELU(), torch.nn.Linear(128, classes)
+    )
     opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.05)
     for _ in range(steps):
         b = torch.randint(0, len(train_y), (64,))
@@ -77,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-concepts", type=int, default=600, help="training-split concepts (default: 600)")
     p.add_argument("--train-views", type=int, default=2, help="renders per training concept (default: 2)")
     p.add_argument("--test-views", type=int, default=4, help="renders per held-out concept (default: 4)")
-    p.add_argument("--map-head", type=int, default=0, metavar="STEPS",
-                   help="also train the encoder's MapHead on the finest UNet map for STEPS steps (default: 0, off)")
+    p.add_argument(
+        "--map-head",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also train the encoder's MapHead on the finest UNet map for STEPS steps (default: 0, off)",
+    )
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
@@ -92,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space("toy")
     train, test = split_concepts()
     random.Random(0).shuffle(train)
-    train = train[:args.train_concepts]
+    train = train[: args.train_concepts]
 
     def renders(concepts, views: int, seed: int):
         images, labels = [], []
@@ -114,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
                 feats[split][f"UNet {layout}"] = unet_features(model, images, layout)
         for layout in LAYOUTS[1:]:  # what the toy encoders read
             feats[split][f"toy CLIP + UNet {layout}"] = torch.cat(
-                [feats[split]["toy CLIP"], feats[split][f"UNet {layout}"]], 1)
-    print(f"{len(train)} training concepts x {args.train_views} renders, {len(test)} held-out x "
-          f"{args.test_views}; accuracy on the held-out renders (training fit in brackets)\n")
+                [feats[split]["toy CLIP"], feats[split][f"UNet {layout}"]], 1
+            )
+    print(
+        f"{len(train)} training concepts x {args.train_views} renders, {len(test)} held-out x "
+        f"{args.test_views}; accuracy on the held-out renders (training fit in brackets)\n"
+    )
     print("| features | dims | " + " | ".join(CONCEPT_ATTRIBUTES) + " |")
     print("|---|---|" + "---|" * len(CONCEPT_ATTRIBUTES))
     labels = {split: s[1] for split, s in sets.items()}
@@ -124,25 +142,34 @@ def main(argv: list[str] | None = None) -> int:
     for attr in CONCEPT_ATTRIBUTES:
         values = sorted({lab[attr] for lab in labels["train"]})
         index = {v: i for i, v in enumerate(values)}
-        targets[attr] = ({s: torch.tensor([index[lab[attr]] for lab in labels[s]]) for s in labels}, len(values))
+        targets[attr] = (
+            {s: torch.tensor([index[lab[attr]] for lab in labels[s]]) for s in labels},
+            len(values),
+        )
     for name in feats["train"]:
         cells = []
         for attr in CONCEPT_ATTRIBUTES:
             y, classes = targets[attr]
-            fit, held = probe_accuracy(feats["train"][name], y["train"], feats["held-out"][name], y["held-out"],
-                                       classes)
+            fit, held = probe_accuracy(
+                feats["train"][name], y["train"], feats["held-out"][name], y["held-out"], classes
+            )
             cells.append(f"{held:.2f} ({fit:.2f})")
         print(f"| {name} | {feats['train'][name].shape[1]} | " + " | ".join(cells) + " |", flush=True)
     if args.map_head:
         cells = []
         for attr in CONCEPT_ATTRIBUTES:
             y, classes = targets[attr]
-            fit, held = head_accuracy(maps["train"], y["train"], maps["held-out"], y["held-out"], classes,
-                                      args.map_head)
+            fit, held = head_accuracy(
+                maps["train"], y["train"], maps["held-out"], y["held-out"], classes, args.map_head
+            )
             cells.append(f"{held:.2f} ({fit:.2f})")
         shape = "x".join(str(d) for d in maps["train"].shape[1:])
-        print(f"| trained MapHead, finest UNet map ({args.map_head} steps) | {shape} | " + " | ".join(cells) + " |",
-              flush=True)
+        print(
+            f"| trained MapHead, finest UNet map ({args.map_head} steps) | {shape} | "
+            + " | ".join(cells)
+            + " |",
+            flush=True,
+        )
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0
 

@@ -41,14 +41,27 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", help="results.json (or progress.json) files of bench/amortization.py")
+    p.add_argument(
+        "results", nargs="+", help="results.json (or progress.json) files of bench/amortization.py"
+    )
     p.add_argument("--compare-at", type=int, default=500, help="scratch budget the encoder alone must beat")
-    p.add_argument("--baseline", nargs="+", default=[], metavar="RESULTS",
-                   help="saved runs of the same concepts (disjoint draws among themselves): rows the new runs "
-                        "lack are taken from them, and methods both measured are compared, new minus saved")
-    p.add_argument("--select-among", type=int, nargs="+", default=None, metavar="STEPS",
-                   help="score the round-trip selection as if it had judged only the words at these encoder budgets "
-                        "(runs measured with bench/amortization.py --select-among; e.g. 0 50 200)")
+    p.add_argument(
+        "--baseline",
+        nargs="+",
+        default=[],
+        metavar="RESULTS",
+        help="saved runs of the same concepts (disjoint draws among themselves): rows the new runs "
+        "lack are taken from them, and methods both measured are compared, new minus saved",
+    )
+    p.add_argument(
+        "--select-among",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="STEPS",
+        help="score the round-trip selection as if it had judged only the words at these encoder budgets "
+        "(runs measured with bench/amortization.py --select-among; e.g. 0 50 200)",
+    )
     args = p.parse_args(argv)
     rows, seen, sampling = _pool(p, args.results)
     if args.select_among:
@@ -60,12 +73,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(err))
     if args.baseline:
         saved, saved_names, saved_sampling = _pool(p, args.baseline)
-        own = {r["concept"] for r in rows if r["method"] == "scratch" and r["steps"]}  # measured scratch itself
+        own = {
+            r["concept"] for r in rows if r["method"] == "scratch" and r["steps"]
+        }  # measured scratch itself
         if seen - own - saved_names:
-            p.error(f"the baseline lacks concepts of the new runs: {', '.join(sorted(seen - own - saved_names))}")
+            p.error(
+                f"the baseline lacks concepts of the new runs: {', '.join(sorted(seen - own - saved_names))}"
+            )
         if sampling and saved_sampling and sampling != saved_sampling:
-            p.error(f"the baseline sampled otherwise (samples, sample steps: {sorted(saved_sampling)} "
-                    f"against {sorted(sampling)}); its scores cannot be paired")
+            p.error(
+                f"the baseline sampled otherwise (samples, sample steps: {sorted(saved_sampling)} "
+                f"against {sorted(sampling)}); its scores cannot be paired"
+            )
         rows, pairs = _with_baseline(rows, [r for r in saved if r["concept"] in seen])
     else:
         pairs = []
@@ -100,8 +119,10 @@ def _pool(p: argparse.ArgumentParser, paths: list[str]) -> tuple[list[dict], set
         except (OSError, ValueError, KeyError, TypeError) as err:
             p.error(f"{path} is not a results.json of bench/amortization.py ({err})")
         if names & seen:
-            p.error(f"{path} repeats concepts of an earlier file ({', '.join(sorted(names & seen))}); "
-                    "pool disjoint draws only")
+            p.error(
+                f"{path} repeats concepts of an earlier file ({', '.join(sorted(names & seen))}); "
+                "pool disjoint draws only"
+            )
         seen |= names
         rows += part
         if "samples" in plan:
@@ -113,7 +134,9 @@ def _pool(p: argparse.ArgumentParser, paths: list[str]) -> tuple[list[dict], set
 SAVED = " (saved)"
 
 
-def _with_baseline(rows: list[dict], saved: list[dict]) -> tuple[list[dict], list[tuple[tuple[str, int], tuple[str, int]]]]:
+def _with_baseline(
+    rows: list[dict], saved: list[dict]
+) -> tuple[list[dict], list[tuple[tuple[str, int], tuple[str, int]]]]:
     """``rows`` plus the saved rows: references and scratch only where the new runs lack them (the
     same seeds give the same scores), a method the new runs measured too under ``method + SAVED``,
     any other method as it is. Returns the rows and the (new, saved) pairs at budgets both measured."""

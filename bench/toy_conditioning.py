@@ -38,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | " + " | ".join("---" for _ in args.timesteps) + " |")
     for attr in ATTRIBUTES:
         gap = conditioning_gap(model, attr, n=args.n, timesteps=args.timesteps)
-        print(f"| {attr} | {text_separation(model, attr):.1f} | "
-              + " | ".join(f"{gap[t]:+.3f}" for t in args.timesteps) + " |", flush=True)
+        print(
+            f"| {attr} | {text_separation(model, attr):.1f} | "
+            + " | ".join(f"{gap[t]:+.3f}" for t in args.timesteps)
+            + " |",
+            flush=True,
+        )
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -217,8 +217,11 @@ class FrozenLDM:
         """
         validate_token(token, self.tokenizers[0], existing=self.placeholder_tokens)
         if self._clean_tokenizers is None:
-            self._clean_tokenizers = {attr: copy.deepcopy(tok) for attr in ("tokenizer", "tokenizer_2")
-                                      if (tok := getattr(self.pipeline, attr, None)) is not None}
+            self._clean_tokenizers = {
+                attr: copy.deepcopy(tok)
+                for attr in ("tokenizer", "tokenizer_2")
+                if (tok := getattr(self.pipeline, attr, None)) is not None
+            }
         n = int(init_vectors[0].shape[0])
         names = expand_token(token, n)
         for tok, emb, vecs in zip(self.tokenizers, self.placeholder_embeddings(), init_vectors):
@@ -226,7 +229,9 @@ class FrozenLDM:
                 raise ValueError(f"vectors {tuple(vecs.shape)} do not fit ({n}, {emb.embedding_dim})")
             tok.add_tokens(names)
             ids = tok.convert_tokens_to_ids(names)
-            expected = list(range(emb.first_new_id + emb.vectors.shape[0], emb.first_new_id + emb.vectors.shape[0] + n))
+            expected = list(
+                range(emb.first_new_id + emb.vectors.shape[0], emb.first_new_id + emb.vectors.shape[0] + n)
+            )
             if ids != expected:  # the tokenizer and the wrapper must agree on new ids
                 raise RuntimeError(f"tokenizer gave ids {ids} for {names}, expected {expected}")
             emb.grow(vecs)
@@ -255,8 +260,10 @@ class FrozenLDM:
 
     def vectors_of(self, token: str) -> list[torch.Tensor]:
         """Current fp32 vectors of ``token``: one ``[n, width]`` tensor per text encoder."""
-        return [emb.vectors.detach()[_rows(emb, ids)].float().cpu().clone()
-                for emb, ids in zip(self.placeholder_embeddings(), self.token_ids(token))]
+        return [
+            emb.vectors.detach()[_rows(emb, ids)].float().cpu().clone()
+            for emb, ids in zip(self.placeholder_embeddings(), self.token_ids(token))
+        ]
 
     def set_vectors(self, token: str, vectors: list[torch.Tensor]) -> None:
         """Overwrite ``token``'s vectors (one ``[n, width]`` tensor per text encoder, as
@@ -321,8 +328,11 @@ class FrozenLDM:
                 if batch_vectors is not None:
                     embs[i].batch_vectors = batch_vectors[i]
                 ids = tok(
-                    prompts, padding="max_length", max_length=tok.model_max_length,
-                    truncation=True, return_tensors="pt",
+                    prompts,
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
                 ).input_ids.to(self.device)
                 out = enc(ids, output_hidden_states=self.is_sdxl)
                 if self.is_sdxl:  # SDXL conditions on the penultimate layer of both encoders
@@ -353,8 +363,9 @@ def validate_token(token: str, tokenizer, existing: dict[str, int] | None = None
         raise TokenError(f"placeholder token {token!r} must be one word without spaces; {hint}")
     low = token.lower()
     if any(low == t.lower() for t in existing or {}):
-        raise TokenError(f"placeholder token {token!r} is already in use (tokens ignore case); give this one "
-                         "another name")
+        raise TokenError(
+            f"placeholder token {token!r} is already in use (tokens ignore case); give this one another name"
+        )
     vocab = tokenizer.get_vocab()
     if low in vocab or f"{low}</w>" in vocab:
         raise TokenError(f"placeholder token {token!r} is already a word of the vocabulary; {hint}")

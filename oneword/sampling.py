@@ -61,8 +61,9 @@ def negative_conditioning(model: FrozenLDM, negative_prompt: str, n: int) -> Tex
     cond = model.encode_text([negative_prompt] * n)
     if negative_prompt or not model.pipeline.config.get("force_zeros_for_empty_prompt", False):
         return cond
-    return TextConditioning(torch.zeros_like(cond.hidden_states),
-                            None if cond.pooled is None else torch.zeros_like(cond.pooled))
+    return TextConditioning(
+        torch.zeros_like(cond.hidden_states), None if cond.pooled is None else torch.zeros_like(cond.pooled)
+    )
 
 
 @contextmanager
@@ -83,8 +84,12 @@ def sampler(model: FrozenLDM, name: str | None) -> Iterator[None]:
 
 
 @torch.no_grad()
-def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings,
-                    progress: Callable[[int], object] | None = None) -> list[Image.Image]:
+def generate_images(
+    model: FrozenLDM,
+    prompts: Sequence[str],
+    settings: SampleSettings,
+    progress: Callable[[int], object] | None = None,
+) -> list[Image.Image]:
     """One image per (prompt, seed), prompt-major, ``settings.batch`` seeds per pipeline call. CPU
     generators make seeds portable across devices. ``progress`` is called with each prompt's image
     count when its images are drawn. Images the model's safety checker blacked out are counted in a
@@ -93,7 +98,7 @@ def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSe
     size = settings.resolution or model.resolution
     images: list[Image.Image] = []
     flagged = 0
-    chunks = [settings.seeds[i:i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
+    chunks = [settings.seeds[i : i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
     sizes = {len(c) for c in chunks}  # at most two: the full batch and the remainder
     uncond = {n: negative_conditioning(model, settings.negative_prompt, n) for n in sizes}
     with sampler(model, settings.scheduler):
@@ -105,31 +110,47 @@ def generate_images(model: FrozenLDM, prompts: Sequence[str], settings: SampleSe
                 if cond.pooled is not None:
                     kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)
                 out = pipe(
-                    num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=size, width=size,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil", **kwargs,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance,
+                    height=size,
+                    width=size,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    output_type="pil",
+                    **kwargs,
                 )
                 images.extend(out.images)
                 flagged += sum(bool(f) for f in (getattr(out, "nsfw_content_detected", None) or []))
             if progress is not None:
                 progress(len(settings.seeds))
     if flagged:
-        logger.warning("%d of %d images were blacked out by the model's safety checker (scores made from them "
-                       "count them as drawn)", flagged, len(images))
+        logger.warning(
+            "%d of %d images were blacked out by the model's safety checker (scores made from them "
+            "count them as drawn)",
+            flagged,
+            len(images),
+        )
     return images
 
 
 def render_grid(
-    model: FrozenLDM, prompts: Sequence[str], settings: SampleSettings, out: str | Path,
-    extra_metadata: dict[str, str] | None = None, images: Sequence[Image.Image] | None = None,
+    model: FrozenLDM,
+    prompts: Sequence[str],
+    settings: SampleSettings,
+    out: str | Path,
+    extra_metadata: dict[str, str] | None = None,
+    images: Sequence[Image.Image] | None = None,
 ) -> Path:
     """Generate and save a grid (a row per prompt, a column per seed) with its settings in the PNG;
     ``images`` (prompt-major, one per seed) are saved instead of generating (curated samples)."""
     images = list(images) if images is not None else generate_images(model, prompts, settings)
     grid = image_grid(images, cols=len(settings.seeds))
     meta = {
-        "prompts": json.dumps(list(prompts)), "seeds": json.dumps(settings.seeds),
-        "steps": str(settings.steps), "guidance": str(settings.guidance),
-        "negative_prompt": settings.negative_prompt, "model": model.source,
+        "prompts": json.dumps(list(prompts)),
+        "seeds": json.dumps(settings.seeds),
+        "steps": str(settings.steps),
+        "guidance": str(settings.guidance),
+        "negative_prompt": settings.negative_prompt,
+        "model": model.source,
         **(extra_metadata or {}),
     }
     return save_png(grid, out, meta)

@@ -29,9 +29,17 @@ def _text_encoder(width: int, with_projection: bool, act: str):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=32,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
 
@@ -54,44 +62,65 @@ def build_tiny_pipeline(family: str, seed: int = 0):
     widths = _TEXT_WIDTHS[family]
     xl = family == "sdxl"
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=32,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=32,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=sum(widths), attention_head_dim=(2, 4) if xl else 8,
+        cross_attention_dim=sum(widths),
+        attention_head_dim=(2, 4) if xl else 8,
         use_linear_projection=family != "sd1",
         **(
-            dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=6 * 8 + 32)
-            if xl else {}
+            dict(
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32,
+            )
+            if xl
+            else {}
         ),
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=32, sample_size=32, scaling_factor=0.13025 if xl else 0.18215,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=0.13025 if xl else 0.18215,
     )
     sched_kwargs = dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", prediction_type="v_prediction" if family == "sd2" else "epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction" if family == "sd2" else "epsilon",
     )
     act = "quick_gelu" if family == "sd1" else "gelu"
     if xl:
         return StableDiffusionXLPipeline(
-            vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(**sched_kwargs),
+            vae=vae,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**sched_kwargs),
             text_encoder=_text_encoder(widths[0], False, "quick_gelu"),
             text_encoder_2=_text_encoder(widths[1], True, act),
             tokenizer=CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir(EOS))),
             tokenizer_2=CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir("!"))),
         )
     return StableDiffusionPipeline(
-        vae=vae, unet=unet,
-        scheduler=DDIMScheduler(
-            clip_sample=False, set_alpha_to_one=False, steps_offset=1, **sched_kwargs
-        ),
+        vae=vae,
+        unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **sched_kwargs),
         text_encoder=_text_encoder(widths[0], False, act),
         tokenizer=CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir(EOS if family == "sd1" else "!"))),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 

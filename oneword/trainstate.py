@@ -52,8 +52,12 @@ def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "optim") -> tupl
     return tensors, json.dumps(state["param_groups"])
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], param_groups: str | None = None,
-                   prefix: str = "optim") -> None:
+def load_optimizer(
+    opt: torch.optim.Optimizer,
+    tensors: dict[str, Tensor],
+    param_groups: str | None = None,
+    prefix: str = "optim",
+) -> None:
     """Inverse of :func:`optimizer_tensors`; ``param_groups=None`` keeps the optimizer's own."""
     state: dict[int, dict[str, Tensor]] = {}
     for name, value in tensors.items():
@@ -72,7 +76,9 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
     return target
 
 
-def read_safetensors(path: str | Path, *, fmt: str | None = None, missing: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_safetensors(
+    path: str | Path, *, fmt: str | None = None, missing: str = ""
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and header of a safetensors file; with ``fmt``, its header must say ``format == fmt``.
 
     Raises :class:`InputError` (one line) for a missing file (followed by ``missing``, a hint), an

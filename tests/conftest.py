@@ -46,8 +46,14 @@ def family(request) -> str:
     return request.param
 
 
-def tiny_encoder(family: str = "sd1", num_vectors: int = 1, randomize: bool = True,
-                 unet: bool = False, layout: str = "blocks", map_width: int = 0):
+def tiny_encoder(
+    family: str = "sd1",
+    num_vectors: int = 1,
+    randomize: bool = True,
+    unet: bool = False,
+    layout: str = "blocks",
+    map_width: int = 0,
+):
     """A small encoder (random CLIP space) for a miniature model, and the model: ``(encoder, model)``."""
     import torch
 
@@ -60,10 +66,21 @@ def tiny_encoder(family: str = "sd1", num_vectors: int = 1, randomize: bool = Tr
     space = load_space("random")
     unet_dim = unet_feature_dim(model.unet, layout) if unet else 0
     map_channels = unet_map_channels(model.unet) if map_width else 0
-    cfg = EncoderConfig(clip="random", feature_dim=32, unet_dim=unet_dim, unet_layout=layout, widths=model.widths,
-                        map_channels=map_channels, map_width=max(map_width, 1),
-                        num_vectors=num_vectors, hidden=32,
-                        depth=1, offset_scale=token_scale(model), family=model.family, model=f"tiny-{family}")
+    cfg = EncoderConfig(
+        clip="random",
+        feature_dim=32,
+        unet_dim=unet_dim,
+        unet_layout=layout,
+        widths=model.widths,
+        map_channels=map_channels,
+        map_width=max(map_width, 1),
+        num_vectors=num_vectors,
+        hidden=32,
+        depth=1,
+        offset_scale=token_scale(model),
+        family=model.family,
+        model=f"tiny-{family}",
+    )
     enc = ConceptEncoder(cfg, space)
     if randomize:  # heads start at zero; give them weights so the tests see real offsets
         torch.manual_seed(0)

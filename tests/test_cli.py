@@ -11,8 +11,23 @@ from PIL import Image
 
 from oneword.cli import main
 
-INVERT = ["--model", "tiny-sd1", "--token", "<red-disc>", "--init", "disc", "--steps", "2",
-          "--batch_size", "1", "--resolution", "32", "--views_per_image", "1", "--no-progress"]
+INVERT = [
+    "--model",
+    "tiny-sd1",
+    "--token",
+    "<red-disc>",
+    "--init",
+    "disc",
+    "--steps",
+    "2",
+    "--batch_size",
+    "1",
+    "--resolution",
+    "32",
+    "--views_per_image",
+    "1",
+    "--no-progress",
+]
 
 
 def test_invert_then_generate(tiny_dirs, concept_dir, tmp_path, capsys):
@@ -21,14 +36,47 @@ def test_invert_then_generate(tiny_dirs, concept_dir, tmp_path, capsys):
     for name in ("learned_embeds.safetensors", "red-disc.safetensors", "config.yaml", "loss.csv", "loss.png"):
         assert (out / name).is_file(), name
     png = tmp_path / "grid.png"
-    code = main(["generate", "--model", "tiny-sd1", "--embedding", str(out / "learned_embeds.safetensors"),
-                 "--prompt", "a photo of <red-disc>", "<red-disc> on the beach", "-n", "2", "--steps", "2",
-                 "--seed", "5", "--out", str(png)])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "tiny-sd1",
+            "--embedding",
+            str(out / "learned_embeds.safetensors"),
+            "--prompt",
+            "a photo of <red-disc>",
+            "<red-disc> on the beach",
+            "-n",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--out",
+            str(png),
+        ]
+    )
     assert code == 0
     grid = Image.open(png)
     assert grid.text["seeds"] == "[5, 6]" and "<red-disc> on the beach" in grid.text["prompts"]
-    assert main(["generate", "--model", "tiny-sd1", "--embedding", str(out), "--prompt", "<red-disc>",
-                 "--batch", "0", "--out", str(tmp_path / "none.png")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-sd1",
+                "--embedding",
+                str(out),
+                "--prompt",
+                "<red-disc>",
+                "--batch",
+                "0",
+                "--out",
+                str(tmp_path / "none.png"),
+            ]
+        )
+        == 2
+    )
     assert "--batch" in _one_line_error(capsys) and not (tmp_path / "none.png").exists()
 
 
@@ -39,9 +87,27 @@ def test_generate_two_concepts_in_one_prompt(tiny_dirs, concept_dir, tmp_path):
     args[args.index("<red-disc>")] = "<blue-box>"
     assert main(["invert", str(concept_dir), *args, "--out", str(b)]) == 0
     png = tmp_path / "two.png"
-    assert main(["generate", "--model", "tiny-sd1", "--embedding", str(a / "red-disc.safetensors"),
-                 str(b / "blue-box.safetensors"), "--prompt", "<red-disc> next to <blue-box>",
-                 "-n", "1", "--steps", "2", "--out", str(png)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-sd1",
+                "--embedding",
+                str(a / "red-disc.safetensors"),
+                str(b / "blue-box.safetensors"),
+                "--prompt",
+                "<red-disc> next to <blue-box>",
+                "-n",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert Image.open(png).text["tokens"] == "<red-disc>,<blue-box>"
 
 
@@ -53,13 +119,42 @@ def test_generate_two_files_with_one_token(tiny_dirs, concept_dir, tmp_path, cap
     first, second = str(a / "red-disc.safetensors"), str(b / "red-disc.safetensors")
     png = tmp_path / "two.png"
     common = ["-n", "1", "--steps", "2", "--out", str(png)]
-    assert main(["generate", "--model", "tiny-sd1", "--embedding", first, second,
-                 "--prompt", "<red-disc>", *common]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-sd1",
+                "--embedding",
+                first,
+                second,
+                "--prompt",
+                "<red-disc>",
+                *common,
+            ]
+        )
+        == 2
+    )
     err = _one_line_error(capsys)
     assert second in err and "already in use" in err and f"{second}=<name>" in err
     with caplog.at_level("WARNING"):
-        assert main(["generate", "--model", "tiny-sd1", "--embedding", first, f"{second}=<red-disc-2>",
-                     "--prompt", "<Red-Disc-2> alone", "a plain photo", *common]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    "tiny-sd1",
+                    "--embedding",
+                    first,
+                    f"{second}=<red-disc-2>",
+                    "--prompt",
+                    "<Red-Disc-2> alone",
+                    "a plain photo",
+                    *common,
+                ]
+            )
+            == 0
+        )
     assert Image.open(png).text["tokens"] == "<red-disc>,<red-disc-2>"
     warned = [r.getMessage() for r in caplog.records if "uses none of the loaded tokens" in r.getMessage()]
     assert len(warned) == 1 and "a plain photo" in warned[0]  # CLIP ignores case: <Red-Disc-2> is used
@@ -103,16 +198,32 @@ def test_token_that_exists_in_vocabulary(tiny_dirs, concept_dir, tmp_path, capsy
 def test_embedding_of_wrong_width(tiny_dirs, concept_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["invert", str(concept_dir), *INVERT, "--out", str(out)]) == 0
-    code = main(["generate", "--model", "tiny-sdxl", "--embedding", str(out / "red-disc.safetensors"),
-                 "--prompt", "<red-disc>", "-n", "1", "--steps", "1", "--out", str(tmp_path / "x.png")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "tiny-sdxl",
+            "--embedding",
+            str(out / "red-disc.safetensors"),
+            "--prompt",
+            "<red-disc>",
+            "-n",
+            "1",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
     assert code == 2
     assert "width" in _one_line_error(capsys)
     assert not (tmp_path / "x.png").exists()
 
 
 def test_console_script_help():
-    res = subprocess.run([sys.executable, "-m", "oneword.cli", "invert", "--help"], capture_output=True,
-                         text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "oneword.cli", "invert", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--base_lr" in res.stdout and "embedding_reg_weight" in res.stdout
 
 
@@ -126,9 +237,24 @@ def test_sigterm_saves_a_checkpoint(tiny_dirs, concept_dir, tmp_path):
     args = [*INVERT]
     args[args.index("--steps") + 1] = "100000"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "oneword.cli", "invert", str(concept_dir), *args,
-                             "--out", str(out), "--save_every", "0"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "oneword.cli",
+            "invert",
+            str(concept_dir),
+            *args,
+            "--out",
+            str(out),
+            "--save_every",
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "loss.csv").is_file():
         time.sleep(0.2)
@@ -154,13 +280,28 @@ def test_toy_render(tmp_path, capsys):
     assert len(folders) == 2 and (tmp_path / "contact_sheet.png").is_file()
     for folder in folders:
         assert len(list(folder.glob("*.png"))) == 3
-        assert set(json.loads((folder / "concept.json").read_text())) == {"shape", "fill", "pattern", "outline"}
+        assert set(json.loads((folder / "concept.json").read_text())) == {
+            "shape",
+            "fill",
+            "pattern",
+            "outline",
+        }
 
 
 def test_toy_train_from_a_model_needs_an_out_folder(tmp_path, capsys):
     """Without --out the run would replace the shipped model it starts from: refused before any work."""
-    code = main(["toy", "train", "--parts", "ldm", "--init-from", "oneword/toy/weights/ldm",
-                 "--work", str(tmp_path / "work")])
+    code = main(
+        [
+            "toy",
+            "train",
+            "--parts",
+            "ldm",
+            "--init-from",
+            "oneword/toy/weights/ldm",
+            "--work",
+            str(tmp_path / "work"),
+        ]
+    )
     assert code == 2 and "--init-from needs --out" in _one_line_error(capsys)
     assert not (tmp_path / "work").exists()
 
@@ -178,8 +319,11 @@ def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
     assert model.pipeline.vae.use_slicing  # real families decode one image at a time
     calls = []
     pipe_call = type(model.pipeline).__call__
-    monkeypatch.setattr(type(model.pipeline), "__call__",
-                        lambda self, **kw: calls.append(len(kw["generator"])) or pipe_call(self, **kw))
+    monkeypatch.setattr(
+        type(model.pipeline),
+        "__call__",
+        lambda self, **kw: calls.append(len(kw["generator"])) or pipe_call(self, **kw),
+    )
     prompts = ["a photo of a disc", "a disc on the beach"]
     whole = generate_images(model, prompts, SampleSettings(steps=2, seeds=[3, 4, 5], batch=3))
     split = generate_images(model, prompts, SampleSettings(steps=2, seeds=[3, 4, 5], batch=2))
@@ -189,7 +333,9 @@ def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
     with pytest.raises(ValueError):
         SampleSettings(batch=0)
     toy = load_model("toy")
-    assert toy.pipeline.vae.use_slicing is False  # the toy decodes its batch at once, as when its scores were saved
+    assert (
+        toy.pipeline.vae.use_slicing is False
+    )  # the toy decodes its batch at once, as when its scores were saved
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # as the saved scores were made (at one thread a pixel may differ by 1)
     try:
@@ -220,11 +366,33 @@ def test_mixed_precision_sets_the_weights_dtype_of_every_trainer(concept_dir, tm
     monkeypatch.setattr(oneword.models, "load_model", record)
     out = ["--out", str(tmp_path / "out")]
     assert main(["invert", str(concept_dir), *INVERT, "--mixed_precision", "bf16", *out]) == 2
-    assert encode_main([str(concept_dir), "--encoder", "toy", "--init", "disc", "--mixed_precision", "fp16", *out]) == 2
+    assert (
+        encode_main(
+            [str(concept_dir), "--encoder", "toy", "--init", "disc", "--mixed_precision", "fp16", *out]
+        )
+        == 2
+    )
     assert encode_main([str(concept_dir), "--encoder", "toy", "--init", "disc", *out]) == 2
-    assert main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", "--init", "disc",
-                 "--mixed_precision", "bf16"]) == 2
-    assert main(["data", "targets", str(tmp_path / "shards"), "--model", "tiny-sd1", "--dtype", "bf16", *out]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "curve",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                "--init",
+                "disc",
+                "--mixed_precision",
+                "bf16",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(["data", "targets", str(tmp_path / "shards"), "--model", "tiny-sd1", "--dtype", "bf16", *out])
+        == 2
+    )
     assert asked == ["bf16", "fp16", "fp32", "bf16", "bf16"]
     assert "stopped by the test" in capsys.readouterr().err
 

@@ -34,9 +34,7 @@ def _rand(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 def _one(token: str = "<cat>", n: int = 2) -> Embedding:
-    meta = build_metadata(
-        family="sd1", token=token, init="cat", steps=50, source_hashes=["ab", "cd"]
-    )
+    meta = build_metadata(family="sd1", token=token, init="cat", steps=50, source_hashes=["ab", "cd"])
     return Embedding(token, [_rand(n, 768, 0)], meta)
 
 
@@ -198,9 +196,7 @@ def test_one_d_diffusers_tensor_and_token_rules(tmp_path: Path) -> None:
 def test_a1111_pt_loads_with_stem_token(tmp_path: Path) -> None:
     t = _rand(2, 768, 7)
     path = tmp_path / "my-cat.pt"
-    torch.save(
-        {"string_to_token": {"*": 265}, "string_to_param": {"*": t}, "name": "x", "step": 10}, path
-    )
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": t}, "name": "x", "step": 10}, path)
     emb = load_embedding(path)
     assert emb.token == "my-cat" and torch.equal(emb.vectors[0], t)
     renamed = tmp_path / "renamed.bin"
@@ -220,8 +216,15 @@ def test_a1111_parameter_and_legacy_formats(tmp_path: Path) -> None:
     emb = load_embedding(tmp_path)
     assert emb.token == "<diff>" and emb.vectors[0].dtype == torch.float32
     two = _rand(2, 768, 9)  # the original textual_inversion code's layout: an nn.ParameterDict
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": torch.nn.ParameterDict({"*": two.clone()}),
-                "name": "pd", "step": 5000}, tmp_path / "pd.pt")
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": torch.nn.ParameterDict({"*": two.clone()}),
+            "name": "pd",
+            "step": 5000,
+        },
+        tmp_path / "pd.pt",
+    )
     assert torch.equal(load_embedding(tmp_path / "pd.pt").vectors[0], two)
 
 
@@ -386,9 +389,7 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     _no_temps(tmp_path / "d")
 
 
-def test_failed_second_file_of_pair_keeps_old_pair(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_second_file_of_pair_keeps_old_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_diffusers(_two(), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     calls = []
@@ -411,7 +412,10 @@ def test_written_files_are_as_readable_as_the_umask_allows(tmp_path: Path) -> No
     save_file creates files with mode 0600)."""
     old = os.umask(0o022)
     try:
-        files = [save_single_file(_one(), tmp_path / "w.safetensors"), *save_diffusers(_two(), tmp_path / "d")]
+        files = [
+            save_single_file(_one(), tmp_path / "w.safetensors"),
+            *save_diffusers(_two(), tmp_path / "d"),
+        ]
     finally:
         os.umask(old)
     assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(0o644)] * 3

@@ -37,8 +37,17 @@ def _init(model, n: int, num_vectors: int = 1, word: str = "dog"):
     return [v[None].expand(n, -1, -1) for v in model.initializer_vectors(word, num_vectors)]
 
 
-@pytest.mark.parametrize("family,unet,map_width", [("sd1", False, 0), ("sd2", False, 0), ("sdxl", False, 0),
-                                                   ("sd1", True, 0), ("sdxl", True, 0), ("sdxl", True, 8)])
+@pytest.mark.parametrize(
+    "family,unet,map_width",
+    [
+        ("sd1", False, 0),
+        ("sd2", False, 0),
+        ("sdxl", False, 0),
+        ("sd1", True, 0),
+        ("sdxl", True, 0),
+        ("sdxl", True, 8),
+    ],
+)
 def test_mapper_shapes_and_scale(tiny_dirs, family, unet, map_width):
     enc, model = tiny_encoder(family, num_vectors=2, unet=unet, map_width=map_width)
     init = _init(model, 3, 2)
@@ -47,7 +56,9 @@ def test_mapper_shapes_and_scale(tiny_dirs, family, unet, map_width):
     for j, s in enumerate(token_scale(model)):
         offset = (out[0][j] - init[j][0]).norm(dim=-1)
         assert torch.all(offset > 0.05 * s) and torch.all(offset < 20 * s)  # on the scale of real words
-    fresh, _ = tiny_encoder(family, num_vectors=2, randomize=False, unet=unet, map_width=map_width)  # untrained = the initializer
+    fresh, _ = tiny_encoder(
+        family, num_vectors=2, randomize=False, unet=unet, map_width=map_width
+    )  # untrained = the initializer
     same = fresh.predict([_images(2)], [v[:1] for v in init], model)[0]
     assert all(torch.allclose(a, b[0]) for a, b in zip(same, init))
 
@@ -73,7 +84,9 @@ def test_unet_features_see_the_image_and_need_the_model(tiny_dirs, layout, famil
     imgs = _images(3)
     f = unet_features(model, imgs, layout)
     assert f.shape == (3, unet_feature_dim(model.unet, layout)) and torch.isfinite(f).all()
-    assert torch.allclose(unet_features(model, imgs[:1], layout), f[:1], rtol=1e-4, atol=1e-4)  # batch-independent
+    assert torch.allclose(
+        unet_features(model, imgs[:1], layout), f[:1], rtol=1e-4, atol=1e-4
+    )  # batch-independent
     assert not torch.allclose(f[0], f[1])  # different images, different features
     assert enc.predict([imgs], _init(model, 1), model)[0][0].shape == (1, model.widths[0])
     with pytest.raises(ValueError, match="UNet features"):
@@ -111,7 +124,10 @@ def test_resnets_layout_extends_blocks(tiny_dirs):
 
     from oneword.encoder.lit import EncoderModule
     from oneword.encoder.unet_features import LAYOUTS
-    assert get_args(get_type_hints(EncoderModule.__init__)["unet_layout"]) == LAYOUTS  # the CLI offers them all
+
+    assert (
+        get_args(get_type_hints(EncoderModule.__init__)["unet_layout"]) == LAYOUTS
+    )  # the CLI offers them all
 
 
 def test_multiscale_layout_is_resnets_at_two_scales(tiny_dirs):
@@ -120,8 +136,10 @@ def test_multiscale_layout_is_resnets_at_two_scales(tiny_dirs):
     imgs = _images(2)
     ms, one = unet_features(model, imgs, "multiscale"), unet_features(model, imgs, "resnets")
     assert unet_feature_dim(model.unet, "multiscale") == 2 * one.shape[1] == ms.shape[1]
-    assert torch.allclose(ms[:, :one.shape[1]], one, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(ms[:, one.shape[1]:], one, rtol=1e-2, atol=1e-2)  # the finer view reads differently
+    assert torch.allclose(ms[:, : one.shape[1]], one, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(
+        ms[:, one.shape[1] :], one, rtol=1e-2, atol=1e-2
+    )  # the finer view reads differently
 
 
 @pytest.mark.parametrize("layout", ["blocks", "multiscale"])
@@ -161,12 +179,17 @@ def test_export_import_round_trip(tiny_dirs, tmp_path):
     back = load_encoder(path, space=enc.space)
     assert back.cfg == enc.cfg
     layered, _ = tiny_encoder(unet=True, layout="resnets")
-    assert load_encoder(save_encoder(layered, tmp_path / "l.safetensors"), space=enc.space).cfg.unet_layout == "resnets"
+    assert (
+        load_encoder(save_encoder(layered, tmp_path / "l.safetensors"), space=enc.space).cfg.unet_layout
+        == "resnets"
+    )
     mapped, _ = tiny_encoder(unet=True, layout="multiscale", map_width=8)
     back_mapped = load_encoder(save_encoder(mapped, tmp_path / "m.safetensors"), space=enc.space)
     assert back_mapped.cfg == mapped.cfg and back_mapped.cfg.map_channels > 0
-    torch.testing.assert_close(back_mapped.predict([_images(2)], _init(model, 1), model),
-                               mapped.predict([_images(2)], _init(model, 1), model))
+    torch.testing.assert_close(
+        back_mapped.predict([_images(2)], _init(model, 1), model),
+        mapped.predict([_images(2)], _init(model, 1), model),
+    )
     tensors, meta = read_safetensors(path, fmt=FORMAT)  # a file from before unet_layout and the map head
     cfg = json.loads(meta["config"])
     for key in ("unet_layout", "map_channels", "map_width"):
@@ -175,12 +198,20 @@ def test_export_import_round_trip(tiny_dirs, tmp_path):
     assert load_encoder(old, space=enc.space).cfg.unet_layout == "blocks"
     assert load_encoder(old, space=enc.space).cfg.map_channels == 0
     imgs = _images(3)
-    assert torch.equal(enc.predict([imgs], _init(model, 1))[0][0], back.predict([imgs], _init(model, 1))[0][0])
-    half = load_encoder(save_encoder(enc, tmp_path / "half.safetensors", dtype=torch.float16), space=enc.space)
+    assert torch.equal(
+        enc.predict([imgs], _init(model, 1))[0][0], back.predict([imgs], _init(model, 1))[0][0]
+    )
+    half = load_encoder(
+        save_encoder(enc, tmp_path / "half.safetensors", dtype=torch.float16), space=enc.space
+    )
     assert path.stat().st_size > 1.8 * (tmp_path / "half.safetensors").stat().st_size
     assert all(p.dtype == torch.float32 for p in half.mapper.parameters())  # loading casts back
-    torch.testing.assert_close(half.predict([imgs], _init(model, 1))[0][0], enc.predict([imgs], _init(model, 1))[0][0],
-                               rtol=0, atol=1e-2)
+    torch.testing.assert_close(
+        half.predict([imgs], _init(model, 1))[0][0],
+        enc.predict([imgs], _init(model, 1))[0][0],
+        rtol=0,
+        atol=1e-2,
+    )
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nope")
     with pytest.raises(InputError):
@@ -203,23 +234,55 @@ def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, 
 
     other = make_concept_images(tmp_path / "other", n=2)
     out, enc_file = tmp_path / "out", _encoder_file(tmp_path)
-    code = main([str(concept_dir), str(other), "--encoder", str(enc_file), "--init", "disc",
-                 "--refine", str(refine), "--out", str(out), "--batch_size", "1", "--resolution", "32",
-                 "--views_per_image", "1", "--preview-steps", "2", "--no-progress",
-                 "--sample-batch", "3", *(["--select", str(select)] if select is not None else [])])
+    code = main(
+        [
+            str(concept_dir),
+            str(other),
+            "--encoder",
+            str(enc_file),
+            "--init",
+            "disc",
+            "--refine",
+            str(refine),
+            "--out",
+            str(out),
+            "--batch_size",
+            "1",
+            "--resolution",
+            "32",
+            "--views_per_image",
+            "1",
+            "--preview-steps",
+            "2",
+            "--no-progress",
+            "--sample-batch",
+            "3",
+            *(["--select", str(select)] if select is not None else []),
+        ]
+    )
     assert code == 0
-    assert ("without --refine it does nothing" in capsys.readouterr().err) == (select is not None and not refine)
+    assert ("without --refine it does nothing" in capsys.readouterr().err) == (
+        select is not None and not refine
+    )
     select = select_samples(refine, select)  # omitted: the default round trip judges the refinement
     for name, token in (("concept", "<concept>"), ("other", "<other>")):
         run = out / name
-        for f in ("learned_embeds.safetensors", f"{name}.safetensors", "preview.png", "report.md", "encode.json"):
+        for f in (
+            "learned_embeds.safetensors",
+            f"{name}.safetensors",
+            "preview.png",
+            "report.md",
+            "encode.json",
+        ):
             assert (run / f).is_file(), f
         e = load_embedding(run / "learned_embeds.safetensors")
         report = json.loads((run / "encode.json").read_text())
         assert report["refinement"].startswith(f"{refine} steps")
         kept = report.get("kept", "refined" if refine else "prediction")
         assert ("kept" in report) == bool(select) and kept in ("prediction", "refined")
-        assert e.token == token and e.metadata["oneword.steps"] == ("0" if kept == "prediction" else str(refine))
+        assert e.token == token and e.metadata["oneword.steps"] == (
+            "0" if kept == "prediction" else str(refine)
+        )
         # the encoder is named by file name and hash: people share words, not where they keep encoders
         assert e.metadata["oneword.encoder"] == "enc.safetensors" and "/" not in e.metadata["oneword.encoder"]
         assert e.metadata["oneword.encoder_sha256"] == sha256_file(enc_file)
@@ -258,19 +321,68 @@ def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):
     assert "widths" in capsys.readouterr().err
     assert main([str(concept_dir), "--encoder", str(tmp_path / "missing.safetensors"), "--init", "x"]) == 2
     assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "-1"]) == 2
-    assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "2", "--select", "-1",
-                 "--out", str(tmp_path / "neg")]) == 2
+    assert (
+        main(
+            [
+                str(concept_dir),
+                "--encoder",
+                enc,
+                "--init",
+                "disc",
+                "--refine",
+                "2",
+                "--select",
+                "-1",
+                "--out",
+                str(tmp_path / "neg"),
+            ]
+        )
+        == 2
+    )
     assert "--select" in capsys.readouterr().err and not (tmp_path / "neg").exists()  # nothing written
-    assert main([str(concept_dir), "--encoder", enc, "--init", "disc", "--refine", "2", "--sample-batch", "0",
-                 "--out", str(tmp_path / "nob")]) == 2
+    assert (
+        main(
+            [
+                str(concept_dir),
+                "--encoder",
+                enc,
+                "--init",
+                "disc",
+                "--refine",
+                "2",
+                "--sample-batch",
+                "0",
+                "--out",
+                str(tmp_path / "nob"),
+            ]
+        )
+        == 2
+    )
     assert "--sample-batch" in capsys.readouterr().err and not (tmp_path / "nob").exists()
-    assert main([str(concept_dir), str(concept_dir), "--encoder", enc, "--init", "disc", "--token", "<a>", "<A>",
-                 "--out", str(tmp_path / "case")]) == 2  # one token to CLIP (and to some file systems)
+    assert (
+        main(
+            [
+                str(concept_dir),
+                str(concept_dir),
+                "--encoder",
+                enc,
+                "--init",
+                "disc",
+                "--token",
+                "<a>",
+                "<A>",
+                "--out",
+                str(tmp_path / "case"),
+            ]
+        )
+        == 2
+    )  # one token to CLIP (and to some file systems)
     assert "same token" in capsys.readouterr().err and not (tmp_path / "case").exists()
 
 
-def test_ti_encode_with_the_toy_encoder_on_a_real_model_fails_before_loading_it(concept_dir, tmp_path,
-                                                                                  monkeypatch, capsys):
+def test_ti_encode_with_the_toy_encoder_on_a_real_model_fails_before_loading_it(
+    concept_dir, tmp_path, monkeypatch, capsys
+):
     """`ti-encode photos/ --model sdxl` without --encoder used to load SDXL (minutes) only to
     report mismatched widths; now it says at once what to do."""
     import oneword.models
@@ -316,8 +428,12 @@ def test_the_map_head_reads_texture_that_pooling_loses():
 
     def maps(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.arange(n) % 2
-        base = torch.stack([(stripes if c == 0 else checks).roll(int(s), 0)
-                            for c, s in zip(y, torch.randint(0, 2, (n,), generator=g))])
+        base = torch.stack(
+            [
+                (stripes if c == 0 else checks).roll(int(s), 0)
+                for c, s in zip(y, torch.randint(0, 2, (n,), generator=g))
+            ]
+        )
         return base[:, None].repeat(1, 4, 1, 1) + 0.3 * torch.randn(n, 4, 8, 8, generator=g), y
 
     (xtr, ytr), (xte, yte) = maps(256), maps(128)

@@ -38,17 +38,50 @@ def test_shard_round_trip_and_expand(tmp_path):
 def test_ti_data_shards(tmp_path, capsys):
     from oneword.cli import main
 
-    assert main(["data", "shards", "--toy", "--limit", "3", "--images", "2", "--size", "32",
-                 "--per-shard", "2", "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "shards",
+                "--toy",
+                "--limit",
+                "3",
+                "--images",
+                "2",
+                "--size",
+                "32",
+                "--per-shard",
+                "2",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.split()) == 2
     assert main(["data", "shards", "--out", str(tmp_path / "s")]) == 2
     capsys.readouterr()
-    toy = ["data", "shards", "--toy", "--limit", "1", "--images", "2", "--size", "32", "--out", str(tmp_path / "s")]
+    toy = [
+        "data",
+        "shards",
+        "--toy",
+        "--limit",
+        "1",
+        "--images",
+        "2",
+        "--size",
+        "32",
+        "--out",
+        str(tmp_path / "s"),
+    ]
     assert main(toy) == 2  # a rerun into the same folder would leave the old shards beside the new ones
     assert "already holds concepts-*.tar" in capsys.readouterr().err
     assert main([*toy, "--prefix", "more"]) == 0
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
-        "concepts-000000.tar", "concepts-000001.tar", "more-000000.tar"]
+        "concepts-000000.tar",
+        "concepts-000001.tar",
+        "more-000000.tar",
+    ]
 
 
 def test_ti_data_refuses_what_would_lose_concepts(tmp_path, capsys):
@@ -60,14 +93,54 @@ def test_ti_data_refuses_what_would_lose_concepts(tmp_path, capsys):
 
     for sub in ("a", "b"):
         make_concept_images(tmp_path / sub / "cat")
-    assert main(["data", "shards", str(tmp_path / "a" / "cat"), str(tmp_path / "b" / "cat"), "--init", "cat",
-                 "--out", str(tmp_path / "s")]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "shards",
+                str(tmp_path / "a" / "cat"),
+                str(tmp_path / "b" / "cat"),
+                "--init",
+                "cat",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 2
+    )
     assert "distinct names" in capsys.readouterr().err and not (tmp_path / "s").exists()
     for sub in ("a", "b"):
-        assert main(["data", "shards", str(tmp_path / sub / "cat"), "--init", "cat", "--out", str(tmp_path / f"s{sub}")]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    "shards",
+                    str(tmp_path / sub / "cat"),
+                    "--init",
+                    "cat",
+                    "--out",
+                    str(tmp_path / f"s{sub}"),
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
-    assert main(["data", "targets", str(tmp_path / "s*" / "*.tar"), "--model", "tiny-sd1", "--steps", "1",
-                 "--out", str(tmp_path / "t")]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "targets",
+                str(tmp_path / "s*" / "*.tar"),
+                "--model",
+                "tiny-sd1",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
     assert "share file names (concepts-000000.tar)" in capsys.readouterr().err
     make_concept_images(tmp_path / "b" / "dog")  # classes in one data set: a word per folder
     both = [str(tmp_path / "a" / "cat"), str(tmp_path / "b" / "dog")]
@@ -76,19 +149,58 @@ def test_ti_data_refuses_what_would_lose_concepts(tmp_path, capsys):
     assert main(["data", "shards", *both, "--init", "cat", "dog", "--out", str(tmp_path / "m")]) == 0
     from oneword.encoder.shards import read_shard
 
-    assert [(x.key, x.init) for x in read_shard(tmp_path / "m" / "concepts-000000.tar")] == [("cat", "cat"),
-                                                                                          ("dog", "dog")]
+    assert [(x.key, x.init) for x in read_shard(tmp_path / "m" / "concepts-000000.tar")] == [
+        ("cat", "cat"),
+        ("dog", "dog"),
+    ]
 
 
 def test_shards_from_folders_with_targets(tiny_dirs, concept_dir, tmp_path):
     from oneword.cli import main
 
     run = tmp_path / "run"
-    assert main(["invert", str(concept_dir), "--model", "tiny-sd1", "--token", "<t>", "--init", "disc", "--steps", "1",
-                 "--batch_size", "1", "--resolution", "32", "--views_per_image", "1", "--no-progress",
-                 "--out", str(run)]) == 0
-    assert main(["data", "shards", str(concept_dir), "--init", "disc", "--targets", str(run),
-                 "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                "--token",
+                "<t>",
+                "--init",
+                "disc",
+                "--steps",
+                "1",
+                "--batch_size",
+                "1",
+                "--resolution",
+                "32",
+                "--views_per_image",
+                "1",
+                "--no-progress",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "data",
+                "shards",
+                str(concept_dir),
+                "--init",
+                "disc",
+                "--targets",
+                str(run),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     import webdataset as wds
 
     (raw,) = list(wds.WebDataset(expand_shards(str(tmp_path / "s")), shardshuffle=False))
@@ -102,8 +214,23 @@ def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "s"
-    assert main(["data", "shards", str(concept_dir), str(empty), "--init", "disc", "--per-shard", "1",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "shards",
+                str(concept_dir),
+                str(empty),
+                "--init",
+                "disc",
+                "--per-shard",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert list(out.iterdir()) == []  # the first concept's finished shard was removed too
 
 
@@ -112,14 +239,27 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
     from oneword.encoder.shards import read_shard
 
     write_shards(toy_samples(limit=3, images=2, size=32), tmp_path / "s", per_shard=2)
-    args = ["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--steps", "2", "--group", "2",
-            "--out", str(tmp_path / "t")]
+    args = [
+        "data",
+        "targets",
+        str(tmp_path / "s"),
+        "--model",
+        "tiny-sd1",
+        "--steps",
+        "2",
+        "--group",
+        "2",
+        "--out",
+        str(tmp_path / "t"),
+    ]
     assert main(args) == 0
     assert "inverting 2 concepts" in capsys.readouterr().err  # the step bar inside a shard's group
     out = sorted((tmp_path / "t").glob("*.tar"))
     assert [p.name for p in out] == ["concepts-000000.tar", "concepts-000001.tar"]
     before, after = read_shard(tmp_path / "s" / out[0].name), read_shard(out[0])
-    assert [s.key for s in after] == [s.key for s in before] and [s.init for s in after] == [s.init for s in before]
+    assert [s.key for s in after] == [s.key for s in before] and [s.init for s in after] == [
+        s.init for s in before
+    ]
     init = load_model("tiny-sd1").initializer_vectors(after[0].init, 1)[0]
     assert all(s.target[0].shape == (1, 32) and not torch.allclose(s.target[0], init) for s in after)
     assert not any((tmp_path / "t" / ".partial").iterdir())  # the groups' saved states go with their shard
@@ -127,20 +267,48 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
     out[1].unlink()  # as if interrupted during the second shard
     assert main(args) == 0
     assert out[0].stat().st_mtime_ns == stamp and out[1].is_file()
-    assert main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--out", str(tmp_path / "s")]) == 2
+    assert (
+        main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--out", str(tmp_path / "s")])
+        == 2
+    )
     capsys.readouterr()  # other settings into the same OUT skipped every shard and reported success
     assert main([*args[:-2], "--steps", "5", "--out", str(tmp_path / "t")]) == 2
     assert "steps: 2 there, 5 now" in capsys.readouterr().err and out[0].stat().st_mtime_ns == stamp
     assert main([*args[:4], "tiny-sd2", *args[5:]]) == 2
     assert "'tiny-sd1' there, 'tiny-sd2' now" in capsys.readouterr().err
     # --continue starts from the existing targets: at a negligible rate they come back unchanged.
-    more = ["data", "targets", str(tmp_path / "t"), "--model", "tiny-sd1", "--steps", "1", "--continue",
-            "--base-lr", "1e-12", "--out", str(tmp_path / "t2")]
+    more = [
+        "data",
+        "targets",
+        str(tmp_path / "t"),
+        "--model",
+        "tiny-sd1",
+        "--steps",
+        "1",
+        "--continue",
+        "--base-lr",
+        "1e-12",
+        "--out",
+        str(tmp_path / "t2"),
+    ]
     assert main(more) == 0
     for old, new in zip(after, read_shard(tmp_path / "t2" / out[0].name)):
         torch.testing.assert_close(new.target[0], old.target[0], atol=1e-6, rtol=0)
-    assert main(["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--continue",
-                 "--out", str(tmp_path / "t3")]) == 2  # nothing to continue from
+    assert (
+        main(
+            [
+                "data",
+                "targets",
+                str(tmp_path / "s"),
+                "--model",
+                "tiny-sd1",
+                "--continue",
+                "--out",
+                str(tmp_path / "t3"),
+            ]
+        )
+        == 2
+    )  # nothing to continue from
 
 
 def test_ti_data_targets_continues_a_group_after_an_interruption(tiny_dirs, tmp_path, monkeypatch, capsys):
@@ -151,7 +319,17 @@ def test_ti_data_targets_continues_a_group_after_an_interruption(tiny_dirs, tmp_
     from oneword.inversion.loss import denoising_loss
 
     write_shards(toy_samples(limit=2, images=2, size=32), tmp_path / "s", per_shard=2)
-    args = ["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--steps", "3", "--out", str(tmp_path / "t")]
+    args = [
+        "data",
+        "targets",
+        str(tmp_path / "s"),
+        "--model",
+        "tiny-sd1",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "t"),
+    ]
     calls = []
 
     def interrupted(*a, **kw):
@@ -185,11 +363,26 @@ def test_ti_data_targets_from_an_encoder(tiny_dirs, tmp_path):
     enc, model = tiny_encoder()
     path = save_encoder(enc, tmp_path / "enc.safetensors")
     write_shards(toy_samples(limit=3, images=2, size=32), tmp_path / "s", per_shard=4)
-    args = ["data", "targets", str(tmp_path / "s"), "--model", "tiny-sd1", "--steps", "1", "--base-lr", "1e-12",
-            "--from-encoder", str(path), "--out", str(tmp_path / "t")]
+    args = [
+        "data",
+        "targets",
+        str(tmp_path / "s"),
+        "--model",
+        "tiny-sd1",
+        "--steps",
+        "1",
+        "--base-lr",
+        "1e-12",
+        "--from-encoder",
+        str(path),
+        "--out",
+        str(tmp_path / "t"),
+    ]
     assert main(args) == 0
     samples = read_shard(next((tmp_path / "t").glob("*.tar")))
-    expected = predict_embeddings(load_encoder(path), model, [s.images for s in samples], [s.init for s in samples])
+    expected = predict_embeddings(
+        load_encoder(path), model, [s.images for s in samples], [s.init for s in samples]
+    )
     init = model.initializer_vectors(samples[0].init, 1)[0]
     for s, e in zip(samples, expected):
         torch.testing.assert_close(s.target[0], e[0], atol=1e-5, rtol=0)
@@ -197,4 +390,7 @@ def test_ti_data_targets_from_an_encoder(tiny_dirs, tmp_path):
     assert main(args[:-2] + ["--continue", "--out", str(tmp_path / "t2")]) == 2  # one start, not two
     other, _ = tiny_encoder("sdxl")  # two text encoders: not for tiny-sd1
     save_encoder(other, tmp_path / "sdxl.safetensors")
-    assert main(args[:7] + ["--from-encoder", str(tmp_path / "sdxl.safetensors"), "--out", str(tmp_path / "t3")]) == 2
+    assert (
+        main(args[:7] + ["--from-encoder", str(tmp_path / "sdxl.safetensors"), "--out", str(tmp_path / "t3")])
+        == 2
+    )

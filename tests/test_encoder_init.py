@@ -51,8 +51,14 @@ def test_a_fresh_fit_starts_from_an_exported_encoder(tiny_dirs, tmp_path):
 
     # Settings of parts the encoder lacks, the model's name and offset scales within 2 % do not block ...
     scale = json.loads(read_safetensors(path, fmt=FORMAT)[1]["config"])["offset_scale"]
-    loose = _edited(path, tmp_path / "loose.safetensors", map_width=64, unet_layout="multiscale",
-                    model="elsewhere/sd", offset_scale=[s * 1.01 for s in scale])
+    loose = _edited(
+        path,
+        tmp_path / "loose.safetensors",
+        map_width=64,
+        unet_layout="multiscale",
+        model="elsewhere/sd",
+        offset_scale=[s * 1.01 for s in scale],
+    )
     EncoderModule(**KW, init_from=str(loose)).on_fit_start()
     # ... a different architecture or target model does, naming each field.
     with pytest.raises(InputError, match="hidden: file 32, config 16"):
@@ -75,21 +81,38 @@ def test_fit_resume_and_export_guard_with_a_start_file(tiny_dirs, tmp_path):
     write_shards(toy_samples(limit=4, images=3, size=32), tmp_path / "shards", per_shard=4)
 
     def fit(steps: int, export, ckpt=None):
-        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"),
-                            logger=False, limit_val_batches=0, enable_progress_bar=False,
-                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"),
-                                                                           save_last=True, every_n_train_steps=1),
-                                       ExportEncoder(str(export))])
+        trainer = L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=str(tmp_path / "run"),
+            logger=False,
+            limit_val_batches=0,
+            enable_progress_bar=False,
+            callbacks=[
+                L.pytorch.callbacks.ModelCheckpoint(
+                    dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=1
+                ),
+                ExportEncoder(str(export)),
+            ],
+        )
         module = EncoderModule(**KW, init_from=str(path))
-        trainer.fit(module, ConceptShards(str(tmp_path / "shards"), batch_size=2, max_refs=2, val_fraction=0.25,
-                                          shuffle_buffer=4), ckpt_path=ckpt)
+        trainer.fit(
+            module,
+            ConceptShards(
+                str(tmp_path / "shards"), batch_size=2, max_refs=2, val_fraction=0.25, shuffle_buffer=4
+            ),
+            ckpt_path=ckpt,
+        )
         return trainer, module
 
     with pytest.raises(InputError, match="overwrite"):  # exporting onto the start file would lose it
         fit(1, path)
     assert read_safetensors(path, fmt=FORMAT)[1].get("step") is None  # untouched
     _, module = fit(1, tmp_path / "out.safetensors")
-    for got, want in zip(_heads(module), _heads(trained)):  # one small step from the file's weights, not zeros
+    for got, want in zip(
+        _heads(module), _heads(trained)
+    ):  # one small step from the file's weights, not zeros
         torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
     path.unlink()  # the start file is gone: a resume takes the checkpoint's weights and never reads it
     trainer, module = fit(2, tmp_path / "out.safetensors", ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
@@ -102,9 +125,21 @@ def test_ti_train_encoder_reports_bad_input_in_one_line(tiny_dirs, tmp_path, cap
 
     monkeypatch.chdir(tmp_path)  # Lightning's default run folder
     write_shards(toy_samples(limit=4, images=3, size=32), tmp_path / "shards", per_shard=4)
-    args = ["fit", "--model.model", "tiny-sd1", "--model.clip", "random", "--model.hidden", "32",
-            "--data.shards", str(tmp_path / ("no-shards" if bad == "shards" else "shards")),
-            "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]
+    args = [
+        "fit",
+        "--model.model",
+        "tiny-sd1",
+        "--model.clip",
+        "random",
+        "--model.hidden",
+        "32",
+        "--data.shards",
+        str(tmp_path / ("no-shards" if bad == "shards" else "shards")),
+        "--trainer.max_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     if bad == "start file":
         args += ["--model.init_from", str(tmp_path / "missing.safetensors")]
     with pytest.raises(SystemExit) as exit_info:

@@ -22,15 +22,29 @@ def test_lightning_fit_and_resume(tiny_dirs, tmp_path):
     write_shards(toy_samples(limit=8, images=3, size=32), tmp_path / "shards", per_shard=4)
 
     def fit(steps: int, ckpt=None):
-        module = EncoderModule(model="tiny-sd1", clip="random", hidden=32, depth=1, warmup_steps=1, template="toy")
-        data = ConceptShards(str(tmp_path / "shards"), batch_size=2, max_refs=2, val_fraction=0.25,
-                             shuffle_buffer=4)
-        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"),
-                            logger=L.pytorch.loggers.CSVLogger(str(tmp_path / "run")), limit_val_batches=1,
-                            val_check_interval=2, check_val_every_n_epoch=None, enable_progress_bar=False,
-                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"),
-                                                                           save_last=True, every_n_train_steps=1),
-                                       ExportEncoder(str(tmp_path / "enc.safetensors"))])
+        module = EncoderModule(
+            model="tiny-sd1", clip="random", hidden=32, depth=1, warmup_steps=1, template="toy"
+        )
+        data = ConceptShards(
+            str(tmp_path / "shards"), batch_size=2, max_refs=2, val_fraction=0.25, shuffle_buffer=4
+        )
+        trainer = L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=str(tmp_path / "run"),
+            logger=L.pytorch.loggers.CSVLogger(str(tmp_path / "run")),
+            limit_val_batches=1,
+            val_check_interval=2,
+            check_val_every_n_epoch=None,
+            enable_progress_bar=False,
+            callbacks=[
+                L.pytorch.callbacks.ModelCheckpoint(
+                    dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=1
+                ),
+                ExportEncoder(str(tmp_path / "enc.safetensors")),
+            ],
+        )
         trainer.fit(module, data, ckpt_path=ckpt)
         return trainer, module
 
@@ -69,8 +83,9 @@ def test_encoder_training_can_checkpoint_the_unet(tiny_dirs):
     from oneword.encoder.lit import EncoderModule
 
     for on in (False, True):
-        module = EncoderModule(model="tiny-sd1", clip="random", hidden=32, depth=1, template="toy",
-                               gradient_checkpointing=on)
+        module = EncoderModule(
+            model="tiny-sd1", clip="random", hidden=32, depth=1, template="toy", gradient_checkpointing=on
+        )
         assert module.ldm.unet.is_gradient_checkpointing is on
 
 
@@ -79,10 +94,18 @@ def test_targets_from_another_model_are_refused(tiny_dirs):
     vectors); the other way round crashed with an IndexError."""
     from oneword.encoder.lit import EncoderModule
 
-    module = EncoderModule(model="tiny-sd1", clip="random", hidden=32, depth=1, template="toy", distill_weight=0.1)
+    module = EncoderModule(
+        model="tiny-sd1", clip="random", hidden=32, depth=1, template="toy", distill_weight=0.1
+    )
     image = Image.new("RGB", (32, 32), "red")
-    batch = {"key": ["a", "b"], "refs": [[image], [image]], "target": [image, image], "init": ["disc", "disc"],
-             "background": [None, None], "target_vectors": [None, [torch.zeros(1, 32)]]}
+    batch = {
+        "key": ["a", "b"],
+        "refs": [[image], [image]],
+        "target": [image, image],
+        "init": ["disc", "disc"],
+        "background": [None, None],
+        "target_vectors": [None, [torch.zeros(1, 32)]],
+    }
     assert torch.isfinite(module.losses(batch, torch.Generator().manual_seed(0))["loss"])
     batch["target_vectors"][1] = [torch.zeros(1, 32), torch.zeros(1, 48)]  # an SDXL-shaped target
     with pytest.raises(InputError, match="target of concept 'b'.*ti data targets"):
@@ -116,8 +139,9 @@ def test_each_rank_picks_its_own_references(tmp_path):
     write_shards(toy_samples(limit=8, images=4, size=16), tmp_path / "shards", per_shard=4)
 
     def picks(rank: int) -> list[tuple[int, bytes]]:
-        data = ConceptShards(str(tmp_path / "shards"), batch_size=1, min_refs=1, max_refs=3, val_fraction=0.1,
-                             shuffle_buffer=1)
+        data = ConceptShards(
+            str(tmp_path / "shards"), batch_size=1, min_refs=1, max_refs=3, val_fraction=0.1, shuffle_buffer=1
+        )
         data.trainer = SimpleNamespace(world_size=1, global_rank=rank)
         out = []
         for batch, _ in zip(data.train_dataloader(), range(6)):
@@ -141,8 +165,12 @@ def test_export_keeps_the_best_validated_encoder(tiny_dirs, tmp_path):
     cb = ExportEncoder(str(path), monitor="val/distill")
     exported = []
     for step, value in [(1, 5.0), (2, 3.0), (3, 4.0), (4, float("nan")), (5, 2.5), (6, 2.6)]:
-        trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, global_step=step,
-                                  callback_metrics={"val/distill": torch.tensor(value)})
+        trainer = SimpleNamespace(
+            is_global_zero=True,
+            sanity_checking=False,
+            global_step=step,
+            callback_metrics={"val/distill": torch.tensor(value)},
+        )
         cb.on_validation_end(trainer, module)
         exported.append(int(read_safetensors(path)[1]["step"]))
         cb.on_train_end(trainer, module)  # a monitored export is not overwritten at the end
@@ -150,8 +178,12 @@ def test_export_keeps_the_best_validated_encoder(tiny_dirs, tmp_path):
     assert float(read_safetensors(path)[1]["best"]) == 2.5
     resumed = ExportEncoder(str(path), monitor="val/distill")
     resumed.load_state_dict(cb.state_dict())
-    trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, global_step=7,
-                              callback_metrics={"val/distill": torch.tensor(2.7)})
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        sanity_checking=False,
+        global_step=7,
+        callback_metrics={"val/distill": torch.tensor(2.7)},
+    )
     resumed.on_validation_end(trainer, module)
     assert read_safetensors(path)[1]["step"] == "5"
     with pytest.raises(KeyError, match="val/missing"):
@@ -166,17 +198,41 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
     write_shards(toy_samples(limit=6, images=3, size=32), tmp_path / "shards", per_shard=6)
     monkeypatch.chdir(tmp_path)  # the config's run folders are relative
-    args = ["fit", "--config", str(config), "--model.model", "tiny-sd1", "--model.clip", "random",
-            "--model.hidden", "32", "--model.depth", "1", "--model.unet_features", "true",
-            "--model.unet_map", "8", "--data.shards", str(tmp_path / "shards"),
-            "--data.batch_size", "2", "--data.val_fraction", "0.3", "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false"]
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--model.model",
+        "tiny-sd1",
+        "--model.clip",
+        "random",
+        "--model.hidden",
+        "32",
+        "--model.depth",
+        "1",
+        "--model.unet_features",
+        "true",
+        "--model.unet_map",
+        "8",
+        "--data.shards",
+        str(tmp_path / "shards"),
+        "--data.batch_size",
+        "2",
+        "--data.val_fraction",
+        "0.3",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     cli_main(args + ["--trainer.max_steps", "2"])
     run = tmp_path / "runs" / "encoder" / "toy"
     assert (run / "encoder.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     first_log = (run / "logs" / "version_0" / "metrics.csv").read_text()
     cli_main(args + ["--trainer.max_steps", "3", "--ckpt_path", "last"])  # the resume a user types
-    assert (run / "logs" / "version_0" / "metrics.csv").read_text() == first_log  # the first run's log is kept
+    assert (
+        run / "logs" / "version_0" / "metrics.csv"
+    ).read_text() == first_log  # the first run's log is kept
     assert (run / "logs" / "version_1" / "metrics.csv").is_file()
     assert list((run / "tb").rglob("events.out.tfevents.*"))
     cfg = load_encoder(run / "encoder.safetensors").cfg
@@ -213,10 +269,33 @@ def test_training_interrupted_by_ctrl_c_resumes_where_it_stopped(tiny_dirs, tmp_
     config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
     write_shards(toy_samples(limit=12, images=3, size=32), tmp_path / "shards", per_shard=12)
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(config), "--model.model", "tiny-sd1", "--model.clip", "random",
-            "--model.hidden", "32", "--model.depth", "1", "--model.unet_features", "false", "--model.unet_map", "0",
-            "--data.shards", str(tmp_path / "shards"), "--data.batch_size", "2", "--data.val_fraction", "0.5",
-            "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "1"]
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--model.model",
+        "tiny-sd1",
+        "--model.clip",
+        "random",
+        "--model.hidden",
+        "32",
+        "--model.depth",
+        "1",
+        "--model.unet_features",
+        "false",
+        "--model.unet_map",
+        "0",
+        "--data.shards",
+        str(tmp_path / "shards"),
+        "--data.batch_size",
+        "2",
+        "--data.val_fraction",
+        "0.5",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.val_check_interval",
+        "1",
+    ]
     real = EncoderModule.training_step
     steps = []
 
@@ -237,8 +316,9 @@ def test_training_interrupted_by_ctrl_c_resumes_where_it_stopped(tiny_dirs, tmp_
         cli_main(args + ["--trainer.max_steps", "5"])
     assert refused.value.code == 2 and "--ckpt_path last" in capsys.readouterr().err
     steps.clear()
-    monkeypatch.setattr(EncoderModule, "training_step", lambda self, b, i: steps.append(self.global_step)
-                        or real(self, b, i))
+    monkeypatch.setattr(
+        EncoderModule, "training_step", lambda self, b, i: steps.append(self.global_step) or real(self, b, i)
+    )
     cli_main(args + ["--trainer.max_steps", "4", "--ckpt_path", "last"])
     assert steps == [2, 3]  # continued at the step Ctrl-C stopped, not from the start
 

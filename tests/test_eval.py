@@ -118,11 +118,26 @@ def test_curve_harness_and_report(tiny_dirs, concept_dir, tmp_path):
     space = load_space("random")
     methods = [Method("base"), Method("big lr", {"base_lr": 0.05}, budgets=(0, 1, 2)), Method("base again")]
     loads = []
-    rows = run_curve(lambda: loads.append(1) or load_model("tiny-sd1"), [concept], base, methods, [0, 2],
-                     lambda m: Scorer(m, settings, space), progress=False)
+    rows = run_curve(
+        lambda: loads.append(1) or load_model("tiny-sd1"),
+        [concept],
+        base,
+        methods,
+        [0, 2],
+        lambda m: Scorer(m, settings, space),
+        progress=False,
+    )
     assert [(r["method"], r["steps"]) for r in rows] == [
-        ("initializer word", None), ("real images", None),
-        ("base", 0), ("base", 2), ("big lr", 0), ("big lr", 1), ("big lr", 2), ("base again", 0), ("base again", 2)]
+        ("initializer word", None),
+        ("real images", None),
+        ("base", 0),
+        ("base", 2),
+        ("big lr", 0),
+        ("big lr", 1),
+        ("big lr", 2),
+        ("base again", 0),
+        ("base again", 2),
+    ]
     # one model for all methods, each starting from it as loaded: the same method scores the same
     assert len(loads) == 1
     assert [rows[i]["recon_clip"] for i in (2, 3)] == [rows[i]["recon_clip"] for i in (7, 8)]
@@ -141,8 +156,12 @@ def test_curve_harness_and_report(tiny_dirs, concept_dir, tmp_path):
 
 
 def test_steps_to_match_and_row_at():
-    summary = [{"method": "s", "steps": 100, "a": 0.5, "b": 0.5}, {"method": "e", "steps": 0, "a": 0.6, "b": 0.4},
-               {"method": "e", "steps": 20, "a": 0.55, "b": 0.52}, {"method": "e", "steps": 50, "a": 0.7, "b": 0.7}]
+    summary = [
+        {"method": "s", "steps": 100, "a": 0.5, "b": 0.5},
+        {"method": "e", "steps": 0, "a": 0.6, "b": 0.4},
+        {"method": "e", "steps": 20, "a": 0.55, "b": 0.52},
+        {"method": "e", "steps": 50, "a": 0.7, "b": 0.7},
+    ]
     ref = row_at(summary, "s", 100)
     assert steps_to_match(summary, "e", ref, ["a", "b"])["steps"] == 20
     assert steps_to_match(summary, "e", ref, ["a"])["steps"] == 0
@@ -153,20 +172,26 @@ def test_steps_to_match_and_row_at():
 def _gap_rows(diffs):
     rows = []
     for i, d in enumerate(diffs):
-        rows += [{"method": "s", "concept": f"c{i}", "steps": 500, "x": 0.5},
-                 {"method": "e", "concept": f"c{i}", "steps": 0, "x": 0.5 + d}]
+        rows += [
+            {"method": "s", "concept": f"c{i}", "steps": 500, "x": 0.5},
+            {"method": "e", "concept": f"c{i}", "steps": 0, "x": 0.5 + d},
+        ]
     return rows
 
 
 def test_paired_gap_bootstraps_concepts():
     same = paired_gap(_gap_rows([0.1] * 5), ("e", 0), ("s", 500), "x")
-    assert same["gap"] == pytest.approx(0.1) and same["lo"] == pytest.approx(0.1) and same["hi"] == pytest.approx(0.1)
+    assert (
+        same["gap"] == pytest.approx(0.1)
+        and same["lo"] == pytest.approx(0.1)
+        and same["hi"] == pytest.approx(0.1)
+    )
     assert same["concepts"] == 5
     mixed = paired_gap(_gap_rows([-0.3, 0.2, 0.0, 0.1, -0.1, 0.05]), ("e", 0), ("s", 500), "x")
     assert mixed["gap"] == pytest.approx(-0.05 / 6)
     assert -0.3 < mixed["lo"] < mixed["gap"] < mixed["hi"] < 0.2  # straddles 0: these concepts cannot tell
     assert paired_gap(_gap_rows([0.1]), ("e", 0), ("s", 3000), "x") is None  # budget never measured
-    line, = goal_gaps(_gap_rows([0.1, 0.2]), [(("e", 0), ("s", 500))], ["x", "missing"])
+    (line,) = goal_gaps(_gap_rows([0.1, 0.2]), [(("e", 0), ("s", 500))], ["x", "missing"])
     assert line.startswith("e @ 0 minus s @ 500 (2 concepts") and "x +0.150 [+0.100, +0.200]" in line
     assert "missing" not in line
     rows = _gap_rows([0.1, 0.2])
@@ -181,9 +206,17 @@ def test_paired_gap_bootstraps_concepts():
 def test_select_pairs_compare_the_kept_word_with_always_refining():
     from oneword.eval.curves import SELECT_SUFFIX
 
-    rows = [{"method": m, "concept": c, "steps": s}
-            for c in ("a", "b") for m, s in (("scratch", 500), ("e", 0), ("e", 200), ("e" + SELECT_SUFFIX, 200),
-                                              ("f" + SELECT_SUFFIX, 100))]
+    rows = [
+        {"method": m, "concept": c, "steps": s}
+        for c in ("a", "b")
+        for m, s in (
+            ("scratch", 500),
+            ("e", 0),
+            ("e", 200),
+            ("e" + SELECT_SUFFIX, 200),
+            ("f" + SELECT_SUFFIX, 100),
+        )
+    ]
     # f was never measured without the selection: nothing to pair it with
     assert select_pairs(rows) == [(("e" + SELECT_SUFFIX, 200), ("e", 200))]
     assert select_pairs([r for r in rows if SELECT_SUFFIX not in r["method"]]) == []
@@ -196,15 +229,28 @@ def _select_run(kept_scores):
     rows = []
     for c, (at0, at50, at200) in kept_scores.items():
         rows += [{"method": "scratch", "concept": c, "steps": 500, "recon_oracle": 0.5}]
-        rows += [{"method": "e", "concept": c, "steps": b, "seconds": b / 10, "recon_oracle": x}
-                 for b, x in ((0, at0), (50, at50), (200, at200))]
+        rows += [
+            {"method": "e", "concept": c, "steps": b, "seconds": b / 10, "recon_oracle": x}
+            for b, x in ((0, at0), (50, at50), (200, at200))
+        ]
         # c0's round trip prefers the 50-step word, then the prediction; c1's the 200-step word
-        d = {"prediction": 0.2, "refined@50": 0.1, "refined": 0.3} if c == "c0" else \
-            {"prediction": 0.3, "refined@50": 0.2, "refined": 0.1}
-        rows.append({"method": "e" + SELECT_SUFFIX, "concept": c, "steps": 200, "seconds": 21.5,
-                     "kept": min(d, key=d.get), "distances": d,
-                     "select_seconds": {"prediction": 0.5, "refined@50": 0.5, "refined": 0.5},
-                     "recon_oracle": {"c0": at50, "c1": at200}[c]})
+        d = (
+            {"prediction": 0.2, "refined@50": 0.1, "refined": 0.3}
+            if c == "c0"
+            else {"prediction": 0.3, "refined@50": 0.2, "refined": 0.1}
+        )
+        rows.append(
+            {
+                "method": "e" + SELECT_SUFFIX,
+                "concept": c,
+                "steps": 200,
+                "seconds": 21.5,
+                "kept": min(d, key=d.get),
+                "distances": d,
+                "select_seconds": {"prediction": 0.5, "refined@50": 0.5, "refined": 0.5},
+                "recon_oracle": {"c0": at50, "c1": at200}[c],
+            }
+        )
     return rows
 
 
@@ -220,7 +266,9 @@ def test_reselect_scores_a_smaller_candidate_set_from_recorded_distances():
     assert two["c1"]["kept"] == "refined" and two["c1"]["recon_oracle"] == 0.9
     assert two["c0"]["steps"] == 200 and two["c0"]["seconds"] == 21.0  # 20 s refining + 2 round trips
     short = {r["concept"]: r for r in reselect(rows, [50, 0]) if r["method"] == "e" + SELECT_SUFFIX}
-    assert short["c1"]["kept"] == "refined@50" and short["c1"]["steps"] == 50 and short["c1"]["seconds"] == 6.0
+    assert (
+        short["c1"]["kept"] == "refined@50" and short["c1"]["steps"] == 50 and short["c1"]["seconds"] == 6.0
+    )
     with pytest.raises(ValueError, match="refined@100"):
         reselect(rows, [0, 100])  # never measured
     with pytest.raises(ValueError, match="no round trip"):
@@ -245,7 +293,9 @@ def test_pool_results_pools_disjoint_draws(tmp_path, capsys):
     assert pool([str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "2 concepts from 2 run(s)" in out and "| enc | 0 |" in out
-    assert "enc @ 0 minus scratch @ 500 (2 concepts, 95% interval): recon_oracle +0.200 [+0.100, +0.300]" in out
+    assert (
+        "enc @ 0 minus scratch @ 500 (2 concepts, 95% interval): recon_oracle +0.200 [+0.100, +0.300]" in out
+    )
     with pytest.raises(SystemExit):
         pool([str(a), str(a)])  # the same concepts twice would count them twice
     assert "repeats concepts" in capsys.readouterr().err
@@ -259,22 +309,33 @@ def test_pool_results_pairs_a_new_encoder_with_saved_runs(tmp_path, capsys):
     old_rows, new_rows = [], []
     for i, (old, now) in enumerate([(0.4, 0.6), (0.5, 0.6)]):
         c = f"c{i}"
-        old_rows += [{"method": "scratch", "concept": c, "steps": 500, "recon_oracle": 0.5},
-                     {"method": "enc", "concept": c, "steps": 0, "recon_oracle": old},
-                     {"method": "enc", "concept": c, "steps": 200, "recon_oracle": 0.9}]
+        old_rows += [
+            {"method": "scratch", "concept": c, "steps": 500, "recon_oracle": 0.5},
+            {"method": "enc", "concept": c, "steps": 0, "recon_oracle": old},
+            {"method": "enc", "concept": c, "steps": 200, "recon_oracle": 0.9},
+        ]
         new_rows += [{"method": "enc", "concept": c, "steps": 0, "recon_oracle": now}]
     saved.write_text(json.dumps({"settings": {"samples": 8, "sample_steps": 25}, "rows": old_rows}))
     new.write_text(json.dumps({"plan": {"samples": 8, "sample_steps": 25}, "rows": new_rows}))
     assert pool([str(new), "--baseline", str(saved)]) == 0
     out = capsys.readouterr().out
-    assert "enc @ 0 minus scratch @ 500 (2 concepts, 95% interval): recon_oracle +0.100 [+0.100, +0.100]" in out
+    assert (
+        "enc @ 0 minus scratch @ 500 (2 concepts, 95% interval): recon_oracle +0.100 [+0.100, +0.100]" in out
+    )
     assert "enc @ 0 minus enc (saved) @ 0 (2 concepts, 95% interval): recon_oracle +0.150" in out
-    assert "| enc (saved) | 200 |" in out and "| enc | 200 |" not in out  # saved budgets stay the saved encoder's
+    assert (
+        "| enc (saved) | 200 |" in out and "| enc | 200 |" not in out
+    )  # saved budgets stay the saved encoder's
     kept = [{"method": "enc", "concept": c, "steps": 200, "recon_oracle": 0.8} for c in ("c0", "c1")]
-    kept += [{"method": "enc + select", "concept": c, "steps": 200, "recon_oracle": 0.85} for c in ("c0", "c1")]
+    kept += [
+        {"method": "enc + select", "concept": c, "steps": 200, "recon_oracle": 0.85} for c in ("c0", "c1")
+    ]
     new.write_text(json.dumps({"rows": new_rows + kept}))
     assert pool([str(new), "--baseline", str(saved)]) == 0  # the kept word against always refining
-    assert "enc + select @ 200 minus enc @ 200 (2 concepts, 95% interval): recon_oracle +0.050" in capsys.readouterr().out
+    assert (
+        "enc + select @ 200 minus enc @ 200 (2 concepts, 95% interval): recon_oracle +0.050"
+        in capsys.readouterr().out
+    )
     new.write_text(json.dumps({"plan": {"samples": 4, "sample_steps": 25}, "rows": new_rows}))
     with pytest.raises(SystemExit):
         pool([str(new), "--baseline", str(saved)])  # other samples: scores are not comparable
@@ -284,8 +345,16 @@ def test_pool_results_pairs_a_new_encoder_with_saved_runs(tmp_path, capsys):
         pool([str(new), "--baseline", str(saved)])
     assert "lacks concepts" in capsys.readouterr().err
     fresh = tmp_path / "fresh.json"  # a new draw that measured scratch itself pools beside the baseline
-    fresh.write_text(json.dumps({"rows": [{"method": "scratch", "concept": "c9", "steps": 500, "recon_oracle": 0.5},
-                                          {"method": "enc", "concept": "c9", "steps": 0, "recon_oracle": 0.7}]}))
+    fresh.write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {"method": "scratch", "concept": "c9", "steps": 500, "recon_oracle": 0.5},
+                    {"method": "enc", "concept": "c9", "steps": 0, "recon_oracle": 0.7},
+                ]
+            }
+        )
+    )
     new.write_text(json.dumps({"rows": new_rows}))
     assert pool([str(new), str(fresh), "--baseline", str(saved)]) == 0
     assert "enc @ 0 minus scratch @ 500 (3 concepts" in capsys.readouterr().out
@@ -298,17 +367,25 @@ def test_pool_results_select_among(tmp_path, capsys):
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"rows": _select_run({"c0": (0.6, 0.7, 0.8), "c1": (0.6, 0.65, 0.9)})}))
     assert pool([str(run)]) == 0
-    assert "e + select @ 200 minus e @ 200 (2 concepts, 95% interval): recon_oracle -0.050" in capsys.readouterr().out
+    assert (
+        "e + select @ 200 minus e @ 200 (2 concepts, 95% interval): recon_oracle -0.050"
+        in capsys.readouterr().out
+    )
     assert pool([str(run), "--select-among", "0", "200"]) == 0  # c0 keeps its prediction instead
-    assert "e + select @ 200 minus e @ 200 (2 concepts, 95% interval): recon_oracle -0.100" in capsys.readouterr().out
+    assert (
+        "e + select @ 200 minus e @ 200 (2 concepts, 95% interval): recon_oracle -0.100"
+        in capsys.readouterr().out
+    )
     with pytest.raises(SystemExit):
         pool([str(run), "--select-among", "0", "100"])
     assert "refined@100" in capsys.readouterr().err
 
 
 def test_summarize_means_over_concepts():
-    rows = [{"method": "m", "steps": 5, "seconds": 1.0, "recon_clip": 0.2},
-            {"method": "m", "steps": 5, "seconds": 3.0, "recon_clip": 0.4}]
+    rows = [
+        {"method": "m", "steps": 5, "seconds": 1.0, "recon_clip": 0.2},
+        {"method": "m", "steps": 5, "seconds": 3.0, "recon_clip": 0.4},
+    ]
     (s,) = summarize(rows)
     assert s["recon_clip"] == pytest.approx(0.3) and s["seconds"] == 2.0 and s["edit_clip"] is None
     assert "0.300" in markdown_table([s])
@@ -318,8 +395,12 @@ def test_curate_keeps_the_closest_candidate(tiny_dirs):
     model = load_model("tiny-sd1")
 
     def mean_colour(images):
-        return torch.stack([torch.tensor(im.convert("RGB").resize((1, 1)).getpixel((0, 0)),
-                                         dtype=torch.float32) - 127.5 for im in images])
+        return torch.stack(
+            [
+                torch.tensor(im.convert("RGB").resize((1, 1)).getpixel((0, 0)), dtype=torch.float32) - 127.5
+                for im in images
+            ]
+        )
 
     space = ClipSpace("colour", mean_colour, lambda t: torch.zeros(len(t), 3))
     refs = [Image.new("RGB", (8, 8), (255, 0, 0))]
@@ -330,39 +411,144 @@ def test_curate_keeps_the_closest_candidate(tiny_dirs):
     from oneword.sampling import generate_images
 
     for slot in range(2):
-        cands = generate_images(model, ["a photo"], SampleSettings(steps=2, seeds=[3 * slot + k for k in range(3)]))
+        cands = generate_images(
+            model, ["a photo"], SampleSettings(steps=2, seeds=[3 * slot + k for k in range(3)])
+        )
         sims = torch.nn.functional.normalize(mean_colour(cands), dim=-1) @ target
         assert picked.scores[slot] == pytest.approx(float(sims.max()), abs=1e-5)
 
 
 def test_ti_eval_curve_and_score(tiny_dirs, concept_dir, tmp_path, capsys):
     out = tmp_path / "curve"
-    code = main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", "--init", "disc", "--budgets", "0", "1",
-                 "--variant", "a", "b:base_lr=0.02", "--batch_size", "1", "--resolution", "32",
-                 "--views_per_image", "1", "--no-progress", *TINY_EVAL, "--edit-prompt", "a sketch of {}",
-                 "--out", str(out)])
+    code = main(
+        [
+            "eval",
+            "curve",
+            str(concept_dir),
+            "--model",
+            "tiny-sd1",
+            "--init",
+            "disc",
+            "--budgets",
+            "0",
+            "1",
+            "--variant",
+            "a",
+            "b:base_lr=0.02",
+            "--batch_size",
+            "1",
+            "--resolution",
+            "32",
+            "--views_per_image",
+            "1",
+            "--no-progress",
+            *TINY_EVAL,
+            "--edit-prompt",
+            "a sketch of {}",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| b | 1 |" in printed and "initializer word" in printed
     assert (out / "quality_vs_steps.png").is_file() and (out / "recon_edit_plane.png").is_file()
 
     run = tmp_path / "run"
-    assert main(["invert", str(concept_dir), "--model", "tiny-sd1", "--token", "<red-disc>", "--init", "disc",
-                 "--steps", "1", "--batch_size", "1", "--resolution", "32", "--views_per_image", "1",
-                 "--no-progress", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                "--token",
+                "<red-disc>",
+                "--init",
+                "disc",
+                "--steps",
+                "1",
+                "--batch_size",
+                "1",
+                "--resolution",
+                "32",
+                "--views_per_image",
+                "1",
+                "--no-progress",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["eval", "score", str(run / "red-disc.safetensors"), "--concept", str(concept_dir),
-                 "--model", "tiny-sd1", *TINY_EVAL, "--edit-prompt", "a sketch of {}", "--sample-batch", "1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                str(run / "red-disc.safetensors"),
+                "--concept",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                *TINY_EVAL,
+                "--edit-prompt",
+                "a sketch of {}",
+                "--sample-batch",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| red-disc.safetensors | 1 |" in printed and "real images" in printed
     other = tmp_path / "other"  # another run: its files have the same names
-    assert main(["invert", str(concept_dir), "--model", "tiny-sd1", "--token", "<blue-box>", "--init", "box",
-                 "--steps", "1", "--batch_size", "1", "--resolution", "32", "--views_per_image", "1",
-                 "--no-progress", "--out", str(other)]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                "--token",
+                "<blue-box>",
+                "--init",
+                "box",
+                "--steps",
+                "1",
+                "--batch_size",
+                "1",
+                "--resolution",
+                "32",
+                "--views_per_image",
+                "1",
+                "--no-progress",
+                "--out",
+                str(other),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     pair = [str(run / "learned_embeds.safetensors"), str(other / "learned_embeds.safetensors")]
-    assert main(["eval", "score", *pair, "--concept", str(concept_dir), "--model", "tiny-sd1", *TINY_EVAL,
-                 "--edit-prompt", "a sketch of {}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                *pair,
+                "--concept",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                *TINY_EVAL,
+                "--edit-prompt",
+                "a sketch of {}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert all(f"| {p} | 1 |" in printed for p in pair)  # two rows, not one average of both runs
 
@@ -370,23 +556,92 @@ def test_ti_eval_curve_and_score(tiny_dirs, concept_dir, tmp_path, capsys):
 def test_ti_eval_errors(tiny_dirs, concept_dir, capsys):
     assert main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", *TINY_EVAL]) == 2
     assert "--init" in capsys.readouterr().err  # no concept.json: the initializer must be given
-    assert main(["eval", "curve", str(concept_dir), "--model", "tiny-sd1", "--init", "disc",
-                 "--variant", "x:bogus=1", *TINY_EVAL]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "curve",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                "--init",
+                "disc",
+                "--variant",
+                "x:bogus=1",
+                *TINY_EVAL,
+            ]
+        )
+        == 2
+    )
     assert "bogus" in capsys.readouterr().err
-    assert main(["eval", "score", str(concept_dir), "--concept", str(concept_dir), "--model", "tiny-sd1",
-                 *TINY_EVAL, "--sample-batch", "0"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                str(concept_dir),
+                "--concept",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                *TINY_EVAL,
+                "--sample-batch",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "batch must be at least 1" in capsys.readouterr().err  # one line, before any sampling
 
 
 def test_generate_curate(tiny_dirs, concept_dir, tmp_path):
     png = tmp_path / "curated.png"
-    assert main(["generate", "--model", "tiny-sd1", "--embedding", str(_embedding(tmp_path)),
-                 "--prompt", "a photo of <e>", "-n", "2", "--steps", "2", "--curate", "3",
-                 "--reference", str(concept_dir), "--clip", "random", "--out", str(png)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-sd1",
+                "--embedding",
+                str(_embedding(tmp_path)),
+                "--prompt",
+                "a photo of <e>",
+                "-n",
+                "2",
+                "--steps",
+                "2",
+                "--curate",
+                "3",
+                "--reference",
+                str(concept_dir),
+                "--clip",
+                "random",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     meta = Image.open(png).text
     assert meta["curate"] == "3" and len(meta["curated_seeds"].split(",")) == 2
-    assert main(["generate", "--model", "tiny-sd1", "--embedding", str(_embedding(tmp_path)),
-                 "--prompt", "a photo of <e>", "--curate", "2", "--out", str(png)]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-sd1",
+                "--embedding",
+                str(_embedding(tmp_path)),
+                "--prompt",
+                "a photo of <e>",
+                "--curate",
+                "2",
+                "--out",
+                str(png),
+            ]
+        )
+        == 2
+    )
 
 
 def _embedding(tmp_path):
@@ -407,7 +662,9 @@ def test_amortization_progress_resumes_only_the_same_plan(tmp_path):
     plan = {"concepts": ["a", "b"], "methods": [["scratch", [0, 5], {}]]}
     assert load(path, plan) == ([], 0.0)  # a fresh run
     save(path, plan, [{"method": "scratch", "concept": "a", "steps": 5, "recon_oracle": 0.5}], 12.5)
-    rows, took = load(path, {"concepts": ["a", "b"], "methods": [("scratch", [0, 5], {})]})  # tuples as JSON lists
+    rows, took = load(
+        path, {"concepts": ["a", "b"], "methods": [("scratch", [0, 5], {})]}
+    )  # tuples as JSON lists
     assert [r["concept"] for r in rows] == ["a"] and took == 12.5
     with pytest.raises(ValueError, match="other concepts, methods or settings"):
         load(path, {**plan, "concepts": ["a", "c"]})
@@ -434,7 +691,9 @@ def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
     from oneword.eval.curves import SELECT_SUFFIX
 
     concept = load_concept(concept_dir, init="disc")
-    base = InversionConfig(token="<x>", init="disc", batch_size=1, resolution=32, views_per_image=1, base_lr=0.05)
+    base = InversionConfig(
+        token="<x>", init="disc", batch_size=1, resolution=32, views_per_image=1, base_lr=0.05
+    )
     settings = EvalSettings(samples=2, steps=2, edit_prompts=["a sketch of {}"])
 
     seen = {}
@@ -444,10 +703,18 @@ def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
         model.set_vectors(token, words[0])
         return Choice("prediction", {"prediction": 0.1, "refined": 0.2}, {"prediction": 1.0, "refined": 1.0})
 
-    start = Method("enc", init_fn=lambda m, c: m.initializer_vectors("disc", 1), budgets=(0, 1, 2),
-                   select_fn=keep_start)
-    rows = run_curve(lambda: load_model("tiny-sd1"), [concept], base, [Method("scratch", budgets=(0,)), start], [0],
-                     lambda m: Scorer(m, settings, load_space("random")), progress=False)
+    start = Method(
+        "enc", init_fn=lambda m, c: m.initializer_vectors("disc", 1), budgets=(0, 1, 2), select_fn=keep_start
+    )
+    rows = run_curve(
+        lambda: load_model("tiny-sd1"),
+        [concept],
+        base,
+        [Method("scratch", budgets=(0,)), start],
+        [0],
+        lambda m: Scorer(m, settings, load_space("random")),
+        progress=False,
+    )
     by = {(r["method"], r["steps"]): r for r in rows}
     chosen = by[("enc" + SELECT_SUFFIX, 2)]
     assert chosen["kept"] == "prediction" and chosen["distances"] == {"prediction": 0.1, "refined": 0.2}
@@ -458,8 +725,9 @@ def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
     assert ("scratch" + SELECT_SUFFIX, 0) not in by  # no starting word to go back to
 
 
-@pytest.mark.parametrize("spec, quick", [("ViT-L-14", True), ("ViT-B-32:openai", True),
-                                         ("ViT-H-14:laion2b_s32b_b79k", False)])
+@pytest.mark.parametrize(
+    "spec, quick", [("ViT-L-14", True), ("ViT-B-32:openai", True), ("ViT-H-14:laion2b_s32b_b79k", False)]
+)
 def test_openai_clip_towers_are_built_with_quick_gelu(spec, quick, monkeypatch):
     """open_clip 3 builds OpenAI's towers with plain GELU unless asked (it only warns): the encoder's
     and the metrics' features would silently differ from the weights' training."""
@@ -511,12 +779,16 @@ def test_safety_checker_blackouts_are_reported(tiny_dirs, monkeypatch, caplog):
     model = load_model("tiny-sd1")
 
     def checked(self, *args, generator, **kwargs):
-        return SimpleNamespace(images=[Image.new("RGB", (32, 32))] * len(generator),
-                               nsfw_content_detected=[True] + [False] * (len(generator) - 1))
+        return SimpleNamespace(
+            images=[Image.new("RGB", (32, 32))] * len(generator),
+            nsfw_content_detected=[True] + [False] * (len(generator) - 1),
+        )
 
     monkeypatch.setattr(type(model.pipeline), "__call__", checked)
     with caplog.at_level("WARNING"):
-        images = generate_images(model, ["a photo", "a sketch"], SampleSettings(steps=1, seeds=[0, 1, 2], batch=2))
+        images = generate_images(
+            model, ["a photo", "a sketch"], SampleSettings(steps=1, seeds=[0, 1, 2], batch=2)
+        )
     assert len(images) == 6 and "4 of 6 images were blacked out" in caplog.text
 
 
@@ -528,7 +800,9 @@ def test_sampling_reports_progress_per_prompt_and_draws_the_same_images(tiny_dir
     from oneword.sampling import generate_images
 
     model = load_model("tiny-sd1")
-    settings = EvalSettings(samples=3, steps=2, batch=2, edit_prompts=["a sketch of {}", "a photo of {} at night"])
+    settings = EvalSettings(
+        samples=3, steps=2, batch=2, edit_prompts=["a sketch of {}", "a photo of {} at night"]
+    )
     scorer = Scorer(model, settings, load_space("random"))
     ticks = []
     scorer.bar = SimpleNamespace(update=ticks.append)

@@ -56,15 +56,11 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG whose IHDR claims ``width`` x ``height`` (8-bit RGB) with no real pixel data."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\0" * 64)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
 
 
@@ -333,10 +329,7 @@ def test_resize_and_crop_deterministic() -> None:
 
     def views(seed: int) -> list[bytes]:
         rng = random.Random(seed)
-        return [
-            resize_and_crop(img, 32, center=False, rng=rng, scale=(0.6, 1.0)).tobytes()
-            for _ in range(4)
-        ]
+        return [resize_and_crop(img, 32, center=False, rng=rng, scale=(0.6, 1.0)).tobytes() for _ in range(4)]
 
     assert views(7) == views(7)
     assert views(7) != views(8)

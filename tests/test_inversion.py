@@ -21,17 +21,29 @@ from oneword.models import load_model
 
 def _loss_interrupted_at(call: int, calls: list[int]):
     """The denoising loss, raising KeyboardInterrupt (as Ctrl-C would) at its ``call``-th use."""
+
     def loss(*args, **kw):
         calls.append(1)
         if len(calls) == call:
             raise KeyboardInterrupt
         return denoising_loss(*args, **kw)
+
     return loss
 
 
 def small_cfg(**kw) -> InversionConfig:
-    base = dict(token="<red-disc>", init="disc", steps=4, batch_size=2, resolution=32,
-                views_per_image=2, save_every=2, preview_every=0, preview_steps=2, seed=3)
+    base = dict(
+        token="<red-disc>",
+        init="disc",
+        steps=4,
+        batch_size=2,
+        resolution=32,
+        views_per_image=2,
+        save_every=2,
+        preview_every=0,
+        preview_steps=2,
+        seed=3,
+    )
     base.update(kw)
     return InversionConfig(**base)
 
@@ -89,10 +101,15 @@ def _diffusers_prompt_embeds(folder: Path, run: Path, family: str, prompt: str, 
         else:
             l_vecs = load_file(str(run / "learned_embeds.safetensors"))[token]
             g_vecs = load_file(str(run / "learned_embeds_2.safetensors"))[token]
-        pipe.load_textual_inversion(l_vecs, token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        pipe.load_textual_inversion(g_vecs, token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
-        pe, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
+        pipe.load_textual_inversion(
+            l_vecs, token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            g_vecs, token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
+        pe, _, pooled, _ = pipe.encode_prompt(
+            prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         return pe, pooled
     path = run / ("red-disc.safetensors" if single_file else "learned_embeds.safetensors")
     pipe.load_textual_inversion(str(path), token=token)
@@ -101,10 +118,14 @@ def _diffusers_prompt_embeds(folder: Path, run: Path, family: str, prompt: str, 
 
 
 @pytest.mark.parametrize("single_file", [False, True])
-def test_files_load_in_diffusers_with_same_text_encoding(tiny_dirs, concept_dir, tmp_path, family, single_file):
+def test_files_load_in_diffusers_with_same_text_encoding(
+    tiny_dirs, concept_dir, tmp_path, family, single_file
+):
     model = load_model(f"tiny-{family}")
     run = tmp_path / "run"
-    res = run_inversion(model, load_folder(concept_dir), small_cfg(steps=2, num_vectors=2), run, progress=False)
+    res = run_inversion(
+        model, load_folder(concept_dir), small_cfg(steps=2, num_vectors=2), run, progress=False
+    )
     names = {p.name for p in res.files}
     assert {"learned_embeds.safetensors", "red-disc.safetensors"} <= names
     assert ("learned_embeds_2.safetensors" in names) == (family == "sdxl")
@@ -123,8 +144,9 @@ def test_run_folder_and_resume_matches_uninterrupted(tiny_dirs, concept_dir, tmp
     assert half.step == 3
     with pytest.raises(InputError, match="already holds files"):
         run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=6), tmp_path / "b", progress=False)
-    resumed = run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=6), tmp_path / "b",
-                            resume=True, progress=False)
+    resumed = run_inversion(
+        load_model("tiny-sd2"), images, small_cfg(steps=6), tmp_path / "b", resume=True, progress=False
+    )
     assert resumed.step == 6
     torch.testing.assert_close(resumed.embedding.vectors[0], full.embedding.vectors[0], rtol=0, atol=1e-6)
     rows_a = list(csv.reader((tmp_path / "a" / "loss.csv").read_text().splitlines()))
@@ -134,8 +156,14 @@ def test_run_folder_and_resume_matches_uninterrupted(tiny_dirs, concept_dir, tmp
         assert (tmp_path / "b" / name).is_file()
     assert InversionConfig.from_yaml((tmp_path / "b" / "config.yaml").read_text()).steps == 6
     with pytest.raises(InputError, match="settings differ"):
-        run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=8, reg_weight=1.0), tmp_path / "b",
-                      resume=True, progress=False)
+        run_inversion(
+            load_model("tiny-sd2"),
+            images,
+            small_cfg(steps=8, reg_weight=1.0),
+            tmp_path / "b",
+            resume=True,
+            progress=False,
+        )
 
 
 def test_resume_checks_its_inputs(tiny_dirs, concept_dir, tmp_path, caplog):
@@ -147,20 +175,38 @@ def test_resume_checks_its_inputs(tiny_dirs, concept_dir, tmp_path, caplog):
     run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=2), tmp_path / "r", progress=False)
     other = load_folder(make_concept_images(tmp_path / "other", n=2))
     with pytest.raises(InputError, match="other images"):
-        run_inversion(load_model("tiny-sd1"), other, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False)
+        run_inversion(
+            load_model("tiny-sd1"), other, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False
+        )
     with pytest.raises(InputError, match="sd2"):
-        run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False)
+        run_inversion(
+            load_model("tiny-sd2"), images, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False
+        )
     with pytest.raises(InputError, match="at step 2, past --steps 1"):
-        run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=1), tmp_path / "r", resume=True, progress=False)
+        run_inversion(
+            load_model("tiny-sd1"), images, small_cfg(steps=1), tmp_path / "r", resume=True, progress=False
+        )
     with caplog.at_level("WARNING"):
-        done = run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3, base_lr=1e-3), tmp_path / "r",
-                             resume=True, progress=False)
+        done = run_inversion(
+            load_model("tiny-sd1"),
+            images,
+            small_cfg(steps=3, base_lr=1e-3),
+            tmp_path / "r",
+            resume=True,
+            progress=False,
+        )
     assert done.step == 3 and "at base_lr 0.001" in caplog.text
     cosine = small_cfg(steps=2, lr_schedule="cosine")
     run_inversion(load_model("tiny-sd1"), images, cosine, tmp_path / "c", progress=False)
     with pytest.raises(InputError, match="steps"):  # the schedule's length: every step's rate
-        run_inversion(load_model("tiny-sd1"), images, dataclasses.replace(cosine, steps=4), tmp_path / "c",
-                      resume=True, progress=False)
+        run_inversion(
+            load_model("tiny-sd1"),
+            images,
+            dataclasses.replace(cosine, steps=4),
+            tmp_path / "c",
+            resume=True,
+            progress=False,
+        )
     (tmp_path / "c" / "config.yaml").write_text("steps: [unclosed")
     with pytest.raises(InputError, match="config.yaml is damaged"):
         run_inversion(load_model("tiny-sd1"), images, cosine, tmp_path / "c", resume=True, progress=False)
@@ -168,7 +214,9 @@ def test_resume_checks_its_inputs(tiny_dirs, concept_dir, tmp_path, caplog):
         small_cfg(flip_p=3)
 
 
-def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(
+    tiny_dirs, concept_dir, tmp_path, monkeypatch
+):
     """A divergence (or an out-of-memory crash) before the first checkpoint left a folder that was
     neither resumable nor reusable."""
     import oneword.inversion.group as group
@@ -180,8 +228,13 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(tiny_dirs, c
     assert (tmp_path / "r" / "config.yaml").is_file() and not (tmp_path / "r" / "checkpoints").exists()
     monkeypatch.setattr(group, "denoising_loss", denoising_loss)
     with pytest.raises(InputError, match="nothing to resume"):
-        run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False)
-    assert run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", progress=False).step == 3
+        run_inversion(
+            load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", resume=True, progress=False
+        )
+    assert (
+        run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=3), tmp_path / "r", progress=False).step
+        == 3
+    )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not ours")
     with pytest.raises(InputError, match="already holds files"):  # someone else's files are never removed
@@ -208,8 +261,13 @@ def test_nan_loss_stops_and_keeps_finite_vectors(tiny_dirs, concept_dir, tmp_pat
 
     monkeypatch.setattr(group, "denoising_loss", flaky)
     with pytest.raises(TrainingDivergedError, match="step 3"):
-        run_inversion(load_model("tiny-sd1"), load_folder(concept_dir), small_cfg(steps=5), tmp_path / "r",
-                      progress=False)
+        run_inversion(
+            load_model("tiny-sd1"),
+            load_folder(concept_dir),
+            small_cfg(steps=5),
+            tmp_path / "r",
+            progress=False,
+        )
     from oneword.inversion.embedding_io import load_embedding
 
     emb = load_embedding(tmp_path / "r" / "learned_embeds.safetensors")
@@ -229,8 +287,9 @@ def test_interrupt_saves_a_checkpoint_that_resumes(tiny_dirs, concept_dir, tmp_p
     res = run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=4), tmp_path / "r", progress=False)
     assert res.interrupted and res.step == 2
     monkeypatch.setattr(Inversion, "train_step", real)
-    res = run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=4), tmp_path / "r", resume=True,
-                        progress=False)
+    res = run_inversion(
+        load_model("tiny-sd1"), images, small_cfg(steps=4), tmp_path / "r", resume=True, progress=False
+    )
     assert not res.interrupted and res.step == 4
 
 
@@ -256,8 +315,15 @@ def test_bf16_weights_train_fp32_vectors(tiny_dirs, concept_dir):
 def test_cosine_schedule_decays_to_zero_and_constant_stays():
     cfg = InversionConfig(steps=10, base_lr=1e-3, batch_size=2, lr_schedule="cosine")
     rates = [cfg.lr_at(i) for i in range(cfg.steps)]
-    assert rates[0] == pytest.approx(2e-3) and rates == sorted(rates, reverse=True) and rates[-1] < 0.03 * rates[0]
-    assert all(r == pytest.approx(2e-3) for r in (InversionConfig(base_lr=1e-3, batch_size=2).lr_at(i) for i in (0, 9)))
+    assert (
+        rates[0] == pytest.approx(2e-3)
+        and rates == sorted(rates, reverse=True)
+        and rates[-1] < 0.03 * rates[0]
+    )
+    assert all(
+        r == pytest.approx(2e-3)
+        for r in (InversionConfig(base_lr=1e-3, batch_size=2).lr_at(i) for i in (0, 9))
+    )
     with pytest.raises(ValueError, match="lr_schedule"):
         InversionConfig(lr_schedule="linear")
 
@@ -279,7 +345,9 @@ def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir, 
     assert single.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr_at(cfg.steps - 1))
 
 
-def test_invert_many_resumes_exactly_from_its_checkpoint(tiny_dirs, concept_dir, tmp_path, monkeypatch, caplog):
+def test_invert_many_resumes_exactly_from_its_checkpoint(
+    tiny_dirs, concept_dir, tmp_path, monkeypatch, caplog
+):
     """``ti data targets`` spends most of an hour on one group: an interruption costs at most
     ``save_every`` steps, and the continued run ends where an uninterrupted one does."""
     import oneword.inversion.group as group
@@ -358,19 +426,23 @@ def test_invert_many_with_a_gradient_scaler_resumes_exactly(tiny_dirs, concept_d
     model = load_model("tiny-sd1")
     (unscaled,) = multi.invert_many(model, images, ["disc"], cfg)
     scalers: list[torch.amp.GradScaler] = []
-    monkeypatch.setattr(group, "grad_scaler", lambda m: scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10,
-                                                                                            growth_interval=1))
-                        or scalers[-1])
+    monkeypatch.setattr(
+        group,
+        "grad_scaler",
+        lambda m: (
+            scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)) or scalers[-1]
+        ),
+    )
     (whole,) = multi.invert_many(model, images, ["disc"], cfg)
     torch.testing.assert_close(whole[0], unscaled[0], rtol=1e-4, atol=1e-6)
-    assert scalers[-1].get_scale() == 2.0 ** 14  # grew every step: the scaled path ran
+    assert scalers[-1].get_scale() == 2.0**14  # grew every step: the scaled path ran
     state = tmp_path / "part.safetensors"
     monkeypatch.setattr(group, "denoising_loss", _loss_interrupted_at(3, []))
     with pytest.raises(KeyboardInterrupt):
         multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
     monkeypatch.setattr(group, "denoising_loss", denoising_loss)
     (resumed,) = multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
-    assert scalers[-1].get_scale() == 2.0 ** 14  # the saved scale (2 ** 12) grew twice more
+    assert scalers[-1].get_scale() == 2.0**14  # the saved scale (2 ** 12) grew twice more
     torch.testing.assert_close(resumed[0], whole[0], rtol=1e-5, atol=1e-7)
 
 
@@ -386,11 +458,15 @@ def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir
     fresh = load_model("tiny-sdxl")
     for vecs, word in zip(out, ["disc", "bar"]):
         assert [tuple(v.shape) for v in vecs] == [(1, w) for w in fresh.widths]
-        assert all(torch.isfinite(v).all() and not torch.allclose(v, s)
-                   for v, s in zip(vecs, fresh.initializer_vectors(word, 1)))
+        assert all(
+            torch.isfinite(v).all() and not torch.allclose(v, s)
+            for v, s in zip(vecs, fresh.initializer_vectors(word, 1))
+        )
     assert not torch.allclose(out[0][0], out[1][0])
     assert list(model.placeholder_tokens) == ["<ow-group-1>"]  # one token, whatever the number of concepts
-    (again,) = invert_many(model, sets[:1], ["disc"], small_cfg(steps=2, base_lr=5e-2))  # the model is reusable
+    (again,) = invert_many(
+        model, sets[:1], ["disc"], small_cfg(steps=2, base_lr=5e-2)
+    )  # the model is reusable
     assert all(torch.isfinite(v).all() for v in again)
     other_token = load_model("tiny-sdxl")
     other_token.add_placeholder("<mine>", other_token.initializer_vectors("disc", 1))
@@ -410,6 +486,8 @@ def test_small_reference_images_are_reported(tiny_dirs, caplog):
         build_bank(model, [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (40, 40), "blue")], aug, 0)
     assert caplog.text == ""
     with caplog.at_level("WARNING"):
-        bank = build_bank(model, [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (24, 16), "blue")], aug, 0)
+        bank = build_bank(
+            model, [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (24, 16), "blue")], aug, 0
+        )
     assert "1 of 2 reference images are smaller than the 32 px" in caplog.text and "16 px" in caplog.text
     assert bank.mean.shape[0] == 2  # still used

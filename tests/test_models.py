@@ -27,8 +27,11 @@ def test_tokenizer_matches_open_clip():
 
 @pytest.mark.parametrize(
     ("name", "family", "widths", "prediction"),
-    [("tiny-sd1", "sd1", [32], "epsilon"), ("tiny-sd2", "sd2", [32], "v_prediction"),
-     ("tiny-sdxl", "sdxl", [32, 48], "epsilon")],
+    [
+        ("tiny-sd1", "sd1", [32], "epsilon"),
+        ("tiny-sd2", "sd2", [32], "v_prediction"),
+        ("tiny-sdxl", "sdxl", [32, 48], "epsilon"),
+    ],
 )
 def test_load_presets_report_family(tiny_dirs, name, family, widths, prediction):
     m = load_model(name)
@@ -79,8 +82,12 @@ def test_token_validation():
 
     tok = load_clip_tokenizer()
     validate_token("<my-cat>", tok)
-    for bad, why in [("cat", "already a word"), ("aintin", "inside the vocabulary"),
-                     ("my cat", "without spaces"), ("", "without spaces")]:
+    for bad, why in [
+        ("cat", "already a word"),
+        ("aintin", "inside the vocabulary"),
+        ("my cat", "without spaces"),
+        ("", "without spaces"),
+    ]:
         with pytest.raises(TokenError, match=why):
             validate_token(bad, tok)
     with pytest.raises(TokenError, match="already in use"):
@@ -114,7 +121,9 @@ def test_prompt_expansion_matches_tokens_as_the_tokenizer_does(tiny_dirs):
     assert m.expand_prompt("a <CAT> by a <cat>-red") == "a <cat> <cat>_1 by a <cat>-red"
     ids = m.tokenizers[0](m.expand_prompt("a <Cat>-Red")).input_ids
     assert ids[2] == m.token_ids("<cat>-red")[0][0] and len(ids) == 4
-    assert torch.equal(m.encode_text(["a <CAT> toy"]).hidden_states, m.encode_text(["a <cat> toy"]).hidden_states)
+    assert torch.equal(
+        m.encode_text(["a <CAT> toy"]).hidden_states, m.encode_text(["a <cat> toy"]).hidden_states
+    )
     with pytest.raises(TokenError, match="already in use"):
         m.add_placeholder("<Cat>", m.initializer_vectors("cat", 1))
 

@@ -49,8 +49,15 @@ def test_the_shipped_encoder_prefers_its_prediction_to_the_bare_initializer():
     prediction = predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[0]
     bare = model.initializer_vectors(concept.init, 1)  # "triangle": no colour, fill or pattern
     model.add_placeholder("<s>", bare)
-    choice = choose_word(encoder, model, "<s>", concept.init, prediction,
-                         {"initializer": bare, "prediction": prediction}, select_settings(2, steps=10))
+    choice = choose_word(
+        encoder,
+        model,
+        "<s>",
+        concept.init,
+        prediction,
+        {"initializer": bare, "prediction": prediction},
+        select_settings(2, steps=10),
+    )
     assert choice.kept == "prediction"
     assert choice.distances["prediction"] < choice.distances["initializer"]
     assert torch.equal(model.vectors_of("<s>")[0], prediction[0])  # the kept word is left on the token
@@ -71,8 +78,24 @@ def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, 
 
     monkeypatch.setattr(select, "choose_word", keep_prediction)
     enc = str(_encoder_file(tmp_path))
-    common = [str(concept_dir), "--encoder", enc, "--init", "disc", "--batch_size", "1", "--resolution", "32",
-              "--views_per_image", "1", "--preview-steps", "0", "--no-progress", "--base_lr", "0.05"]
+    common = [
+        str(concept_dir),
+        "--encoder",
+        enc,
+        "--init",
+        "disc",
+        "--batch_size",
+        "1",
+        "--resolution",
+        "32",
+        "--views_per_image",
+        "1",
+        "--preview-steps",
+        "0",
+        "--no-progress",
+        "--base_lr",
+        "0.05",
+    ]
     assert main([*common, "--refine", "0", "--out", str(tmp_path / "alone")]) == 0
     assert main([*common, "--refine", "3", "--select", "2", "--out", str(tmp_path / "sel")]) == 0
     alone = load_embedding(tmp_path / "alone" / "concept" / "learned_embeds.safetensors")
@@ -99,25 +122,69 @@ def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept
         return select.Choice("refined@2", {n: 0.1 for n in candidates})
 
     enc = str(_encoder_file(tmp_path))
-    common = [str(concept_dir), "--encoder", enc, "--init", "disc", "--batch_size", "1", "--resolution", "32",
-              "--views_per_image", "1", "--preview-steps", "0", "--no-progress", "--base_lr", "0.05"]
+    common = [
+        str(concept_dir),
+        "--encoder",
+        enc,
+        "--init",
+        "disc",
+        "--batch_size",
+        "1",
+        "--resolution",
+        "32",
+        "--views_per_image",
+        "1",
+        "--preview-steps",
+        "0",
+        "--no-progress",
+        "--base_lr",
+        "0.05",
+    ]
     assert main([*common, "--refine", "2", "--select", "0", "--out", str(tmp_path / "two")]) == 0
     assert main([*common, "--refine", "3", "--select", "0", "--out", str(tmp_path / "three")]) == 0
     monkeypatch.setattr(select, "choose_word", keep_middle)
-    assert main([*common, "--refine", "3", "--select", "2", "--select-among", "3", "2", "0", "2",
-                 "--out", str(tmp_path / "sel")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--refine",
+                "3",
+                "--select",
+                "2",
+                "--select-among",
+                "3",
+                "2",
+                "0",
+                "2",
+                "--out",
+                str(tmp_path / "sel"),
+            ]
+        )
+        == 0
+    )
     assert judged == [["prediction", "refined@2", "refined"]]  # 0 and --refine are always there, once
-    two, three, kept, single = (load_embedding(tmp_path / d / "concept" / f) for d, f in (
-        ("two", "learned_embeds.safetensors"), ("three", "learned_embeds.safetensors"),
-        ("sel", "learned_embeds.safetensors"), ("sel", "concept.safetensors")))
+    two, three, kept, single = (
+        load_embedding(tmp_path / d / "concept" / f)
+        for d, f in (
+            ("two", "learned_embeds.safetensors"),
+            ("three", "learned_embeds.safetensors"),
+            ("sel", "learned_embeds.safetensors"),
+            ("sel", "concept.safetensors"),
+        )
+    )
     assert torch.equal(kept.vectors[0], two.vectors[0]) and not torch.equal(kept.vectors[0], three.vectors[0])
     assert torch.equal(single.vectors[0], two.vectors[0])
-    assert kept.metadata["oneword.steps"] == "2" and "after 2 steps kept by --select" in kept.metadata["oneword.refine"]
+    assert (
+        kept.metadata["oneword.steps"] == "2"
+        and "after 2 steps kept by --select" in kept.metadata["oneword.refine"]
+    )
     report = json.loads((tmp_path / "sel" / "concept" / "encode.json").read_text())
     assert report["kept"] == "refined@2" and report["kept word's steps"] == "2"
 
 
-def test_an_interrupted_ti_encode_keeps_its_word_and_stops(tiny_dirs, concept_dir, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_ti_encode_keeps_its_word_and_stops(
+    tiny_dirs, concept_dir, tmp_path, monkeypatch, capsys
+):
     import oneword.encoder.select as select
     from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
@@ -139,9 +206,32 @@ def test_an_interrupted_ti_encode_keeps_its_word_and_stops(tiny_dirs, concept_di
     monkeypatch.setattr(select, "choose_word", no_round_trip)
     other = make_concept_images(tmp_path / "other", n=2)
     out = tmp_path / "out"
-    assert main([str(concept_dir), str(other), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc",
-                 "--batch_size", "1", "--resolution", "32", "--views_per_image", "1", "--no-progress",
-                 "--refine", "5", "--select-among", "3", "--out", str(out)]) == 130
+    assert (
+        main(
+            [
+                str(concept_dir),
+                str(other),
+                "--encoder",
+                str(_encoder_file(tmp_path)),
+                "--init",
+                "disc",
+                "--batch_size",
+                "1",
+                "--resolution",
+                "32",
+                "--views_per_image",
+                "1",
+                "--no-progress",
+                "--refine",
+                "5",
+                "--select-among",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 130
+    )
     assert "interrupted at step 2/5" in capsys.readouterr().err
     word = load_embedding(out / "concept" / "learned_embeds.safetensors")
     report = json.loads((out / "concept" / "encode.json").read_text())
@@ -149,14 +239,34 @@ def test_an_interrupted_ti_encode_keeps_its_word_and_stops(tiny_dirs, concept_di
     assert "kept" not in report and not (out / "other").exists()
 
 
-@pytest.mark.parametrize("extra", [["--refine", "3", "--select-among", "4"], ["--refine", "3", "--select-among", "-1"],
-                                   ["--refine", "3", "--select", "0", "--select-among", "2"],
-                                   ["--refine", "0", "--select-among", "0"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--refine", "3", "--select-among", "4"],
+        ["--refine", "3", "--select-among", "-1"],
+        ["--refine", "3", "--select", "0", "--select-among", "2"],
+        ["--refine", "0", "--select-among", "0"],
+    ],
+)
 def test_ti_encode_select_among_errors(tiny_dirs, concept_dir, tmp_path, extra, capsys):
     from oneword.cli.encode import main
     from tests.test_encoder import _encoder_file
 
     out = tmp_path / "out"
-    assert main([str(concept_dir), "--encoder", str(_encoder_file(tmp_path)), "--init", "disc", "--no-progress",
-                 "--out", str(out), *extra]) != 0
+    assert (
+        main(
+            [
+                str(concept_dir),
+                "--encoder",
+                str(_encoder_file(tmp_path)),
+                "--init",
+                "disc",
+                "--no-progress",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
+        != 0
+    )
     assert "--select-among" in capsys.readouterr().err and not out.exists()

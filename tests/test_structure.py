@@ -51,8 +51,12 @@ def _imports(path: Path) -> set[str]:
             base = node.module.removeprefix("oneword").lstrip(".")
             for alias in node.names:  # `from oneword import toy` imports a module
                 sub = f"{base}.{alias.name}" if base else alias.name
-                found.add(sub if (ROOT / sub.replace(".", "/")).exists() or
-                          (ROOT / f"{sub.replace('.', '/')}.py").exists() else base)
+                found.add(
+                    sub
+                    if (ROOT / sub.replace(".", "/")).exists()
+                    or (ROOT / f"{sub.replace('.', '/')}.py").exists()
+                    else base
+                )
         elif isinstance(node, ast.Import):
             found |= {a.name.removeprefix("oneword.") for a in node.names if a.name.startswith("oneword.")}
     return {m for m in found if m}
@@ -81,7 +85,7 @@ def test_no_import_circle_between_modules():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                circles.append(" -> ".join([*stack[stack.index(nxt):], nxt]))
+                circles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
             elif nxt in graph and not state.get(nxt):
                 visit(nxt, [*stack, nxt])
         state[node] = 2

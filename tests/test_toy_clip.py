@@ -14,8 +14,9 @@ from oneword.toy import clip
 from oneword.toy.captions import caption
 from oneword.toy.render import all_concepts, render, sample_pose
 
-TINY = clip.ToyCLIPConfig(image_size=16, embed_dim=16, vision_width=32, vision_layers=1,
-                          text_width=32, text_layers=1)
+TINY = clip.ToyCLIPConfig(
+    image_size=16, embed_dim=16, vision_width=32, vision_layers=1, text_width=32, text_layers=1
+)
 TEXTS = ["a photo of a red star", "a thing with dots on a teal background", "a striped moon"]
 
 
@@ -32,8 +33,7 @@ def _train(tmp_path, name="clip.safetensors", **kw):
 def test_config_and_open_clip_cfg():
     d = clip.ToyCLIPConfig().to_open_clip_cfg()
     assert d["embed_dim"] == 128
-    assert d["vision_cfg"] == {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4,
-                               "head_width": 32}
+    assert d["vision_cfg"] == {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32}
     assert d["text_cfg"]["context_length"] == 32 and d["text_cfg"]["vocab_size"] == 49408
     with pytest.raises(ValueError):
         clip.ToyCLIPConfig(image_size=30)
@@ -77,10 +77,10 @@ def test_train_writes_loadable_compact_file(tmp_path, monkeypatch):
     assert out.exists() and not out.with_suffix(".ckpt.safetensors").exists()
     loaded, cfg = clip.load_toy_clip(out)
     assert cfg == TINY
-    torch.testing.assert_close(clip.encode_texts(loaded, TEXTS),
-                               clip.encode_texts(trained["model"], TEXTS))
-    torch.testing.assert_close(clip.encode_images(loaded, _images()),
-                               clip.encode_images(trained["model"], _images()))
+    torch.testing.assert_close(clip.encode_texts(loaded, TEXTS), clip.encode_texts(trained["model"], TEXTS))
+    torch.testing.assert_close(
+        clip.encode_images(loaded, _images()), clip.encode_images(trained["model"], _images())
+    )
     # Compact storage: only used rows are in the file, they round-trip exactly, the rest are 0.
     with safe_open(str(out), framework="pt") as f:
         keys = set(f.keys())  # noqa: SIM118
@@ -99,8 +99,12 @@ def test_train_writes_loadable_compact_file(tmp_path, monkeypatch):
     assert half.stat().st_size < 0.6 * out.stat().st_size
     loaded16, _ = clip.load_toy_clip(half)
     assert loaded16.token_embedding.weight.dtype == torch.float32
-    torch.testing.assert_close(clip.encode_images(loaded16, _images()),
-                               clip.encode_images(trained["model"], _images()), atol=2e-2, rtol=0)
+    torch.testing.assert_close(
+        clip.encode_images(loaded16, _images()),
+        clip.encode_images(trained["model"], _images()),
+        atol=2e-2,
+        rtol=0,
+    )
     with safe_open(str(half), framework="pt") as f:
         assert f.get_tensor("token_embedding.ids").dtype == torch.long  # integer tensors keep their type
 
@@ -144,11 +148,13 @@ def test_malformed_files_raise_input_error(tmp_path):
     assert "\n" not in str(err.value)
     other = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
+
     save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "something else"})
     with pytest.raises(InputError, match="not a oneword.toy.clip file"):
         clip.load_toy_clip(other)
-    save_file({"x": torch.zeros(2)}, str(other),
-              metadata={"format": clip.FORMAT, "config": '{"image_size": 16}'})
+    save_file(
+        {"x": torch.zeros(2)}, str(other), metadata={"format": clip.FORMAT, "config": '{"image_size": 16}'}
+    )
     with pytest.raises(InputError, match="compact token table"):
         clip.load_toy_clip(other)
 

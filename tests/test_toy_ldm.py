@@ -12,9 +12,20 @@ from oneword.toy.ldm import ToyLDMConfig, caption_token_ids, train_toy_ldm
 
 
 def tiny_cfg(**kw) -> ToyLDMConfig:
-    base = {"image_size": 32, "latent_channels": 4, "vae_channels": (16, 16), "text_width": 32,
-            "text_layers": 1, "unet_channels": (32, 32, 32), "vae_steps": 2, "vae_batch": 2,
-            "ldm_steps": 1, "ldm_batch": 2, "save_every": 1, "decoder_steps": 0}
+    base = {
+        "image_size": 32,
+        "latent_channels": 4,
+        "vae_channels": (16, 16),
+        "text_width": 32,
+        "text_layers": 1,
+        "unet_channels": (32, 32, 32),
+        "vae_steps": 2,
+        "vae_batch": 2,
+        "ldm_steps": 1,
+        "ldm_batch": 2,
+        "save_every": 1,
+        "decoder_steps": 0,
+    }
     base.update(kw)
     return ToyLDMConfig(**base)
 
@@ -53,8 +64,12 @@ def test_continue_from_a_pipeline_folder_then_fine_tune_the_decoder(tmp_path):
     marker = json.loads((second / "oneword.json").read_text())
     assert marker["config"]["init_from"] == str(first) and marker["continued_from"]["family"] == "toy"
     with pytest.raises(ValueError, match="does not match"):
-        train_toy_ldm(tmp_path / "work3", tmp_path / "x", tiny_cfg(init_from=str(first), unet_channels=(32, 64, 64)),
-                      progress=False)
+        train_toy_ldm(
+            tmp_path / "work3",
+            tmp_path / "x",
+            tiny_cfg(init_from=str(first), unet_channels=(32, 64, 64)),
+            progress=False,
+        )
 
 
 def test_text_attribute_head_targets_and_training(tmp_path):
@@ -91,8 +106,12 @@ def test_text_attribute_head_targets_and_training(tmp_path):
     train_toy_ldm(work, tmp_path / "ldm", tiny_cfg(text_aux_weight=0.1, ldm_steps=2), progress=False)
     with safe_open(str(work / "ldm.ckpt.safetensors"), framework="pt") as f:
         assert f.metadata()["step"] == "2" and any(k.startswith("text_head") for k in f.keys())
-    assert not any("head" in k for k in safe_open(str(tmp_path / "ldm" / "text_encoder" / "model.safetensors"),
-                                                  framework="pt").keys())  # training-only
+    assert not any(
+        "head" in k
+        for k in safe_open(
+            str(tmp_path / "ldm" / "text_encoder" / "model.safetensors"), framework="pt"
+        ).keys()
+    )  # training-only
 
 
 def test_grow_cross_attention_preserves_the_model_then_trains_it(tmp_path):
@@ -113,15 +132,21 @@ def test_grow_cross_attention_preserves_the_model_then_trains_it(tmp_path):
         assert torch.allclose(pipe.unet(x, t, c).sample, base.unet.float()(x, t, c).sample, atol=1e-5)
     # Continued training with a frozen text encoder: the UNet learns, the words stay.
     second = tmp_path / "ldm2"
-    train_toy_ldm(tmp_path / "work2", second, tiny_cfg(init_from=str(first), train_text=False, ldm_steps=2,
-                                                       cross_attention_levels=(0, 1, 2)), progress=False)
+    train_toy_ldm(
+        tmp_path / "work2",
+        second,
+        tiny_cfg(init_from=str(first), train_text=False, ldm_steps=2, cross_attention_levels=(0, 1, 2)),
+        progress=False,
+    )
     grown = load_model(str(second))
     assert grown.unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
     assert grown.unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
     same = zip(base.text_encoders[0].state_dict().values(), grown.text_encoders[0].state_dict().values())
     assert all(torch.equal(a, b) for a, b in same)
     with safe_open(str(tmp_path / "work2" / "ldm.ckpt.safetensors"), framework="pt") as f:
-        proj = f.get_tensor("unet.down_blocks.0.attentions.0.proj_out.weight")  # the trained (not EMA) weights
+        proj = f.get_tensor(
+            "unet.down_blocks.0.attentions.0.proj_out.weight"
+        )  # the trained (not EMA) weights
     assert proj.abs().sum() > 0  # the new block trained away from zero
     # A UNet with a block the config lacks is refused, and so is a frozen text encoder from scratch.
     with pytest.raises(ValueError, match="does not match"):
@@ -156,8 +181,9 @@ def test_text_to_image_accuracy_runs_on_a_toy_model(tmp_path):
 
     out = tmp_path / "ldm"
     train_toy_ldm(tmp_path / "work", out, tiny_cfg(), progress=False)
-    acc = text_to_image_accuracy(load_model(str(out)), load_oracle(),
-                                 QualitySettings(samples_per_value=1, steps=2))
+    acc = text_to_image_accuracy(
+        load_model(str(out)), load_oracle(), QualitySettings(samples_per_value=1, steps=2)
+    )
     assert set(acc) == set(ATTRIBUTES) and all(0.0 <= v <= 1.0 for v in acc.values())
 
 
@@ -169,14 +195,16 @@ def test_build_toy_world_trains_every_part_then_skips_them(tmp_path, monkeypatch
 
     small_oracle = OracleConfig(image_size=32, channels=[8, 8, 8, 8])
     real_train = oracle_mod.train_oracle
-    monkeypatch.setattr(oracle_mod, "train_oracle",
-                        lambda out, **kw: real_train(out, batch_size=4, config=small_oracle, **kw))
+    monkeypatch.setattr(
+        oracle_mod, "train_oracle", lambda out, **kw: real_train(out, batch_size=4, config=small_oracle, **kw)
+    )
     import oneword.toy.clip as clip_mod
 
     real_clip = clip_mod.train_toy_clip
     small_clip = ToyCLIPConfig(embed_dim=16, vision_width=16, vision_layers=1, text_width=16, text_layers=1)
-    monkeypatch.setattr(clip_mod, "train_toy_clip",
-                        lambda out, **kw: real_clip(out, batch_size=4, cfg=small_clip, **kw))
+    monkeypatch.setattr(
+        clip_mod, "train_toy_clip", lambda out, **kw: real_clip(out, batch_size=4, cfg=small_clip, **kw)
+    )
     work, out = tmp_path / "work", tmp_path / "weights"
     cfg = ToyBuildConfig(oracle_steps=1, clip_steps=1, ldm=tiny_cfg())
     written = build_toy_world(work, out, cfg=cfg, progress=False)

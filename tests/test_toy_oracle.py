@@ -87,14 +87,10 @@ def test_32px_and_other_sizes(oracle: AttributeOracle) -> None:
 
 def test_attribute_accuracy_known_numbers() -> None:
     preds = [
-        {"shape": "star", "fill": "red", "pattern": "dots", "outline": "gold",
-         "background": "teal"},
-        {"shape": "moon", "fill": "red", "pattern": "solid", "outline": "black",
-         "background": "navy"},
-        {"shape": "star", "fill": "blue", "pattern": "dots", "outline": "gold",
-         "background": "gray"},
-        {"shape": "heart", "fill": "pink", "pattern": "checks", "outline": "silver",
-         "background": "olive"},
+        {"shape": "star", "fill": "red", "pattern": "dots", "outline": "gold", "background": "teal"},
+        {"shape": "moon", "fill": "red", "pattern": "solid", "outline": "black", "background": "navy"},
+        {"shape": "star", "fill": "blue", "pattern": "dots", "outline": "gold", "background": "gray"},
+        {"shape": "heart", "fill": "pink", "pattern": "checks", "outline": "silver", "background": "olive"},
     ]
     expected = [
         {"shape": "star", "background": "teal"},  # both right
@@ -137,8 +133,11 @@ def test_bad_files_raise_input_error(tmp_path: Path) -> None:
     no_config = tmp_path / "no_config.safetensors"
     save_file({"weight": torch.zeros(3)}, str(no_config), metadata={"format": "oneword.toy.oracle"})
     wrong = tmp_path / "wrong_tensors.safetensors"
-    header = {"format": "oneword.toy.oracle", "config": json.dumps({"image_size": 64}),
-              "vocab": json.dumps(VOCAB)}
+    header = {
+        "format": "oneword.toy.oracle",
+        "config": json.dumps({"image_size": 64}),
+        "vocab": json.dumps(VOCAB),
+    }
     save_file({"weight": torch.zeros(3)}, str(wrong), metadata=header)
     paths = (corrupt, foreign, bare, no_config, wrong, tmp_path / "missing.safetensors")
     for path in paths:
@@ -159,9 +158,7 @@ def test_train_writes_a_loadable_file(tmp_path: Path) -> None:
     assert len(model.predict(_renders(2, seed=1)[0])) == 2
 
 
-def test_resume_continues_from_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_continues_from_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = {"steps": 4, "batch_size": 4, "progress": False, "checkpoint_every": 2}
     straight = load_oracle(train_oracle(tmp_path / "straight.safetensors", **kwargs))
 

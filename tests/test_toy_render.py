@@ -165,8 +165,7 @@ def test_every_shape_renders_and_shapes_differ(shape):
     assert not fg[0].any() and not fg[-1].any() and not fg[:, 0].any() and not fg[:, -1].any()
     for other in SHAPES:
         if other != shape:
-            fg2 = _foreground(_px(render(Concept(other, "yellow", "solid", "black"), "navy", BIG)),
-                              "navy")
+            fg2 = _foreground(_px(render(Concept(other, "yellow", "solid", "black"), "navy", BIG)), "navy")
             iou = (fg & fg2).sum() / (fg | fg2).sum()
             assert iou < 0.9, (shape, other, iou)
 
@@ -240,9 +239,7 @@ def test_render_concept_images_determinism_and_backgrounds():
 
 def test_all_concepts_is_the_full_product():
     concepts = all_concepts()
-    assert len(concepts) == len(set(concepts)) == len(SHAPES) * len(FILLS) * len(PATTERNS) * len(
-        OUTLINES
-    )
+    assert len(concepts) == len(set(concepts)) == len(SHAPES) * len(FILLS) * len(PATTERNS) * len(OUTLINES)
 
 
 def test_split_concepts():
@@ -272,7 +269,9 @@ def test_bench_draws_are_disjoint_held_out_sets(tmp_path):
     names = [sorted(p.name for p in write_bench_concepts(3, tmp_path / str(d), draw=d)) for d in (0, 1)]
     assert all(len(n) == 3 for n in names) and not set(names[0]) & set(names[1])
     assert {c.slug for c in held} >= set(names[0]) | set(names[1])
-    assert names[0] == sorted(p.name for p in write_bench_concepts(3, tmp_path / "again"))  # draw 0 is the default
+    assert names[0] == sorted(
+        p.name for p in write_bench_concepts(3, tmp_path / "again")
+    )  # draw 0 is the default
     step = len(held) // 3
     for bad in (-1, step - 1):
         with pytest.raises(ValueError, match="draw must be in"):
@@ -381,9 +380,7 @@ def test_captions_use_varied_templates():
 
 
 def test_prompt_for_and_full_caption():
-    assert prompt_for({"shape": "star", "background": "teal"}) == (
-        "a photo of a star on a teal background"
-    )
+    assert prompt_for({"shape": "star", "background": "teal"}) == ("a photo of a star on a teal background")
     assert prompt_for({"fill": "red"}) == "a photo of a red object"
     assert prompt_for({"pattern": "dots"}, prefix="") == "an object with dots"
     assert prompt_for({}) == "a photo of an object"

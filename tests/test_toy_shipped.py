@@ -24,8 +24,14 @@ def test_loads_through_plain_diffusers_and_samples():
 
     pipe = StableDiffusionPipeline.from_pretrained(str(weights_dir()), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a photo of a red star on a teal background", num_inference_steps=3, height=32, width=32,
-               generator=torch.Generator().manual_seed(0), output_type="np")
+    out = pipe(
+        "a photo of a red star on a teal background",
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     assert out.images.shape == (1, 32, 32, 3)
 
 
@@ -41,8 +47,9 @@ def test_background_and_fill_prompts_are_honoured():
     model = load_model("toy")
     oracle = load_oracle()
     settings = SampleSettings(steps=20, guidance=5.0, seeds=[0, 1, 2, 3])
-    images = generate_images(model, ["a photo of a object on a teal background", "a photo of a yellow object"],
-                             settings)
+    images = generate_images(
+        model, ["a photo of a object on a teal background", "a photo of a yellow object"], settings
+    )
     preds = oracle.predict(images)
     assert sum(p["background"] == "teal" for p in preds[:4]) >= 3
     assert sum(p["fill"] == "yellow" for p in preds[4:]) >= 3

@@ -32,7 +32,9 @@ def test_module_and_optimizer_round_trip(tmp_path):
     net(torch.randn(4, 3)).sum().backward()
     opt.step()
     opt_t, groups = optimizer_tensors(opt)
-    path = write_safetensors(tmp_path / "s.safetensors", module_tensors("net", net) | opt_t, {"groups": groups})
+    path = write_safetensors(
+        tmp_path / "s.safetensors", module_tensors("net", net) | opt_t, {"groups": groups}
+    )
     tensors, meta = read_safetensors(path)
 
     net2 = torch.nn.Linear(3, 2)

@@ -23,10 +23,16 @@ logger = logging.getLogger("oneword")
 
 #: Subcommands with a command line of their own: ``ti encode ARGS`` is ``ti-encode ARGS``.
 DELEGATED = {
-    "encode": ("predict words for concept folders in one pass, optionally refine them (ti-encode)",
-               "oneword.cli.encode", "main"),
-    "train-encoder": ("train an encoder: LightningCLI fit/validate (ti-train-encoder)",
-                      "oneword.cli.train_encoder", "cli_main"),
+    "encode": (
+        "predict words for concept folders in one pass, optionally refine them (ti-encode)",
+        "oneword.cli.encode",
+        "main",
+    ),
+    "train-encoder": (
+        "train an encoder: LightningCLI fit/validate (ti-train-encoder)",
+        "oneword.cli.train_encoder",
+        "cli_main",
+    ),
 }
 
 
@@ -37,11 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (text, module, _) in DELEGATED.items():  # listed in --help; run before parsing (see main)
-        sub.add_parser(name, help=text, add_help=False,
-                       description=f"{text}; `ti {name} --help` shows its options ({module})")
+        sub.add_parser(
+            name,
+            help=text,
+            add_help=False,
+            description=f"{text}; `ti {name} --help` shows its options ({module})",
+        )
 
-    p = sub.add_parser("invert", help="learn a pseudo-word from 3-5 images of a concept",
-                       description="Textual inversion (Gal et al. 2022) of the images in IMAGES_DIR.")
+    p = sub.add_parser(
+        "invert",
+        help="learn a pseudo-word from 3-5 images of a concept",
+        description="Textual inversion (Gal et al. 2022) of the images in IMAGES_DIR.",
+    )
     p.add_argument("images", metavar="IMAGES_DIR", help="folder with the concept's reference images")
     _model_options(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/<token>)")
@@ -51,9 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="render prompts that use learned pseudo-words")
     _model_options(g)
-    g.add_argument("--embedding", nargs="+", required=True, metavar="FILE[=TOKEN]",
-                   help="embedding files (diffusers, A1111/ComfyUI/kohya .safetensors or .pt) or run folders; "
-                        "FILE=<name> loads one under another token (two files with one token)")
+    g.add_argument(
+        "--embedding",
+        nargs="+",
+        required=True,
+        metavar="FILE[=TOKEN]",
+        help="embedding files (diffusers, A1111/ComfyUI/kohya .safetensors or .pt) or run folders; "
+        "FILE=<name> loads one under another token (two files with one token)",
+    )
     g.add_argument("--prompt", nargs="+", required=True, help="prompts; each becomes a row of the grid")
     g.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default: 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; the others use seed+1, ...")
@@ -61,19 +79,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
-    g.add_argument("--batch", type=int, default=4,
-                   help="images per pipeline call (default: 4; lower it if the GPU runs out of memory: the images "
-                        "stay the same)")
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="weights' precision (default: fp16 on CUDA, else fp32)")
+    g.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="images per pipeline call (default: 4; lower it if the GPU runs out of memory: the images "
+        "stay the same)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default=None,
+        help="weights' precision (default: fp16 on CUDA, else fp32)",
+    )
     g.add_argument("--out", required=True, help="PNG file for the grid")
-    g.add_argument("--curate", type=int, default=1, metavar="N",
-                   help="draw N candidates per image and keep the one closest in CLIP space to --reference "
-                        "(paper, section 4.7; default: 1 = no curation)")
+    g.add_argument(
+        "--curate",
+        type=int,
+        default=1,
+        metavar="N",
+        help="draw N candidates per image and keep the one closest in CLIP space to --reference "
+        "(paper, section 4.7; default: 1 = no curation)",
+    )
     g.add_argument("--reference", default=None, metavar="DIR", help="the concept's images, for --curate")
-    g.add_argument("--clip", default=None,
-                   help="CLIP space for --curate: toy, ViT-B-32, ARCH:TAG, random (tests) "
-                        "(default: toy for the toy model, else ViT-B-32)")
+    g.add_argument(
+        "--clip",
+        default=None,
+        help="CLIP space for --curate: toy, ViT-B-32, ARCH:TAG, random (tests) "
+        "(default: toy for the toy model, else ViT-B-32)",
+    )
 
     i = sub.add_parser("info", help="load a model and print what oneword sees in it")
     _model_options(i)
@@ -85,87 +119,176 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--concepts", type=int, default=4, help="number of concepts (default: 4)")
     r.add_argument("--images", type=int, default=5, help="reference images per concept (default: 5)")
     r.add_argument("--seed", type=int, default=0, help="seed of poses and backgrounds")
-    r.add_argument("--train-split", action="store_true",
-                   help="draw concepts from the training split instead of the held-out one")
-    t = toy_sub.add_parser("train", help="rebuild the toy world's trained parts from scratch (resumable)",
-                           description="Train the attribute oracle, the toy CLIP and the toy diffusion model "
-                                       "(in that order; finished parts are skipped, interrupted ones resume).")
-    t.add_argument("--parts", nargs="+", choices=["oracle", "clip", "ldm"], default=["oracle", "clip", "ldm"],
-                   help="what to train (default: all three)")
+    r.add_argument(
+        "--train-split",
+        action="store_true",
+        help="draw concepts from the training split instead of the held-out one",
+    )
+    t = toy_sub.add_parser(
+        "train",
+        help="rebuild the toy world's trained parts from scratch (resumable)",
+        description="Train the attribute oracle, the toy CLIP and the toy diffusion model "
+        "(in that order; finished parts are skipped, interrupted ones resume).",
+    )
+    t.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["oracle", "clip", "ldm"],
+        default=["oracle", "clip", "ldm"],
+        help="what to train (default: all three)",
+    )
     t.add_argument("--work", default="runs/toy-train", help="checkpoints and logs; re-run to resume")
     t.add_argument("--out", default=None, help="weights folder (default: the package's oneword/toy/weights)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     t.add_argument("--oracle-steps", type=int, default=None, help="oracle steps (default: 1500)")
     t.add_argument("--clip-steps", type=int, default=None, help="toy CLIP steps (default: 2000)")
-    t.add_argument("--vae-steps", type=int, default=None,
-                   help="autoencoder steps (default: ToyLDMConfig.vae_steps, 1500)")
-    t.add_argument("--ldm-steps", type=int, default=None,
-                   help="diffusion steps (default: ToyLDMConfig.ldm_steps); may grow on resume")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate of the diffusion stage (default: 4e-4)")
-    t.add_argument("--decoder-steps", type=int, default=None,
-                   help="then fine-tune the VAE decoder alone this many steps (default: 600; 0 skips)")
-    t.add_argument("--init-from", default=None, metavar="DIR",
-                   help="continue training from a toy pipeline folder (e.g. the shipped oneword/toy/weights/ldm) "
-                        "instead of from scratch; use a new --work folder and an --out folder")
-    t.add_argument("--cross-attention-levels", type=int, nargs="+", default=None, metavar="LEVEL",
-                   help="UNet levels with cross-attention, 0 = highest resolution (default: 1 2); with --init-from, "
-                        "levels the loaded UNet lacks are added as identity blocks and trained")
-    t.add_argument("--min-snr-gamma", type=float, default=None,
-                   help="min-SNR-gamma loss weighting of the diffusion stage, 0 = off (default: 0)")
-    t.add_argument("--text-aux-weight", type=float, default=None,
-                   help="weight of an auxiliary loss that makes the text encoder tell apart every attribute "
-                        "value a caption names (default: 0.05, 0 with --freeze-text; 0 = off; see ToyLDMConfig.text_aux_weight)")
-    t.add_argument("--freeze-text", action="store_true",
-                   help="with --init-from: keep the text encoder (and every word embedding) as loaded")
+    t.add_argument(
+        "--vae-steps",
+        type=int,
+        default=None,
+        help="autoencoder steps (default: ToyLDMConfig.vae_steps, 1500)",
+    )
+    t.add_argument(
+        "--ldm-steps",
+        type=int,
+        default=None,
+        help="diffusion steps (default: ToyLDMConfig.ldm_steps); may grow on resume",
+    )
+    t.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate of the diffusion stage (default: 4e-4)"
+    )
+    t.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=None,
+        help="then fine-tune the VAE decoder alone this many steps (default: 600; 0 skips)",
+    )
+    t.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="continue training from a toy pipeline folder (e.g. the shipped oneword/toy/weights/ldm) "
+        "instead of from scratch; use a new --work folder and an --out folder",
+    )
+    t.add_argument(
+        "--cross-attention-levels",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="LEVEL",
+        help="UNet levels with cross-attention, 0 = highest resolution (default: 1 2); with --init-from, "
+        "levels the loaded UNet lacks are added as identity blocks and trained",
+    )
+    t.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=None,
+        help="min-SNR-gamma loss weighting of the diffusion stage, 0 = off (default: 0)",
+    )
+    t.add_argument(
+        "--text-aux-weight",
+        type=float,
+        default=None,
+        help="weight of an auxiliary loss that makes the text encoder tell apart every attribute "
+        "value a caption names (default: 0.05, 0 with --freeze-text; 0 = off; see ToyLDMConfig.text_aux_weight)",
+    )
+    t.add_argument(
+        "--freeze-text",
+        action="store_true",
+        help="with --init-from: keep the text encoder (and every word embedding) as loaded",
+    )
     d = sub.add_parser("data", help="training data for the encoder")
     d_sub = d.add_subparsers(dest="data_command", required=True)
-    sh = d_sub.add_parser("shards", help="write webdataset shards (one sample per concept)",
-                          description="From concept folders (ti data shards DIR... --out OUT) or from the toy "
-                                      "renderer (ti data shards --toy --out OUT).")
+    sh = d_sub.add_parser(
+        "shards",
+        help="write webdataset shards (one sample per concept)",
+        description="From concept folders (ti data shards DIR... --out OUT) or from the toy "
+        "renderer (ti data shards --toy --out OUT).",
+    )
     sh.add_argument("folders", nargs="*", metavar="CONCEPT_DIR", help="one folder of images per concept")
     sh.add_argument("--toy", action="store_true", help="render toy concepts instead of reading folders")
-    sh.add_argument("--split", choices=["train", "held-out"], default="train", help="toy split (default: train)")
+    sh.add_argument(
+        "--split", choices=["train", "held-out"], default="train", help="toy split (default: train)"
+    )
     sh.add_argument("--images", type=int, default=8, help="toy renders per concept (default: 8)")
     sh.add_argument("--size", type=int, default=64, help="toy render side in pixels (default: 64)")
     sh.add_argument("--limit", type=int, default=None, help="at most this many toy concepts")
     sh.add_argument("--seed", type=int, default=0, help="seed of the toy renders")
-    sh.add_argument("--init", nargs="+", default=None, metavar="WORD",
-                    help="initializer word of the folder concepts: one for all, or one per folder (default: "
-                         "concept.json's shape)")
-    sh.add_argument("--targets", nargs="+", default=None, metavar="RUN_OR_FILE",
-                    help="one ti invert run folder or embedding file per concept folder: distillation targets")
+    sh.add_argument(
+        "--init",
+        nargs="+",
+        default=None,
+        metavar="WORD",
+        help="initializer word of the folder concepts: one for all, or one per folder (default: "
+        "concept.json's shape)",
+    )
+    sh.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        metavar="RUN_OR_FILE",
+        help="one ti invert run folder or embedding file per concept folder: distillation targets",
+    )
     sh.add_argument("--per-shard", type=int, default=256, help="concepts per shard (default: 256)")
-    sh.add_argument("--prefix", default="concepts",
-                    help="shard file names, PREFIX-000000.tar ... (default: concepts); give each data set its "
-                         "own when several are used together")
+    sh.add_argument(
+        "--prefix",
+        default="concepts",
+        help="shard file names, PREFIX-000000.tar ... (default: concepts); give each data set its "
+        "own when several are used together",
+    )
     sh.add_argument("--out", required=True, help="folder for the .tar shards")
     tg = d_sub.add_parser(
-        "targets", help="add distillation targets to shards: a short textual inversion of every concept",
+        "targets",
+        help="add distillation targets to shards: a short textual inversion of every concept",
         description="Reads every shard of SHARDS, inverts its concepts in groups (one UNet pass per step for "
-                    "the whole group) and writes the samples with their learned embedding to OUT/<same name>. "
-                    "Shards already in OUT are skipped: rerun the same command to resume.")
+        "the whole group) and writes the samples with their learned embedding to OUT/<same name>. "
+        "Shards already in OUT are skipped: rerun the same command to resume.",
+    )
     tg.add_argument("shards", help="input shards: a folder, a glob or a brace pattern")
     _model_options(tg)
     tg.add_argument("--steps", type=int, default=100, help="inversion steps per concept (default: 100)")
     tg.add_argument("--group", type=int, default=32, help="concepts inverted together (default: 32)")
     tg.add_argument("--batch-size", type=int, default=4, help="views per concept per step (default: 4)")
-    tg.add_argument("--base-lr", type=float, default=5e-3,
-                    help="base learning rate, scaled by --batch-size as in ti invert (default: 5e-3)")
-    tg.add_argument("--template", choices=["object", "style", "toy"], default="object",
-                    help="prompt templates (default: object; toy for the toy model)")
+    tg.add_argument(
+        "--base-lr",
+        type=float,
+        default=5e-3,
+        help="base learning rate, scaled by --batch-size as in ti invert (default: 5e-3)",
+    )
+    tg.add_argument(
+        "--template",
+        choices=["object", "style", "toy"],
+        default="object",
+        help="prompt templates (default: object; toy for the toy model)",
+    )
     tg.add_argument("--seed", type=int, default=0, help="seed of views, prompts and noise")
-    tg.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                    help="frozen weights' precision (default: fp16 on CUDA, with gradient scaling, else fp32)")
-    tg.add_argument("--gradient-checkpointing", action="store_true",
-                    help="recompute UNet activations in the backward pass: memory grows with --group x "
-                         "--batch-size, and on a real model this is the first thing to try")
-    tg.add_argument("--continue", dest="continue_targets", action="store_true",
-                    help="SHARDS already carry targets: run --steps more steps from them (e.g. on a "
-                         "fine-tuned model) instead of from the initializer words")
-    tg.add_argument("--from-encoder", default=None, metavar="ENCODER",
-                    help="start each inversion from this encoder's prediction for the concept's images "
-                         "(an encoder file, or toy for the shipped one): a self-distillation round whose "
-                         "targets are the encoder's refined words (then train the next encoder on OUT)")
+    tg.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default=None,
+        help="frozen weights' precision (default: fp16 on CUDA, with gradient scaling, else fp32)",
+    )
+    tg.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet activations in the backward pass: memory grows with --group x "
+        "--batch-size, and on a real model this is the first thing to try",
+    )
+    tg.add_argument(
+        "--continue",
+        dest="continue_targets",
+        action="store_true",
+        help="SHARDS already carry targets: run --steps more steps from them (e.g. on a "
+        "fine-tuned model) instead of from the initializer words",
+    )
+    tg.add_argument(
+        "--from-encoder",
+        default=None,
+        metavar="ENCODER",
+        help="start each inversion from this encoder's prediction for the concept's images "
+        "(an encoder file, or toy for the shipped one): a self-distillation round whose "
+        "targets are the encoder's refined words (then train the next encoder on OUT)",
+    )
     tg.add_argument("--out", required=True, help="folder for the shards with targets")
 
     from oneword.cli.eval import add_eval_parser
@@ -222,9 +345,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for prompt in args.prompt:
         if not any(t.lower() in prompt.lower() for t in tokens):  # CLIP ignores case
             logger.warning("prompt %r uses none of the loaded tokens (%s)", prompt, ", ".join(tokens))
-    settings = SampleSettings(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative,
-                              resolution=args.resolution, batch=args.batch,
-                              seeds=list(range(args.seed, args.seed + args.num_images)))
+    settings = SampleSettings(
+        steps=args.steps,
+        guidance=args.guidance,
+        negative_prompt=args.negative,
+        resolution=args.resolution,
+        batch=args.batch,
+        seeds=list(range(args.seed, args.seed + args.num_images)),
+    )
     meta = {"embeddings": ",".join(str(e) for e in args.embedding), "tokens": ",".join(tokens)}
     images = None
     if args.curate < 1:
@@ -259,8 +387,9 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 
         if args.concepts < 1 or args.images < 1:
             raise OneWordError("--concepts and --images must be at least 1")
-        folders, sheet = write_concepts(Path(args.out), args.concepts, args.images, args.seed,
-                                        held_out=not args.train_split)
+        folders, sheet = write_concepts(
+            Path(args.out), args.concepts, args.images, args.seed, held_out=not args.train_split
+        )
         for folder in folders:
             print(folder)
         print(sheet)
@@ -274,15 +403,23 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     if args.init_from and not args.out:
         # the default --out is the package's weights: the run would replace the model it starts from,
         # which the shipped encoder was trained on
-        raise OneWordError("--init-from needs --out: without it the new model replaces the shipped one in "
-                           f"{WEIGHTS} (pass --out {WEIGHTS} to do that on purpose)")
+        raise OneWordError(
+            "--init-from needs --out: without it the new model replaces the shipped one in "
+            f"{WEIGHTS} (pass --out {WEIGHTS} to do that on purpose)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = {"vae_steps": args.vae_steps, "ldm_steps": args.ldm_steps, "lr": args.lr,
-             "decoder_steps": args.decoder_steps,
-             "init_from": args.init_from, "train_text": False if args.freeze_text else None,
-             "min_snr_gamma": args.min_snr_gamma, "text_aux_weight": args.text_aux_weight,
-             "cross_attention_levels": tuple(args.cross_attention_levels) if args.cross_attention_levels else None}
+    steps = {
+        "vae_steps": args.vae_steps,
+        "ldm_steps": args.ldm_steps,
+        "lr": args.lr,
+        "decoder_steps": args.decoder_steps,
+        "init_from": args.init_from,
+        "train_text": False if args.freeze_text else None,
+        "min_snr_gamma": args.min_snr_gamma,
+        "text_aux_weight": args.text_aux_weight,
+        "cross_attention_levels": tuple(args.cross_attention_levels) if args.cross_attention_levels else None,
+    }
     try:
         cfg = ToyBuildConfig(ldm=ToyLDMConfig(**{k: v for k, v in steps.items() if v is not None}))
     except ValueError as err:
@@ -304,8 +441,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
         raise OneWordError("give concept folders or --toy (not both)")
     out = Path(args.out)
     if out.is_dir() and any(out.glob(f"{args.prefix}-*.tar")):  # old shards would stay beside the new ones
-        raise OneWordError(f"{out} already holds {args.prefix}-*.tar shards: give another --out or --prefix, "
-                           "or remove them")
+        raise OneWordError(
+            f"{out} already holds {args.prefix}-*.tar shards: give another --out or --prefix, or remove them"
+        )
     if args.toy:
         samples = toy_samples(args.split, args.images, args.seed, args.size, args.limit)
     else:
@@ -322,9 +460,16 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
     from oneword.models import load_model
 
     try:
-        cfg = InversionConfig(token="<target>", init="object", steps=args.steps, batch_size=args.batch_size,
-                              base_lr=args.base_lr, template=args.template, seed=args.seed,
-                              gradient_checkpointing=args.gradient_checkpointing)
+        cfg = InversionConfig(
+            token="<target>",
+            init="object",
+            steps=args.steps,
+            batch_size=args.batch_size,
+            base_lr=args.base_lr,
+            template=args.template,
+            seed=args.seed,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from err
     encoder = None
@@ -337,14 +482,26 @@ def _cmd_data_targets(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_interrupt():  # a preempted job says how to continue, as Ctrl-C does
             model = load_model(args.model, device=args.device, dtype=args.dtype)
-            paths = add_targets(args.shards, Path(args.out), cfg, model,
-                                group=args.group, continue_targets=args.continue_targets, encoder=encoder)
+            paths = add_targets(
+                args.shards,
+                Path(args.out),
+                cfg,
+                model,
+                group=args.group,
+                continue_targets=args.continue_targets,
+                encoder=encoder,
+            )
     except KeyboardInterrupt:
-        print(f"the same command continues: finished shards are kept and the shard in progress resumes from "
-              f"its last saved step (every {SAVE_EVERY}, in {Path(args.out) / PARTIAL})", file=sys.stderr)
+        print(
+            f"the same command continues: finished shards are kept and the shard in progress resumes from "
+            f"its last saved step (every {SAVE_EVERY}, in {Path(args.out) / PARTIAL})",
+            file=sys.stderr,
+        )
         raise
-    print(f"{len(paths)} shards with targets ({args.steps} steps, lr {cfg.lr:g}) in {time.perf_counter() - t0:.0f} s:",
-          file=sys.stderr)
+    print(
+        f"{len(paths)} shards with targets ({args.steps} steps, lr {cfg.lr:g}) in {time.perf_counter() - t0:.0f} s:",
+        file=sys.stderr,
+    )
     for p in paths:
         print(p)
     return 0
@@ -359,12 +516,19 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(importlib.import_module(module), function)(argv[1:])
         return code or 0
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from oneword.cli.eval import cmd_eval
 
-    commands = {"invert": _cmd_invert, "generate": _cmd_generate, "info": _cmd_info, "toy": _cmd_toy,
-                "eval": cmd_eval, "data": _cmd_data}
+    commands = {
+        "invert": _cmd_invert,
+        "generate": _cmd_generate,
+        "info": _cmd_info,
+        "toy": _cmd_toy,
+        "eval": cmd_eval,
+        "data": _cmd_data,
+    }
     return run_reporting_errors(commands[args.command], args)
 
 

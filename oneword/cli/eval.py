@@ -13,23 +13,39 @@ from oneword.errors import OneWordError
 logger = logging.getLogger("oneword")
 
 
-
 def _scoring_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clip", default=None,
-                   help="CLIP space of the paper's metrics: toy, ViT-B-32, ViT-L-14, ARCH:TAG (open_clip), "
-                        "random (smoke tests only) or none (default: toy for the toy model, else ViT-B-32)")
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="CLIP space of the paper's metrics: toy, ViT-B-32, ViT-L-14, ARCH:TAG (open_clip), "
+        "random (smoke tests only) or none (default: toy for the toy model, else ViT-B-32)",
+    )
     p.add_argument("--no-oracle", action="store_true", help="skip the toy world's attribute oracle")
-    p.add_argument("--preset", choices=["paper", "cpu"], default=None,
-                   help="sampling set-up: paper = 64 samples x 50 steps, cpu = 8 x 25 "
-                        "(default: cpu for toy/tiny models, paper otherwise)")
+    p.add_argument(
+        "--preset",
+        choices=["paper", "cpu"],
+        default=None,
+        help="sampling set-up: paper = 64 samples x 50 steps, cpu = 8 x 25 "
+        "(default: cpu for toy/tiny models, paper otherwise)",
+    )
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (overrides the preset)")
     p.add_argument("--sample-steps", type=int, default=None, help="denoising steps (overrides the preset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (overrides the preset)")
-    p.add_argument("--sample-batch", type=int, default=None, metavar="N",
-                   help="samples per pipeline call (default: 4; lower it if the GPU runs out of memory: the "
-                        "samples and scores stay the same)")
-    p.add_argument("--edit-prompt", nargs="+", default=None, metavar="PROMPT",
-                   help="edit prompts with {} for the pseudo-word (default: the paper's kinds, or toy backgrounds)")
+    p.add_argument(
+        "--sample-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="samples per pipeline call (default: 4; lower it if the GPU runs out of memory: the "
+        "samples and scores stay the same)",
+    )
+    p.add_argument(
+        "--edit-prompt",
+        nargs="+",
+        default=None,
+        metavar="PROMPT",
+        help="edit prompts with {} for the pseudo-word (default: the paper's kinds, or toy backgrounds)",
+    )
     p.add_argument("--out", default=None, help="folder for results.json/.md and the plots")
 
 
@@ -39,27 +55,48 @@ def add_eval_parser(sub, model_options) -> None:
 
     ev = sub.add_parser("eval", help="score embeddings the paper's way; quality-versus-steps curves")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    s = ev_sub.add_parser("score", help="score embedding files against their concepts' reference images",
-                          description="Reconstruction and editability (Gal et al. 2022, section 5) of each "
-                                      "embedding, with the initializer word and the real images as references.")
+    s = ev_sub.add_parser(
+        "score",
+        help="score embedding files against their concepts' reference images",
+        description="Reconstruction and editability (Gal et al. 2022, section 5) of each "
+        "embedding, with the initializer word and the real images as references.",
+    )
     model_options(s)
     s.add_argument("embeddings", nargs="+", metavar="EMBEDDING", help="embedding files or run folders")
-    s.add_argument("--concept", nargs="+", required=True, metavar="DIR",
-                   help="reference-image folder: one for all embeddings, or one per embedding")
+    s.add_argument(
+        "--concept",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="reference-image folder: one for all embeddings, or one per embedding",
+    )
     s.add_argument("--init", default=None, help="initializer word of the baseline (default: from the file)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     _scoring_options(s)
 
-    c = ev_sub.add_parser("curve", help="quality versus optimization steps for one or more settings",
-                          description="Invert each concept to the largest budget, scoring at every budget; "
-                                      "writes results.json, results.md and PNG plots.")
+    c = ev_sub.add_parser(
+        "curve",
+        help="quality versus optimization steps for one or more settings",
+        description="Invert each concept to the largest budget, scoring at every budget; "
+        "writes results.json, results.md and PNG plots.",
+    )
     model_options(c)
     c.add_argument("concepts", nargs="+", metavar="CONCEPT_DIR", help="reference-image folders")
-    c.add_argument("--budgets", nargs="+", type=int, default=[0, 50, 100, 200, 500, 1000, 2000, 3000],
-                   help="step counts to score at (default: 0 50 100 200 500 1000 2000 3000)")
-    c.add_argument("--variant", nargs="+", default=None, metavar="NAME:KEY=VALUE,...",
-                   help="settings to compare, e.g. 'lr 1e-2:base_lr=0.01' '2 vectors:num_vectors=2' "
-                        "(default: one line with the base settings)")
+    c.add_argument(
+        "--budgets",
+        nargs="+",
+        type=int,
+        default=[0, 50, 100, 200, 500, 1000, 2000, 3000],
+        help="step counts to score at (default: 0 50 100 200 500 1000 2000 3000)",
+    )
+    c.add_argument(
+        "--variant",
+        nargs="+",
+        default=None,
+        metavar="NAME:KEY=VALUE,...",
+        help="settings to compare, e.g. 'lr 1e-2:base_lr=0.01' '2 vectors:num_vectors=2' "
+        "(default: one line with the base settings)",
+    )
     c.add_argument("--init", default=None, help="initializer word (default: the toy concept's shape)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     _scoring_options(c)
@@ -70,8 +107,13 @@ def _settings(args: argparse.Namespace, model):
     from oneword.eval.protocol import PRESETS, default_preset
 
     base = PRESETS[args.preset or default_preset(model)]
-    over = {"samples": args.samples, "steps": args.sample_steps, "guidance": args.guidance,
-            "batch": args.sample_batch, "edit_prompts": args.edit_prompt}
+    over = {
+        "samples": args.samples,
+        "steps": args.sample_steps,
+        "guidance": args.guidance,
+        "batch": args.sample_batch,
+        "edit_prompts": args.edit_prompt,
+    }
     try:
         return dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
     except ValueError as err:
@@ -132,7 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise OneWordError(str(err)) from None
     model = load()
     settings, make_scorer, clip_name = _scorer_factory(args, model)
-    rows = run_curve(lambda: model, concepts, base, methods, args.budgets, make_scorer, progress=not args.no_progress)
+    rows = run_curve(
+        lambda: model, concepts, base, methods, args.budgets, make_scorer, progress=not args.no_progress
+    )
     return _finish(rows, args, settings, clip_name)
 
 
@@ -150,8 +194,13 @@ def _score(args: argparse.Namespace, load) -> int:
     embs = add_embeddings(model, args.embeddings)
     scorer = make_scorer(model)
     words = len(embs) + len(set(folders))  # each embedding, and each concept's initializer word
-    scorer.bar = tqdm(total=words * (1 + len(scorer.edits)) * settings.samples, unit="image", desc="sampling",
-                      disable=args.no_progress, dynamic_ncols=True)
+    scorer.bar = tqdm(
+        total=words * (1 + len(scorer.edits)) * settings.samples,
+        unit="image",
+        desc="sampling",
+        disable=args.no_progress,
+        dynamic_ncols=True,
+    )
     rows, seen = [], set()
     names = [Path(str(p)).name for p in args.embeddings]
     if len(set(names)) < len(names):  # two runs' learned_embeds.safetensors are two rows, not one average
@@ -163,9 +212,15 @@ def _score(args: argparse.Namespace, load) -> int:
             seen.add(folder)
             rows += scorer.reference_rows(concept)
         steps = emb.metadata.get("oneword.steps")
-        rows.append({"method": name, "concept": concept.name,
-                     "steps": int(steps) if steps and steps.isdigit() else None, "seconds": 0.0,
-                     **scorer.score(emb.token, concept).as_dict()})
+        rows.append(
+            {
+                "method": name,
+                "concept": concept.name,
+                "steps": int(steps) if steps and steps.isdigit() else None,
+                "seconds": 0.0,
+                **scorer.score(emb.token, concept).as_dict(),
+            }
+        )
         logger.info("%s: %s", path, json.dumps(rows[-1]))
     scorer.bar.close()
     return _finish(rows, args, settings, clip_name)

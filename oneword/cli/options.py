@@ -31,8 +31,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def add_dataclass_options(
-    parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset(),
-    required: frozenset[str] = frozenset(), defaults: Mapping[str, Any] | None = None,
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: frozenset[str] = frozenset(),
+    required: frozenset[str] = frozenset(),
+    defaults: Mapping[str, Any] | None = None,
     helps: Mapping[str, str] | None = None,
 ) -> None:
     """One ``--option`` per field, typed, with the field's docstring and default as help;
@@ -69,11 +72,13 @@ def add_dataclass_options(
 
 
 def model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="sd15, sd21, sdxl, toy, tiny-sd1/tiny-sd2/tiny-sdxl, a diffusers folder, "
-                        "a .safetensors checkpoint or a Hugging Face hub id")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="sd15, sd21, sdxl, toy, tiny-sd1/tiny-sd2/tiny-sdxl, a diffusers folder, "
+        "a .safetensors checkpoint or a Hugging Face hub id",
+    )
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-
 
 
 def run_reporting_errors(command, args: argparse.Namespace) -> int:

@@ -21,8 +21,13 @@ def cli_main(args: list[str] | None = None) -> None:
             refuse_replacing_an_export(self.trainer, getattr(self.config[self.subcommand], "ckpt_path", None))
 
     def run(_args) -> int:
-        CLI(EncoderModule, ConceptShards, args=args, seed_everything_default=0,
-            save_config_kwargs={"overwrite": True})
+        CLI(
+            EncoderModule,
+            ConceptShards,
+            args=args,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+        )
         return 0
 
     code = run_reporting_errors(run, None)  # bad shards or --model.init_from: one line, not a traceback

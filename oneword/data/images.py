@@ -42,9 +42,21 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
     | ({".avif"} if _decodable("avif") else set())
 )
 """File suffixes (lower case) that :func:`list_images` picks up (AVIF where this Pillow decodes it)."""
-_CONVERT_FIRST = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL", ".raw": "raw",
-                  ".cr2": "raw", ".cr3": "raw", ".nef": "raw", ".arw": "raw", ".dng": "raw", ".orf": "raw",
-                  ".psd": "Photoshop", ".svg": "SVG"}
+_CONVERT_FIRST = {
+    ".heic": "HEIC",
+    ".heif": "HEIF",
+    ".avif": "AVIF",
+    ".jxl": "JPEG XL",
+    ".raw": "raw",
+    ".cr2": "raw",
+    ".cr3": "raw",
+    ".nef": "raw",
+    ".arw": "raw",
+    ".dng": "raw",
+    ".orf": "raw",
+    ".psd": "Photoshop",
+    ".svg": "SVG",
+}
 """Photo formats a user may drop into a concept folder that are not read here (named in a warning)."""
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
@@ -81,9 +93,7 @@ def _one_line(text: str) -> str:
 def _too_large(pixels: int | None, max_pixels: int, size: str = "") -> _Unusable:
     """The problem of an image over the pixel cap (ours, or Pillow's own bomb limit)."""
     if pixels is not None and pixels <= max_pixels:  # only Pillow's hard limit was hit
-        return _Unusable(
-            f"{size}{pixels} pixels, over Pillow's decompression-bomb limit", "downscale it"
-        )
+        return _Unusable(f"{size}{pixels} pixels, over Pillow's decompression-bomb limit", "downscale it")
     shown = f"{size}{pixels} pixels" if pixels is not None else "too many pixels"
     return _Unusable(
         f"{shown}, over the --max-pixels cap of {max_pixels}",
@@ -141,9 +151,7 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
             from PIL import ImageCms
 
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            out = ImageCms.profileToProfile(
-                image, src, ImageCms.createProfile("sRGB"), outputMode="RGB"
-            )
+            out = ImageCms.profileToProfile(image, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
             if out is not None:
                 return out
         except Exception as err:  # noqa: BLE001 - a bad or unsupported profile: fall back
@@ -237,9 +245,7 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise InputError(
-            _one_line(
-                f"cannot read image file {path} ({err.strerror or err}); check its permissions"
-            )
+            _one_line(f"cannot read image file {path} ({err.strerror or err}); check its permissions")
         ) from err
 
 
@@ -288,16 +294,12 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.exists():
         raise InputError(_one_line(f"image folder {folder} does not exist; check the path"))
     if not folder.is_dir():
-        raise InputError(
-            _one_line(f"{folder} is not a folder; pass the folder that holds the images")
-        )
+        raise InputError(_one_line(f"{folder} is not a folder; pass the folder that holds the images"))
     try:
         entries = list(folder.iterdir())
     except OSError as err:
         raise InputError(
-            _one_line(
-                f"cannot list image folder {folder} ({err.strerror or err}); check its permissions"
-            )
+            _one_line(f"cannot list image folder {folder} ({err.strerror or err}); check its permissions")
         ) from err
     images = sorted(
         (
@@ -310,14 +312,19 @@ def list_images(folder: str | Path) -> list[Path]:
     # A run with fewer images than the user meant says so: photos in formats Pillow cannot read
     # here, and subfolders. Other files (captions, concept.json) are sidecars, skipped quietly.
     visible = [p for p in entries if not p.name.startswith(".")]
-    unreadable = sorted(p.name for p in visible if p.suffix.lower() in _CONVERT_FIRST and p.is_file()
-                        and p.suffix.lower() not in IMAGE_SUFFIXES)
+    unreadable = sorted(
+        p.name
+        for p in visible
+        if p.suffix.lower() in _CONVERT_FIRST and p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
+    )
     subfolders = sorted(p.name + "/" for p in visible if p.is_dir())
     if images and (unreadable or subfolders):
         parts = []
         if unreadable:
             formats = " and ".join(sorted({_CONVERT_FIRST[Path(n).suffix.lower()] for n in unreadable}))
-            parts.append(f"photos it cannot read ({_listed(unreadable)}; convert {formats} files to PNG or JPEG)")
+            parts.append(
+                f"photos it cannot read ({_listed(unreadable)}; convert {formats} files to PNG or JPEG)"
+            )
         if subfolders:
             parts.append(f"subfolders, which are not searched ({_listed(subfolders)})")
         logger.warning("%s: skipped %s", folder, " and ".join(parts))
@@ -362,9 +369,7 @@ def load_folder(folder: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         if any("--max-pixels" in problem.reason for _, problem in bad):
             hint += " (downscale oversized ones or raise --max-pixels)"
         raise ImageError(
-            _one_line(
-                f"{len(bad)} of {len(paths)} images in {Path(folder)} cannot be used: {listed}; {hint}"
-            )
+            _one_line(f"{len(bad)} of {len(paths)} images in {Path(folder)} cannot be used: {listed}; {hint}")
         )
     seen: dict[str, Path] = {}
     for item in loaded:
@@ -382,9 +387,7 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """An image as a float32 ``[3, H, W]`` tensor in [-1, 1] (0 -> -1, 255 -> 1)."""
     rgb = image if image.mode == "RGB" else _to_rgb(image)
     arr = np.array(rgb, dtype=np.uint8)  # a writable copy, HWC
-    return (
-        torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div_(127.5).sub_(1.0)
-    )
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def resize_and_crop(

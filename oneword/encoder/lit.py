@@ -50,8 +50,14 @@ def _item(sample: ConceptSample, rng: random.Random, min_refs: int, max_refs: in
     pool = order[:-1] if n > 1 else order
     k = min(len(pool), rng.randint(min_refs, max_refs) if train else max_refs)
     bg = sample.backgrounds[target] if sample.backgrounds else None
-    return {"key": sample.key, "refs": [sample.images[i] for i in pool[:k]], "target": sample.images[target],
-            "init": sample.init, "background": bg, "target_vectors": sample.target}
+    return {
+        "key": sample.key,
+        "refs": [sample.images[i] for i in pool[:k]],
+        "target": sample.images[target],
+        "init": sample.init,
+        "background": bg,
+        "target_vectors": sample.target,
+    }
 
 
 def collate(items: Sequence[dict]) -> dict[str, list]:
@@ -63,9 +69,17 @@ class ConceptShards(L.LightningDataModule):
     """Streams concept samples from webdataset shards, shuffled, split into train and validation
     by a stable hash of the concept key."""
 
-    def __init__(self, shards: str = "runs/shards/toy-train", batch_size: int = 16, min_refs: int = 1,
-                 max_refs: int = 4, val_fraction: float = 0.05, shuffle_buffer: int = 512,
-                 num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        shards: str = "runs/shards/toy-train",
+        batch_size: int = 16,
+        min_refs: int = 1,
+        max_refs: int = 4,
+        val_fraction: float = 0.05,
+        shuffle_buffer: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
         """
         Args:
             shards: the training shards: a folder of .tar files, a glob or a brace pattern (the
@@ -95,11 +109,19 @@ class ConceptShards(L.LightningDataModule):
         urls = expand_shards(h.shards)
         readers = (self.trainer.world_size if self.trainer is not None else 1) * max(1, h.num_workers)
         if len(urls) < readers:  # whole shards go to each rank and worker: one without any waits forever
-            raise InputError(f"{len(urls)} shard(s) for {readers} readers (ranks x data.num_workers): each needs at "
-                             "least one; write smaller shards (ti data shards --per-shard) or lower "
-                             "data.num_workers")
-        ds = wds.WebDataset(urls, shardshuffle=False if val else len(urls), seed=h.seed, empty_check=False,
-                            nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
+            raise InputError(
+                f"{len(urls)} shard(s) for {readers} readers (ranks x data.num_workers): each needs at "
+                "least one; write smaller shards (ti data shards --per-shard) or lower "
+                "data.num_workers"
+            )
+        ds = wds.WebDataset(
+            urls,
+            shardshuffle=False if val else len(urls),
+            seed=h.seed,
+            empty_check=False,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+        )
         ds = ds.select(lambda raw: is_validation(raw["__key__"], h.val_fraction) == val).map(decode_sample)
         if not val:
             ds = ds.repeat().shuffle(h.shuffle_buffer, seed=h.seed)  # endless: training counts steps
@@ -117,25 +139,43 @@ class ConceptShards(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        return DataLoader(self._dataset(False), batch_size=h.batch_size, collate_fn=collate,
-                          num_workers=h.num_workers)
+        return DataLoader(
+            self._dataset(False), batch_size=h.batch_size, collate_fn=collate, num_workers=h.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         h = self.hparams
-        return DataLoader(self._dataset(True), batch_size=h.batch_size, collate_fn=collate,
-                          num_workers=h.num_workers)
+        return DataLoader(
+            self._dataset(True), batch_size=h.batch_size, collate_fn=collate, num_workers=h.num_workers
+        )
 
 
 class EncoderModule(L.LightningModule):
     """The mapper being trained, with the frozen diffusion model and image tower beside it."""
 
-    def __init__(self, model: str = "toy", clip: str = "toy", num_vectors: int = 1, hidden: int = 512,
-                 depth: int = 2, lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 200,
-                 reg_weight: float = 1e-3, distill_weight: float = 0.0, template: str = "object",
-                 background_prompt_p: float = 0.5, flip_p: float = 0.5, dtype: str = "fp32",
-                 unet_features: bool = False, unet_layout: Literal["blocks", "resnets", "multiscale"] = "blocks",
-                 unet_map: int = 0, init_from: str | None = None, gradient_checkpointing: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: str = "toy",
+        clip: str = "toy",
+        num_vectors: int = 1,
+        hidden: int = 512,
+        depth: int = 2,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 200,
+        reg_weight: float = 1e-3,
+        distill_weight: float = 0.0,
+        template: str = "object",
+        background_prompt_p: float = 0.5,
+        flip_p: float = 0.5,
+        dtype: str = "fp32",
+        unet_features: bool = False,
+        unet_layout: Literal["blocks", "resnets", "multiscale"] = "blocks",
+        unet_map: int = 0,
+        init_from: str | None = None,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
         """
         Args:
             model: diffusion model to train for (preset, folder or checkpoint, as ``--model``).
@@ -186,11 +226,21 @@ class EncoderModule(L.LightningModule):
         space = load_space(clip)
         probe = space.images([_blank()])
         unet_dim = unet_feature_dim(ldm.unet, unet_layout) if unet_features else 0
-        cfg = EncoderConfig(clip=clip, feature_dim=int(probe.shape[1]), unet_dim=unet_dim,
-                            unet_layout=unet_layout, widths=ldm.widths,
-                            map_channels=unet_map_channels(ldm.unet) if unet_map else 0, map_width=max(unet_map, 1),
-                            num_vectors=num_vectors,
-                            hidden=hidden, depth=depth, offset_scale=token_scale(ldm), family=ldm.family, model=model)
+        cfg = EncoderConfig(
+            clip=clip,
+            feature_dim=int(probe.shape[1]),
+            unet_dim=unet_dim,
+            unet_layout=unet_layout,
+            widths=ldm.widths,
+            map_channels=unet_map_channels(ldm.unet) if unet_map else 0,
+            map_width=max(unet_map, 1),
+            num_vectors=num_vectors,
+            hidden=hidden,
+            depth=depth,
+            offset_scale=token_scale(ldm),
+            family=ldm.family,
+            model=model,
+        )
         self.encoder = ConceptEncoder(cfg, space)
         self._frozen = {"ldm": ldm}  # a dict: not a submodule, never in state_dict or checkpoints
         self._init_cache: dict[str, list[torch.Tensor]] = {}
@@ -204,11 +254,16 @@ class EncoderModule(L.LightningModule):
             self._rng = random.Random(self.hparams.seed + 7_919 * self.global_rank)
         if not self.hparams.init_from or (trainer is not None and trainer.ckpt_path):
             return
-        exports = [cb.target(trainer) for cb in (trainer.callbacks if trainer is not None else [])
-                   if isinstance(cb, ExportEncoder)]
+        exports = [
+            cb.target(trainer)
+            for cb in (trainer.callbacks if trainer is not None else [])
+            if isinstance(cb, ExportEncoder)
+        ]
         if any(e.resolve() == Path(self.hparams.init_from).resolve() for e in exports):
-            raise InputError(f"--model.init_from {self.hparams.init_from} is also the file this run exports "
-                             "to, which would overwrite it: copy it elsewhere first")
+            raise InputError(
+                f"--model.init_from {self.hparams.init_from} is also the file this run exports "
+                "to, which would overwrite it: copy it elsewhere first"
+            )
         start_from(self.encoder, self.hparams.init_from)
 
     @property
@@ -223,8 +278,10 @@ class EncoderModule(L.LightningModule):
     def _init_vectors(self, words: Sequence[str]) -> list[torch.Tensor]:
         for w in set(words) - self._init_cache.keys():
             self._init_cache[w] = self.ldm.initializer_vectors(w, self.hparams.num_vectors)
-        return [torch.stack([self._init_cache[w][j] for w in words]).to(self.device)
-                for j in range(len(self.ldm.widths))]
+        return [
+            torch.stack([self._init_cache[w][j] for w in words]).to(self.device)
+            for j in range(len(self.ldm.widths))
+        ]
 
     def _targets(self, images) -> torch.Tensor:
         res = self.ldm.resolution
@@ -236,8 +293,10 @@ class EncoderModule(L.LightningModule):
     def _prompts(self, backgrounds: Sequence[str | None]) -> list[str]:
         h = self.hparams
         out = sample_prompts(h.template, TOKEN, len(backgrounds), self._rng)
-        return [f"{p} on a {bg} background" if bg and self._rng.random() < h.background_prompt_p else p
-                for p, bg in zip(out, backgrounds)]
+        return [
+            f"{p} on a {bg} background" if bg and self._rng.random() < h.background_prompt_p else p
+            for p, bg in zip(out, backgrounds)
+        ]
 
     def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Denoising, regularizer and distillation terms (and their weighted sum, ``loss``)."""
@@ -249,7 +308,9 @@ class EncoderModule(L.LightningModule):
             x = self._targets(batch["target"]).to(self.device, vae_dtype)
             latents = vae_encode(ldm.vae, x).sample(generator=generator) * ldm.vae.config.scaling_factor
             latents = latents.to(ldm.dtype)
-        cond = ldm.encode_text(self._prompts(batch["background"]), batch_vectors=[p.to(ldm.dtype) for p in pred])
+        cond = ldm.encode_text(
+            self._prompts(batch["background"]), batch_vectors=[p.to(ldm.dtype) for p in pred]
+        )
         out = {"denoise": denoising_loss(ldm, latents, cond, generator).mean()}
         scale = self.encoder.mapper.scale
         out["reg"] = sum((((p - i) / s) ** 2).sum(-1).mean() for p, i, s in zip(pred, init, scale))
@@ -258,8 +319,10 @@ class EncoderModule(L.LightningModule):
             got = [tuple(t.shape) for t in batch["target_vectors"][b]]
             want = [tuple(p.shape[1:]) for p in pred]
             if got != want:
-                raise InputError(f"the target of concept {batch['key'][b]!r} has shape(s) {got}; this model's words "
-                                 f"are {want}: make the targets with this model (ti data targets --model ...)")
+                raise InputError(
+                    f"the target of concept {batch['key'][b]!r} has shape(s) {got}; this model's words "
+                    f"are {want}: make the targets with this model (ti data targets --model ...)"
+                )
         out["distill"] = torch.zeros((), device=self.device)
         if have and h.distill_weight > 0:
             for j, s in enumerate(scale):
@@ -279,10 +342,13 @@ class EncoderModule(L.LightningModule):
         gen = torch.Generator().manual_seed(self.noise_seed(batch_idx))
         out = self.losses(batch, gen)
         if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(f"encoder loss became {out['loss'].item()} at step {self.global_step}; "
-                                     "lower model.lr or use precision 32")
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False,
-                      batch_size=len(batch["refs"]))
+            raise FloatingPointError(
+                f"encoder loss became {out['loss'].item()} at step {self.global_step}; "
+                "lower model.lr or use precision 32"
+            )
+        self.log_dict(
+            {f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False, batch_size=len(batch["refs"])
+        )
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=len(batch["refs"]))
         return out["loss"]
 
@@ -299,21 +365,27 @@ class EncoderModule(L.LightningModule):
         opt = torch.optim.AdamW(self.encoder.mapper.parameters(), lr=h.lr, weight_decay=h.weight_decay)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, total, 1.0, warmup=h.warmup_steps, floor=0.1))
+            opt, lambda step: warmup_cosine(step, total, 1.0, warmup=h.warmup_steps, floor=0.1)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def start_from(encoder: ConceptEncoder, path: str | Path) -> None:
     """Load the mapper weights of the exported encoder at ``path`` into ``encoder``, whose
     config must describe the same architecture for the same text encoders."""
-    src = load_encoder(path, space=encoder.space,
-                       missing="--model.init_from takes an encoder.safetensors that ti-train-encoder exported")
+    src = load_encoder(
+        path,
+        space=encoder.space,
+        missing="--model.init_from takes an encoder.safetensors that ti-train-encoder exported",
+    )
     mine, theirs = _architecture(encoder.cfg), _architecture(src.cfg)
     differ = [k for k in mine if not _same(mine[k], theirs[k])]
     if differ:
         detail = ", ".join(f"{k}: file {theirs[k]!r}, config {mine[k]!r}" for k in differ)
-        raise InputError(f"{path} does not fit this encoder config ({detail}); set the model options "
-                         "to the file's (its header has them) or train from fresh weights")
+        raise InputError(
+            f"{path} does not fit this encoder config ({detail}); set the model options "
+            "to the file's (its header has them) or train from fresh weights"
+        )
     encoder.mapper.load_state_dict(src.mapper.state_dict())
     logger.info("encoder weights start from %s", path)
 
@@ -369,11 +441,17 @@ class ExportEncoder(L.Callback):
     def _export(self, trainer: L.Trainer, module: EncoderModule, extra: dict[str, str] | None = None) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        save_encoder(module.encoder, self.target(trainer), {"step": str(trainer.global_step), **(extra or {})})
+        save_encoder(
+            module.encoder, self.target(trainer), {"step": str(trainer.global_step), **(extra or {})}
+        )
 
     def target(self, trainer: L.Trainer) -> Path:
         """The file this callback writes for ``trainer``'s run."""
-        return Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
+        return (
+            Path(self.path)
+            if self.path
+            else Path(trainer.log_dir or trainer.default_root_dir) / "encoder.safetensors"
+        )
 
     def _improved(self, value: float) -> bool:
         if self.best is None:
@@ -388,15 +466,21 @@ class ExportEncoder(L.Callback):
             return
         metric = trainer.callback_metrics.get(self.monitor)
         if metric is None:
-            raise KeyError(f"ExportEncoder monitors {self.monitor!r}, which validation did not log "
-                           f"(an empty validation split logs nothing: too few concepts for "
-                           f"data.val_fraction?); logged: {sorted(trainer.callback_metrics)}")
+            raise KeyError(
+                f"ExportEncoder monitors {self.monitor!r}, which validation did not log "
+                f"(an empty validation split logs nothing: too few concepts for "
+                f"data.val_fraction?); logged: {sorted(trainer.callback_metrics)}"
+            )
         value = float(metric)
         if not math.isnan(value) and self._improved(value):  # NaN never counts as best
             self.best = value
             self._export(trainer, module, {"monitor": self.monitor, "best": repr(value)})
-            logger.info("exported the encoder at step %d: %s = %.4g (best so far)",
-                        trainer.global_step, self.monitor, value)
+            logger.info(
+                "exported the encoder at step %d: %s = %.4g (best so far)",
+                trainer.global_step,
+                self.monitor,
+                value,
+            )
 
     def on_train_end(self, trainer: L.Trainer, module: EncoderModule) -> None:
         if self.monitor is None or self.best is None:
@@ -415,7 +499,9 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
     fails before its first step would otherwise leave a fresh model's state that looks newer than
     an earlier run's ``last.ckpt``."""
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
             super().on_exception(trainer, pl_module, exception)
 
@@ -425,5 +511,7 @@ def refuse_replacing_an_export(trainer: L.Trainer, ckpt_path: str | None) -> Non
     validation (a rerun of the same command without ``--ckpt_path last``)."""
     for cb in trainer.callbacks:
         if isinstance(cb, ExportEncoder) and ckpt_path is None and cb.target(trainer).is_file():
-            raise InputError(f"{cb.target(trainer)} exists: continue its run with --ckpt_path last, or move the "
-                             "file (or run in another folder) to train a new encoder")
+            raise InputError(
+                f"{cb.target(trainer)} exists: continue its run with --ckpt_path last, or move the "
+                "file (or run in another folder) to train a new encoder"
+            )

@@ -82,8 +82,13 @@ class MapHead(nn.Module):
 
     def __init__(self, channels: int, width: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.GroupNorm(1, channels), nn.Conv2d(channels, width, 3, padding=1), nn.GELU(),
-                                 nn.Conv2d(width, width, 3, padding=1), nn.GELU())
+        self.net = nn.Sequential(
+            nn.GroupNorm(1, channels),
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GELU(),
+        )
         self.proj = nn.Linear(2 * width, hidden)
         with torch.no_grad():
             self.proj.weight.mul_(0.1)
@@ -136,12 +141,15 @@ class SetMapper(nn.Module):
             nn.init.zeros_(head.bias)
         self.register_buffer("scale", torch.tensor(cfg.offset_scale, dtype=torch.float32), persistent=False)
 
-    def forward(self, features: Tensor, mask: Tensor, init: Sequence[Tensor],
-                maps: Tensor | None = None) -> list[Tensor]:
+    def forward(
+        self, features: Tensor, mask: Tensor, init: Sequence[Tensor], maps: Tensor | None = None
+    ) -> list[Tensor]:
         if features.ndim != 3 or mask.shape != features.shape[:2]:
             raise ValueError(f"features must be [B, K, D] with a [B, K] mask, got {tuple(features.shape)}")
         if features.shape[-1] != self.cfg.feature_dim + self.cfg.unet_dim:
-            raise ValueError(f"features must be {self.cfg.feature_dim + self.cfg.unet_dim}-d, got {features.shape[-1]}")
+            raise ValueError(
+                f"features must be {self.cfg.feature_dim + self.cfg.unet_dim}-d, got {features.shape[-1]}"
+            )
         m = mask.to(features.dtype)[..., None]
         if bool((m.sum(1) == 0).any()):
             raise ValueError("every concept needs at least one image")
@@ -151,15 +159,19 @@ class SetMapper(nn.Module):
             x = x + self.unet_proj(features[..., d:])
         if self.map_head is not None:
             if maps is None or maps.shape[:3] != (*features.shape[:2], self.cfg.map_channels):
-                raise ValueError(f"this mapper reads [B, K, {self.cfg.map_channels}, H, W] UNet maps, got "
-                                 f"{None if maps is None else tuple(maps.shape)}")
+                raise ValueError(
+                    f"this mapper reads [B, K, {self.cfg.map_channels}, H, W] UNet maps, got "
+                    f"{None if maps is None else tuple(maps.shape)}"
+                )
             x = x + self.map_head(maps.flatten(0, 1)).view(*features.shape[:2], -1)
         per = self.per_image[2](self.per_image[1](x))
         pooled = (per * m).sum(1) / m.sum(1)
         flat = torch.cat([(v / s).flatten(1) for v, s in zip(init, self.scale)], dim=-1)
         h = self.blocks(pooled + self.init_proj(flat.to(pooled.dtype)))
         b, n = features.shape[0], self.cfg.num_vectors
-        return [v + s * head(h).view(b, n, -1).to(v.dtype) for v, s, head in zip(init, self.scale, self.heads)]
+        return [
+            v + s * head(h).view(b, n, -1).to(v.dtype) for v, s, head in zip(init, self.scale, self.heads)
+        ]
 
 
 class ConceptEncoder(nn.Module):
@@ -188,8 +200,10 @@ class ConceptEncoder(nn.Module):
         images = [im for s in image_sets for im in s]
         flat = self.space.images(images)
         if flat.shape[1] != self.cfg.feature_dim:
-            raise InputError(f"the image tower {self.cfg.clip!r} gives {flat.shape[1]}-d features, "
-                             f"the encoder expects {self.cfg.feature_dim}")
+            raise InputError(
+                f"the image tower {self.cfg.clip!r} gives {flat.shape[1]}-d features, "
+                f"the encoder expects {self.cfg.feature_dim}"
+            )
         maps = None
         if self.cfg.unet_dim or self.cfg.map_channels:
             if model is None:
@@ -197,15 +211,19 @@ class ConceptEncoder(nn.Module):
             if self.cfg.map_channels:
                 extra, maps = unet_features_and_map(model, images, self.cfg.unet_layout)
                 if maps.shape[1] != self.cfg.map_channels:
-                    raise InputError(f"{model.source}'s UNet gives {maps.shape[1]}-channel maps, the encoder "
-                                     f"was trained on {self.cfg.map_channels} ({self.cfg.model})")
+                    raise InputError(
+                        f"{model.source}'s UNet gives {maps.shape[1]}-channel maps, the encoder "
+                        f"was trained on {self.cfg.map_channels} ({self.cfg.model})"
+                    )
             else:
                 extra = unet_features(model, images, self.cfg.unet_layout)
             if not self.cfg.unet_dim:
                 extra = extra[:, :0]
             if extra.shape[1] != self.cfg.unet_dim:
-                raise InputError(f"{model.source}'s UNet gives {extra.shape[1]}-d features, the encoder "
-                                 f"was trained on {self.cfg.unet_dim}-d ones ({self.cfg.model})")
+                raise InputError(
+                    f"{model.source}'s UNet gives {extra.shape[1]}-d features, the encoder "
+                    f"was trained on {self.cfg.unet_dim}-d ones ({self.cfg.model})"
+                )
             flat = torch.cat([flat, extra], dim=1)
         k = max(len(s) for s in image_sets)
         feats = torch.zeros(len(image_sets), k, flat.shape[1])
@@ -213,28 +231,32 @@ class ConceptEncoder(nn.Module):
         set_maps = None if maps is None else maps.new_zeros(len(image_sets), k, *maps.shape[1:])
         i = 0
         for b, s in enumerate(image_sets):
-            feats[b, :len(s)] = flat[i:i + len(s)]
-            mask[b, :len(s)] = True
+            feats[b, : len(s)] = flat[i : i + len(s)]
+            mask[b, : len(s)] = True
             if set_maps is not None:
-                set_maps[b, :len(s)] = maps[i:i + len(s)]
+                set_maps[b, : len(s)] = maps[i : i + len(s)]
             i += len(s)
         device = next(self.mapper.parameters()).device
-        return SetFeatures(feats.to(device), mask.to(device), None if set_maps is None else set_maps.to(device))
+        return SetFeatures(
+            feats.to(device), mask.to(device), None if set_maps is None else set_maps.to(device)
+        )
 
     def forward(self, inputs: SetFeatures, init: Sequence[Tensor]) -> list[Tensor]:
         return self.mapper(inputs.features, inputs.mask, init, inputs.maps)
 
     @torch.no_grad()
-    def predict(self, image_sets: Sequence[Sequence[Image.Image]], init: Sequence[Tensor],
-                model=None) -> list[list[Tensor]]:
+    def predict(
+        self, image_sets: Sequence[Sequence[Image.Image]], init: Sequence[Tensor], model=None
+    ) -> list[list[Tensor]]:
         """One pass for several concepts: per concept, one ``[n, w]`` tensor per text encoder."""
         inputs = self.features(image_sets, model)
         out = self(inputs, [v.to(inputs.features.device, torch.float32) for v in init])
         return [[v[b].float().cpu() for v in out] for b in range(len(image_sets))]
 
 
-def predict_embeddings(encoder: ConceptEncoder, model, image_sets: Sequence[Sequence[Image.Image]],
-                       init_words: Sequence[str]) -> list[list[Tensor]]:
+def predict_embeddings(
+    encoder: ConceptEncoder, model, image_sets: Sequence[Sequence[Image.Image]], init_words: Sequence[str]
+) -> list[list[Tensor]]:
     """One batched pass for several concepts of ``model``: per concept, its vectors per text
     encoder, offsets from the initializer words' embeddings."""
     starts = [model.initializer_vectors(w, encoder.cfg.num_vectors) for w in init_words]
@@ -242,8 +264,12 @@ def predict_embeddings(encoder: ConceptEncoder, model, image_sets: Sequence[Sequ
     return encoder.predict(image_sets, init, model)
 
 
-def save_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict[str, str] | None = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
+def save_encoder(
+    encoder: ConceptEncoder,
+    path: str | Path,
+    extra: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """The slim encoder file: mapper weights (fp32, or ``dtype`` such as fp16 for a smaller file;
     loading casts back to fp32) with the config as JSON in the header."""
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in encoder.mapper.state_dict().items()}
@@ -251,8 +277,9 @@ def save_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict[str, str
     return write_safetensors(path, tensors, meta)
 
 
-def load_encoder(path: str | Path, space=None,
-                 missing: str = "train one (ti-train-encoder) or use --encoder toy") -> ConceptEncoder:
+def load_encoder(
+    path: str | Path, space=None, missing: str = "train one (ti-train-encoder) or use --encoder toy"
+) -> ConceptEncoder:
     """Inverse of :func:`save_encoder`; the image tower loads lazily from ``config.clip``.
     ``missing`` is the hint after a missing file's error."""
     tensors, meta = read_safetensors(path, fmt=FORMAT, missing=missing)
@@ -271,12 +298,16 @@ def load_encoder(path: str | Path, space=None,
 def check_fits(encoder: ConceptEncoder, model) -> None:
     """Raise :class:`InputError` unless ``encoder`` predicts words for ``model``'s text encoders."""
     if tuple(model.widths) != tuple(encoder.cfg.widths):
-        raise InputError(f"the encoder was trained for text-encoder widths {encoder.cfg.widths} "
-                         f"({encoder.cfg.model}); the model has {model.widths}: {TRAIN_ONE}")
+        raise InputError(
+            f"the encoder was trained for text-encoder widths {encoder.cfg.widths} "
+            f"({encoder.cfg.model}); the model has {model.widths}: {TRAIN_ONE}"
+        )
 
 
-TRAIN_ONE = ("pass --encoder with an encoder trained for this model (docs/encoder.md, \"Train an encoder\"); the "
-             "shipped toy encoder fits only --model toy")
+TRAIN_ONE = (
+    'pass --encoder with an encoder trained for this model (docs/encoder.md, "Train an encoder"); the '
+    "shipped toy encoder fits only --model toy"
+)
 
 
 def token_scale(model) -> list[float]:

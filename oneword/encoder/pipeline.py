@@ -126,9 +126,16 @@ def concept_folder(out_root: str | Path, token: str) -> RunFolder:
     return RunFolder(Path(out_root) / safe_file_stem(token))
 
 
-def encode_concepts(encoder: ConceptEncoder, model: FrozenLDM, concepts: Sequence, cfgs: Sequence[InversionConfig],
-                    out_root: str | Path, settings: EncodeSettings, encoder_meta: dict[str, str],
-                    model_name: str | None = None) -> list[ConceptResult]:
+def encode_concepts(
+    encoder: ConceptEncoder,
+    model: FrozenLDM,
+    concepts: Sequence,
+    cfgs: Sequence[InversionConfig],
+    out_root: str | Path,
+    settings: EncodeSettings,
+    encoder_meta: dict[str, str],
+    model_name: str | None = None,
+) -> list[ConceptResult]:
     """Predict every concept's word in one batched pass, then per concept refine, choose and write
     its run folder (each locked while written). ``concepts`` are
     :class:`~oneword.data.concepts.ConceptRef`; ``cfgs`` one refinement setting per concept (its
@@ -136,24 +143,44 @@ def encode_concepts(encoder: ConceptEncoder, model: FrozenLDM, concepts: Sequenc
     encoder.to(model.device)
     encoder.space.to(model.device)
     t0 = time.perf_counter()
-    predicted = predict_embeddings(encoder, model, [[im.image for im in c.images] for c in concepts],
-                                   [c.init for c in concepts])
+    predicted = predict_embeddings(
+        encoder, model, [[im.image for im in c.images] for c in concepts], [c.init for c in concepts]
+    )
     encode_s = (time.perf_counter() - t0) / max(1, len(concepts))
     logger.info("encoded %d concept(s) in %.2fs", len(concepts), encode_s * len(concepts))
     results = []
     for concept, cfg, vectors in zip(concepts, cfgs, predicted):
         with concept_folder(out_root, cfg.token) as folder:
-            result = _encode_one(encoder, model, concept, cfg, vectors, folder, settings, encoder_meta, encode_s,
-                                 model_name or model.source)
+            result = _encode_one(
+                encoder,
+                model,
+                concept,
+                cfg,
+                vectors,
+                folder,
+                settings,
+                encoder_meta,
+                encode_s,
+                model_name or model.source,
+            )
         results.append(result)
         if result.interrupted:
             break
     return results
 
 
-def _encode_one(encoder, model: FrozenLDM, concept, cfg: InversionConfig, vectors: list[torch.Tensor],
-                folder: RunFolder, settings: EncodeSettings, encoder_meta: dict[str, str], encode_s: float,
-                model_name: str) -> ConceptResult:
+def _encode_one(
+    encoder,
+    model: FrozenLDM,
+    concept,
+    cfg: InversionConfig,
+    vectors: list[torch.Tensor],
+    folder: RunFolder,
+    settings: EncodeSettings,
+    encoder_meta: dict[str, str],
+    encode_s: float,
+    model_name: str,
+) -> ConceptResult:
     from oneword.encoder.select import REFINED, candidate_name
 
     result = ConceptResult(concept.name, cfg.token, folder.path, {0: vectors}, 0, encode_s)
@@ -171,9 +198,16 @@ def _encode_one(encoder, model: FrozenLDM, concept, cfg: InversionConfig, vector
         among = sorted(set(settings.select_among) - {0, settings.refine})
         model.clear_placeholders()  # the last concept's token: each concept starts from the model as loaded
         t1 = time.perf_counter()
-        res = run_inversion(model, concept.images, cfg, folder.path, init_vectors=vectors,
-                            progress=settings.progress, snapshot_steps=among,
-                            extra_metadata={**encoder_meta, "oneword.refine": str(settings.refine)})
+        res = run_inversion(
+            model,
+            concept.images,
+            cfg,
+            folder.path,
+            init_vectors=vectors,
+            progress=settings.progress,
+            snapshot_steps=among,
+            extra_metadata={**encoder_meta, "oneword.refine": str(settings.refine)},
+        )
         result.refine_s, result.final_loss, result.files = time.perf_counter() - t1, res.final_loss, res.files
         result.words.update(res.snapshots)
         result.words[res.step] = res.embedding.vectors
@@ -188,13 +222,21 @@ def _encode_one(encoder, model: FrozenLDM, concept, cfg: InversionConfig, vector
             if choice.kept != REFINED:  # the refined word stays in checkpoints/
                 steps = {candidate_name(b, settings.refine): b for b in (0, *among)}[choice.kept]
                 what = "the prediction" if steps == 0 else f"the word after {steps} steps"
-                meta = word_metadata(model, cfg.token, cfg.init, steps, hashes,
-                                     {**encoder_meta, "oneword.refine": f"{settings.refine} ({what} kept by --select)"})
+                meta = word_metadata(
+                    model,
+                    cfg.token,
+                    cfg.init,
+                    steps,
+                    hashes,
+                    {**encoder_meta, "oneword.refine": f"{settings.refine} ({what} kept by --select)"},
+                )
                 saved = folder.write_word(Embedding(cfg.token, result.words[steps], meta))
                 result.files = list(dict.fromkeys([*result.files, *saved]))
                 result.kept_steps = steps
     if settings.preview_steps:
-        result.files.append(_preview(model, cfg.token, folder.path, settings.preview_steps, settings.sample_batch))
+        result.files.append(
+            _preview(model, cfg.token, folder.path, settings.preview_steps, settings.sample_batch)
+        )
     result.files.append(_report(folder.path, concept, cfg, encoder_meta, model_name, result))
     return result
 
@@ -205,36 +247,67 @@ def _select(encoder, model, cfg, concept, prediction, settings: EncodeSettings, 
     from oneword.encoder.select import REFINED, keep_prediction_or_refined, select_settings
 
     t0 = time.perf_counter()
-    choice = keep_prediction_or_refined(encoder, model, cfg.token, concept.init, prediction,
-                                        select_settings(settings.select, batch=settings.sample_batch), snapshots,
-                                        settings.refine)
+    choice = keep_prediction_or_refined(
+        encoder,
+        model,
+        cfg.token,
+        concept.init,
+        prediction,
+        select_settings(settings.select, batch=settings.sample_batch),
+        snapshots,
+        settings.refine,
+    )
     kept = "refined word" if choice.kept == REFINED else choice.kept
-    logger.info("%s: kept the %s (round-trip distances %s; %.1f s)", concept.name, kept,
-                choice.describe_distances(), time.perf_counter() - t0)
+    logger.info(
+        "%s: kept the %s (round-trip distances %s; %.1f s)",
+        concept.name,
+        kept,
+        choice.describe_distances(),
+        time.perf_counter() - t0,
+    )
     return choice
 
 
 def _preview(model, token: str, out: Path, steps: int, batch: int) -> Path:
     from oneword.sampling import SampleSettings, render_grid
 
-    second = "a photo of {} on a teal background" if model.family == "toy" else "a painting of {} on the beach"
+    second = (
+        "a photo of {} on a teal background" if model.family == "toy" else "a painting of {} on the beach"
+    )
     prompts = [p.format(token) for p in ("a photo of {}", second)]
-    return render_grid(model, prompts, SampleSettings(steps=steps, seeds=[0, 1, 2, 3], batch=batch),
-                       out / "preview.png", {"token": token})
+    return render_grid(
+        model,
+        prompts,
+        SampleSettings(steps=steps, seeds=[0, 1, 2, 3], batch=batch),
+        out / "preview.png",
+        {"token": token},
+    )
 
 
-def _report(out: Path, concept, cfg: InversionConfig, encoder_meta: dict[str, str], model: str,
-            result: ConceptResult) -> Path:
+def _report(
+    out: Path, concept, cfg: InversionConfig, encoder_meta: dict[str, str], model: str, result: ConceptResult
+) -> Path:
     refine = max(result.words)
     encoder = f"{encoder_meta.get('oneword.encoder')} (sha256 {encoder_meta.get('oneword.encoder_sha256', '?')[:12]})"
-    rows = [("concept", f"{concept.name} ({len(concept.images)} images)"), ("token", cfg.token),
-            ("initializer", cfg.init), ("model", model), ("encoder", encoder),
-            ("encoder time", f"{result.encode_s:.2f} s"),
-            ("refinement", f"{refine} steps{' (interrupted)' if result.interrupted else ''}, {result.refine_s:.1f} s"),
-            ("final loss", "–" if result.final_loss is None else f"{result.final_loss:.4f}")]
+    rows = [
+        ("concept", f"{concept.name} ({len(concept.images)} images)"),
+        ("token", cfg.token),
+        ("initializer", cfg.init),
+        ("model", model),
+        ("encoder", encoder),
+        ("encoder time", f"{result.encode_s:.2f} s"),
+        (
+            "refinement",
+            f"{refine} steps{' (interrupted)' if result.interrupted else ''}, {result.refine_s:.1f} s",
+        ),
+        ("final loss", "–" if result.final_loss is None else f"{result.final_loss:.4f}"),
+    ]
     if result.choice is not None:
-        rows += [("kept", result.choice.kept), ("kept word's steps", str(result.kept_steps)),
-                 ("round-trip distances", result.choice.describe_distances())]
+        rows += [
+            ("kept", result.choice.kept),
+            ("kept word's steps", str(result.kept_steps)),
+            ("round-trip distances", result.choice.describe_distances()),
+        ]
     text = "# ti-encode report\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
     atomic_write_text(out / "encode.json", json.dumps(dict(rows), indent=1) + "\n")
     return atomic_write_text(out / "report.md", text + "\n![preview](preview.png)\n")

@@ -22,13 +22,16 @@ from oneword.sampling import SampleSettings, generate_images
 
 ROUND_TRIP_PROMPT = "a photo of {}"
 SELECT_SEED = 1000
+
+
 def select_settings(samples: int, steps: int = 25, guidance: float = 5.0, batch: int = 4) -> SampleSettings:
     """``samples`` fresh samples (seeds from :data:`SELECT_SEED`) for the round trip, ``batch`` per
     pipeline call."""
     if samples < 1:
         raise ValueError(f"the round trip needs at least one sample, got {samples}")
-    return SampleSettings(steps=steps, guidance=guidance, seeds=list(range(SELECT_SEED, SELECT_SEED + samples)),
-                          batch=batch)
+    return SampleSettings(
+        steps=steps, guidance=guidance, seeds=list(range(SELECT_SEED, SELECT_SEED + samples)), batch=batch
+    )
 
 
 def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -37,13 +40,14 @@ def relative_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> f
     total = 0.0
     for x, y in zip(a, b, strict=True):
         x, y = x.float().cpu(), y.float().cpu()
-        total += float(((x - y) ** 2).sum() / (y ** 2).sum().clamp_min(1e-12))
+        total += float(((x - y) ** 2).sum() / (y**2).sum().clamp_min(1e-12))
     return total
 
 
 @torch.no_grad()
-def round_trip_distance(encoder, model, token: str, init: str, target: Sequence[torch.Tensor],
-                        settings: SampleSettings) -> float:
+def round_trip_distance(
+    encoder, model, token: str, init: str, target: Sequence[torch.Tensor], settings: SampleSettings
+) -> float:
     """Sample ``token`` as it is now, predict a word from the samples, and return its
     :func:`relative_distance` to ``target`` (the prediction from the reference images)."""
     from oneword.encoder.model import predict_embeddings
@@ -52,8 +56,15 @@ def round_trip_distance(encoder, model, token: str, init: str, target: Sequence[
     return relative_distance(predict_embeddings(encoder, model, [images], [init])[0], target)
 
 
-def choose_word(encoder, model, token: str, init: str, target: Sequence[torch.Tensor],
-                candidates: Mapping[str, Sequence[torch.Tensor]], settings: SampleSettings) -> Choice:
+def choose_word(
+    encoder,
+    model,
+    token: str,
+    init: str,
+    target: Sequence[torch.Tensor],
+    candidates: Mapping[str, Sequence[torch.Tensor]],
+    settings: SampleSettings,
+) -> Choice:
     """Try each candidate's vectors on ``token`` and leave the one with the smallest round-trip
     distance there (the first on ties)."""
     if not candidates:
@@ -69,13 +80,23 @@ def choose_word(encoder, model, token: str, init: str, target: Sequence[torch.Te
     return Choice(kept, distances, seconds)
 
 
-def keep_prediction_or_refined(encoder, model, token: str, init: str, prediction: Sequence[torch.Tensor],
-                               settings: SampleSettings, snapshots: Mapping[int, Sequence[torch.Tensor]] | None = None,
-                               top: int | None = None) -> Choice:
+def keep_prediction_or_refined(
+    encoder,
+    model,
+    token: str,
+    init: str,
+    prediction: Sequence[torch.Tensor],
+    settings: SampleSettings,
+    snapshots: Mapping[int, Sequence[torch.Tensor]] | None = None,
+    top: int | None = None,
+) -> Choice:
     """After a refinement from ``prediction`` to ``top`` steps: :func:`choose_word` among it, the
     refined word now on ``token`` and, when given, the words at earlier steps (``snapshots``, named
     by :func:`candidate_name`). The prediction is also the round trip's target."""
     earlier = {b: v for b, v in (snapshots or {}).items() if 0 < b and (top is None or b < top)}
-    candidates = {PREDICTION: prediction, **{candidate_name(b, top): earlier[b] for b in sorted(earlier)},
-                  REFINED: model.vectors_of(token)}
+    candidates = {
+        PREDICTION: prediction,
+        **{candidate_name(b, top): earlier[b] for b in sorted(earlier)},
+        REFINED: model.vectors_of(token),
+    }
     return choose_word(encoder, model, token, init, prediction, candidates, settings)

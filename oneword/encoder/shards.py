@@ -60,7 +60,9 @@ def encode_sample(s: ConceptSample) -> dict[str, object]:
     for i, im in enumerate(s.images):
         out[f"{i}.png"] = _png(im)
     if s.target is not None:
-        out["target.safetensors"] = save_tensors({f"vectors.{i}": v.float().contiguous() for i, v in enumerate(s.target)})
+        out["target.safetensors"] = save_tensors(
+            {f"vectors.{i}": v.float().contiguous() for i, v in enumerate(s.target)}
+        )
     return out
 
 
@@ -106,8 +108,9 @@ def read_shard(path: str | Path) -> list[ConceptSample]:
     return [decode_sample(raw) for raw in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)]
 
 
-def write_shards(samples: Iterable[ConceptSample], out: str | Path, per_shard: int = 256,
-                 prefix: str = "concepts") -> list[Path]:
+def write_shards(
+    samples: Iterable[ConceptSample], out: str | Path, per_shard: int = 256, prefix: str = "concepts"
+) -> list[Path]:
     """Write ``out/<prefix>-000000.tar`` ...; each shard appears atomically when complete."""
     if per_shard < 1:
         raise ValueError("per_shard must be at least 1")
@@ -127,8 +130,11 @@ def write_shards(samples: Iterable[ConceptSample], out: str | Path, per_shard: i
     return paths
 
 
-def folder_samples(folders: Sequence[str | Path], init: str | Sequence[str] | None = None,
-                   targets: Sequence[str | Path] | None = None) -> Iterator[ConceptSample]:
+def folder_samples(
+    folders: Sequence[str | Path],
+    init: str | Sequence[str] | None = None,
+    targets: Sequence[str | Path] | None = None,
+) -> Iterator[ConceptSample]:
     """Samples from concept folders (``concept.json`` supplies attributes and, for toy concepts,
     the initializer: the shape). ``init`` is one word for all folders or one per folder.
     ``targets``, one embedding file or ``ti invert`` run folder per concept, become distillation
@@ -142,8 +148,10 @@ def folder_samples(folders: Sequence[str | Path], init: str | Sequence[str] | No
     if len(inits) == 1:
         inits = inits * len(folders)
     if len(inits) != len(folders):
-        raise InputError(f"give one --init word for all concept folders or one per folder ({len(folders)}), "
-                         f"got {len(inits)}")
+        raise InputError(
+            f"give one --init word for all concept folders or one per folder ({len(folders)}), "
+            f"got {len(inits)}"
+        )
     keys = [re.sub(r"[^A-Za-z0-9_-]+", "_", Path(f).name) for f in folders]
     if len(set(keys)) < len(keys):  # a tar with two equal keys cannot be read back
         twice = sorted({k for k in keys if keys.count(k) > 1})
@@ -158,8 +166,9 @@ def folder_samples(folders: Sequence[str | Path], init: str | Sequence[str] | No
         yield ConceptSample(key, [im.image for im in c.images], c.init, c.attributes, target=target)
 
 
-def toy_samples(split: str = "train", images: int = 8, seed: int = 0, size: int = 64,
-                limit: int | None = None) -> Iterator[ConceptSample]:
+def toy_samples(
+    split: str = "train", images: int = 8, seed: int = 0, size: int = 64, limit: int | None = None
+) -> Iterator[ConceptSample]:
     """Every concept of the toy ``split`` (train or held-out), ``images`` renders each on varied
     backgrounds; the initializer is the shape, as a user would name the object's class."""
     from oneword.toy.render import render_concept_images, split_concepts
@@ -211,5 +220,6 @@ def _check_tar(path: str) -> None:
         with tarfile.open(path) as tar:
             tar.getmembers()
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise InputError(f"shard {path} is damaged or truncated ({err}); write it again (ti data shards, "
-                         "ti data targets)") from None
+        raise InputError(
+            f"shard {path} is damaged or truncated ({err}); write it again (ti data shards, ti data targets)"
+        ) from None

@@ -49,18 +49,29 @@ def _check_manifest(out: Path, settings: dict) -> None:
         saved = json.loads(path.read_text())
         diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
         if diff:
-            raise InputError(f"{out} holds targets made with other settings ({'; '.join(diff)}): give another "
-                             "--out, or the same settings to finish it")
+            raise InputError(
+                f"{out} holds targets made with other settings ({'; '.join(diff)}): give another "
+                "--out, or the same settings to finish it"
+            )
     elif out.is_dir() and any(out.glob("*.tar")):
-        logger.warning("%s holds shards but no %s: cannot check they were made with these settings", out, MANIFEST)
+        logger.warning(
+            "%s holds shards but no %s: cannot check they were made with these settings", out, MANIFEST
+        )
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
-def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: FrozenLDM,
-                group: int = 32, progress: bool = True, continue_targets: bool = False,
-                encoder: ConceptEncoder | None = None) -> list[Path]:
+def add_targets(
+    shards: str,
+    out: str | Path,
+    cfg: InversionConfig,
+    model: FrozenLDM,
+    group: int = 32,
+    progress: bool = True,
+    continue_targets: bool = False,
+    encoder: ConceptEncoder | None = None,
+) -> list[Path]:
     """Write ``out/<shard name>`` for every shard of ``shards``, each sample with a target embedding
     from ``cfg.steps`` steps of textual inversion on ``model`` (a frozen model without placeholders
     of its own). With ``continue_targets`` the inversion starts from each sample's existing target
@@ -74,8 +85,10 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
     if encoder is not None:
         check_fits(encoder, model)
         if encoder.cfg.num_vectors != cfg.num_vectors:
-            raise InputError(f"the encoder predicts {encoder.cfg.num_vectors} vector(s) per word; "
-                             f"the targets have {cfg.num_vectors}")
+            raise InputError(
+                f"the encoder predicts {encoder.cfg.num_vectors} vector(s) per word; "
+                f"the targets have {cfg.num_vectors}"
+            )
         encoder.to(model.device)
         encoder.space.to(model.device)
     out = Path(out)
@@ -85,13 +98,25 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
     names = [Path(u).name for u in urls]
     if len(set(names)) < len(names):  # OUT/<name> would hold only the first; the others would be "skipped"
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise InputError(f"input shards from different folders share file names ({', '.join(twice[:3])}): "
-                         "their targets would overwrite each other; write the data sets with different "
-                         "`ti data shards --prefix` or run ti data targets once per folder")
-    _check_manifest(out, {"model": model.source, "widths": list(model.widths), "steps": cfg.steps,
-                          "base_lr": cfg.base_lr, "batch_size": cfg.batch_size, "template": cfg.template,
-                          "seed": cfg.seed, "num_vectors": cfg.num_vectors,
-                          "start": "continue" if continue_targets else "encoder" if encoder is not None else "init"})
+        raise InputError(
+            f"input shards from different folders share file names ({', '.join(twice[:3])}): "
+            "their targets would overwrite each other; write the data sets with different "
+            "`ti data shards --prefix` or run ti data targets once per folder"
+        )
+    _check_manifest(
+        out,
+        {
+            "model": model.source,
+            "widths": list(model.widths),
+            "steps": cfg.steps,
+            "base_lr": cfg.base_lr,
+            "batch_size": cfg.batch_size,
+            "template": cfg.template,
+            "seed": cfg.seed,
+            "num_vectors": cfg.num_vectors,
+            "start": "continue" if continue_targets else "encoder" if encoder is not None else "init",
+        },
+    )
     paths = []
     for url in urls:
         path = out / Path(url).name
@@ -105,23 +130,36 @@ def add_targets(shards: str, out: str | Path, cfg: InversionConfig, model: Froze
             raise InputError(f"{url} has samples without a target: nothing to continue (drop --continue)")
         t0 = time.perf_counter()
         bar = tqdm(total=len(samples), desc=Path(url).name, unit="concept", disable=not progress)
-        partial = [out / PARTIAL / f"{Path(url).stem}-{i:06d}.safetensors" for i in range(0, len(samples), group)]
+        partial = [
+            out / PARTIAL / f"{Path(url).stem}-{i:06d}.safetensors" for i in range(0, len(samples), group)
+        ]
         for i, state in zip(range(0, len(samples), group), partial):
-            chunk = samples[i:i + group]
+            chunk = samples[i : i + group]
             if encoder is not None:
-                starts = predict_embeddings(encoder, model, [s.images for s in chunk], [s.init for s in chunk])
+                starts = predict_embeddings(
+                    encoder, model, [s.images for s in chunk], [s.init for s in chunk]
+                )
             else:
                 starts = [s.target for s in chunk] if continue_targets else None
-            vectors = invert_many(model, [s.images for s in chunk], [s.init for s in chunk], cfg, starts=starts,
-                                  progress=progress,  # a step bar: one group can take most of an hour
-                                  checkpoint=state, save_every=SAVE_EVERY)
+            vectors = invert_many(
+                model,
+                [s.images for s in chunk],
+                [s.init for s in chunk],
+                cfg,
+                starts=starts,
+                progress=progress,  # a step bar: one group can take most of an hour
+                checkpoint=state,
+                save_every=SAVE_EVERY,
+            )
             for s, v in zip(chunk, vectors):
                 s.target = v
             bar.update(len(chunk))
         bar.close()
         write_shard(samples, path)
         _remove_partial(out, Path(url).stem)
-        logger.info("%s: %d concepts x %d steps in %.0f s", path, len(samples), cfg.steps, time.perf_counter() - t0)
+        logger.info(
+            "%s: %d concepts x %d steps in %.0f s", path, len(samples), cfg.steps, time.perf_counter() - t0
+        )
     return paths
 
 

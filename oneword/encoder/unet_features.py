@@ -92,7 +92,9 @@ def unet_features(model, images: Sequence[Image.Image], layout: str = "blocks") 
     return _run(model, images, layout, keep_map=False)[0]
 
 
-def unet_features_and_map(model, images: Sequence[Image.Image], layout: str = "blocks") -> tuple[Tensor, Tensor]:
+def unet_features_and_map(
+    model, images: Sequence[Image.Image], layout: str = "blocks"
+) -> tuple[Tensor, Tensor]:
     """:func:`unet_features` and, from the same passes, each image's finest map ``[n, C, H, W]``
     (fp32; ``C`` = :func:`unet_map_channels`): the first down block's first output at the layout's
     largest input scale, average-pooled to at most :data:`MAP_SIDE` a side."""
@@ -127,17 +129,23 @@ def _run(model, images: Sequence[Image.Image], layout: str, keep_map: bool) -> t
             empty = model.encode_text([""])
             parts, maps = [], []
             for i in range(0, len(images), BATCH):
-                chunk = images[i:i + BATCH]
+                chunk = images[i : i + BATCH]
                 x = torch.stack([image_to_tensor(resize_and_crop(im, model.resolution)) for im in chunk])
-                cond = type(empty)(empty.hidden_states.expand(len(chunk), -1, -1),
-                                   None if empty.pooled is None else empty.pooled.expand(len(chunk), -1))
+                cond = type(empty)(
+                    empty.hidden_states.expand(len(chunk), -1, -1),
+                    None if empty.pooled is None else empty.pooled.expand(len(chunk), -1),
+                )
                 per_scale = []
                 for scale in _SCALES[layout]:  # >1: the same view, larger, so the UNet's maps get finer
-                    xs = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bicubic").clamp(-1, 1)
+                    xs = (
+                        x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bicubic").clamp(-1, 1)
+                    )
                     latents = vae_encode(vae, xs.to(model.device, vae_dtype)).mean * vae.config.scaling_factor
                     latents = latents.to(model.dtype)
                     captured.clear()
-                    unet_forward(model, latents, torch.full((len(chunk),), TIMESTEP, device=model.device), cond)
+                    unet_forward(
+                        model, latents, torch.full((len(chunk),), TIMESTEP, device=model.device), cond
+                    )
                     per_scale.append(torch.cat([_pool(h, layout) for h in captured], -1))
                 parts.append(torch.cat(per_scale, -1).cpu())
                 if keep_map:  # the last scale's pass is the largest one

@@ -46,7 +46,7 @@ def curate(
         images = generate_images(model, [prompt], draws)
         sims = space.images(images) @ target
         for slot in range(len(settings.seeds)):
-            block = sims[slot * candidates:(slot + 1) * candidates]
+            block = sims[slot * candidates : (slot + 1) * candidates]
             best = slot * candidates + int(block.argmax())
             kept.append(images[best])
             seeds.append(cand_seeds[best])

@@ -57,7 +57,9 @@ def reselect(rows: Sequence[dict], among: Sequence[int]) -> list[dict]:
         raise ValueError("--select-among needs non-negative budgets")
     at = {(r["method"], r["concept"], r["steps"]): r for r in rows}
     if not any(r["method"].endswith(SELECT_SUFFIX) for r in rows):
-        raise ValueError("no round-trip selection rows to choose again (bench/amortization.py --refine-select)")
+        raise ValueError(
+            "no round-trip selection rows to choose again (bench/amortization.py --refine-select)"
+        )
     out = []
     for r in rows:
         base = r["method"].removesuffix(SELECT_SUFFIX)
@@ -68,14 +70,23 @@ def reselect(rows: Sequence[dict], among: Sequence[int]) -> list[dict]:
         measured = set(r.get("distances") or {}) & set(r.get("select_seconds") or {})
         missing = [n for n in names if n not in measured or (base, r["concept"], names[n]) not in at]
         if missing:
-            raise ValueError(f"{r['concept']}: {base!r} has no round trip or scores of {', '.join(missing)}; "
-                             "measure them with bench/amortization.py --select-among")
+            raise ValueError(
+                f"{r['concept']}: {base!r} has no round trip or scores of {', '.join(missing)}; "
+                "measure them with bench/amortization.py --select-among"
+            )
         kept = min(names, key=r["distances"].__getitem__)
         end = at[(base, r["concept"], among[-1])]
-        out.append({**at[(base, r["concept"], names[kept])], "method": r["method"], "steps": among[-1],
-                    "seconds": round(end["seconds"] + sum(r["select_seconds"][n] for n in names), 3),
-                    "kept": kept, "distances": {n: r["distances"][n] for n in names},
-                    "select_seconds": {n: r["select_seconds"][n] for n in names}})
+        out.append(
+            {
+                **at[(base, r["concept"], names[kept])],
+                "method": r["method"],
+                "steps": among[-1],
+                "seconds": round(end["seconds"] + sum(r["select_seconds"][n] for n in names), 3),
+                "kept": kept,
+                "distances": {n: r["distances"][n] for n in names},
+                "select_seconds": {n: r["select_seconds"][n] for n in names},
+            }
+        )
     return out
 
 
@@ -110,8 +121,9 @@ def parse_variant(text: str) -> Method:
         if not eq or key.strip() not in known:
             raise ValueError(f"variant {text!r}: {item!r} is not key=value with an inversion setting")
         if key.strip() == "mixed_precision":  # the curve loads the model once, at --mixed_precision
-            raise ValueError(f"variant {text!r}: mixed_precision is the whole curve's (--mixed_precision), "
-                             "not a variant's")
+            raise ValueError(
+                f"variant {text!r}: mixed_precision is the whole curve's (--mixed_precision), not a variant's"
+            )
         value: object = raw.strip()
         for cast in (int, float):
             try:
@@ -136,6 +148,7 @@ def run_curve(
     and ``method`` ``"initializer word"`` or ``"real images"``. ``seconds`` is the optimization
     time to reach the budget (scoring excluded), plus the ``init_fn`` time for encoder methods.
     ``load_model`` is called once: each method starts from that model with its placeholders cleared."""
+
     def plan(m: Method) -> list[int]:
         steps = sorted({int(b) for b in (m.budgets if m.budgets is not None else budgets)})
         if not steps or steps[0] < 0:
@@ -155,8 +168,15 @@ def run_curve(
         for j, method in enumerate(methods):
             model.clear_placeholders()  # every method starts from the model as loaded
             token = f"<eval-{i}-{j}>"
-            cfg = dataclasses.replace(base, token=token, init=concept.init, steps=max(1, plans[j][-1]),
-                                      save_every=0, preview_every=0, **method.overrides)
+            cfg = dataclasses.replace(
+                base,
+                token=token,
+                init=concept.init,
+                steps=max(1, plans[j][-1]),
+                save_every=0,
+                preview_every=0,
+                **method.overrides,
+            )
             t0 = time.perf_counter()
             start = method.init_fn(model, concept) if method.init_fn else None
             inv = Inversion(model, concept.images, cfg, start)
@@ -171,15 +191,31 @@ def run_curve(
                 if method.select_fn is not None and budget:
                     words[budget] = model.vectors_of(token)
                 scores = scorer.score(token, concept)
-                rows.append({"method": method.name, "concept": concept.name, "steps": budget,
-                             "seconds": round(elapsed, 3), **scores.as_dict()})
+                rows.append(
+                    {
+                        "method": method.name,
+                        "concept": concept.name,
+                        "steps": budget,
+                        "seconds": round(elapsed, 3),
+                        **scores.as_dict(),
+                    }
+                )
                 logger.info("%s %s @%d: %s", method.name, concept.name, budget, scores.as_dict())
             if method.select_fn is not None and start is not None:
                 t0 = time.perf_counter()
                 choice = method.select_fn(model, concept, token, words)
                 elapsed += time.perf_counter() - t0
-                rows.append({"method": method.name + SELECT_SUFFIX, "concept": concept.name, "steps": plans[j][-1],
-                             "seconds": round(elapsed, 3), "kept": choice.kept, "distances": choice.distances,
-                             "select_seconds": choice.seconds, **scorer.score(token, concept).as_dict()})
+                rows.append(
+                    {
+                        "method": method.name + SELECT_SUFFIX,
+                        "concept": concept.name,
+                        "steps": plans[j][-1],
+                        "seconds": round(elapsed, 3),
+                        "kept": choice.kept,
+                        "distances": choice.distances,
+                        "select_seconds": choice.seconds,
+                        **scorer.score(token, concept).as_dict(),
+                    }
+                )
     bar.close()
     return rows

@@ -41,7 +41,9 @@ def mean_pairwise_similarity(a: Tensor) -> float:
 def paired_similarity(a: Tensor, b: Tensor) -> float:
     """Mean cosine similarity of row ``i`` of ``a`` with row ``i`` of ``b``."""
     if a.shape != b.shape:
-        raise ValueError(f"paired features must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"paired features must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
 
 

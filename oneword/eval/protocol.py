@@ -33,14 +33,20 @@ RECONSTRUCTION_PROMPT = "a photo of {}"
 #: Edit prompts for real checkpoints, in the paper's three kinds.
 EDIT_PROMPTS: tuple[str, ...] = (
     # new backgrounds
-    "a photo of {} on the beach", "a photo of {} in the jungle", "a photo of {} in the snow",
+    "a photo of {} on the beach",
+    "a photo of {} in the jungle",
+    "a photo of {} in the snow",
     "a photo of {} with the Eiffel Tower in the background",
     # styles
-    "an oil painting of {}", "a watercolor painting of {}", "a pencil sketch of {}",
+    "an oil painting of {}",
+    "a watercolor painting of {}",
+    "a pencil sketch of {}",
     "a painting of {} in the style of Van Gogh",
     # compositions
-    "a photo of {} next to a cup of coffee", "a photo of {} on a wooden table with a plant",
-    "a photo of two {} side by side", "a photo of a cat playing with {}",
+    "a photo of {} next to a cup of coffee",
+    "a photo of {} on a wooden table with a plant",
+    "a photo of two {} side by side",
+    "a photo of a cat playing with {}",
 )
 
 
@@ -78,8 +84,13 @@ class EvalSettings:
             raise ValueError(f"edit prompts need {{}} where the pseudo-word goes: {bad[0]!r}")
 
     def sampling(self) -> SampleSettings:
-        return SampleSettings(steps=self.steps, guidance=self.guidance, scheduler="ddim",
-                              seeds=list(range(self.seed, self.seed + self.samples)), batch=self.batch)
+        return SampleSettings(
+            steps=self.steps,
+            guidance=self.guidance,
+            scheduler="ddim",
+            seeds=list(range(self.seed, self.seed + self.samples)),
+            batch=self.batch,
+        )
 
 
 PRESETS: dict[str, EvalSettings] = {
@@ -128,8 +139,9 @@ def without_word(prompt: str) -> str:
 class Scorer:
     """Scores words on concepts with fixed samples; caches the reference images' features."""
 
-    def __init__(self, model: FrozenLDM, settings: EvalSettings, space: ClipSpace | None = None,
-                 oracle=None) -> None:
+    def __init__(
+        self, model: FrozenLDM, settings: EvalSettings, space: ClipSpace | None = None, oracle=None
+    ) -> None:
         if space is None and oracle is None:
             raise ValueError("give a CLIP space, an oracle, or both")
         self.model, self.settings, self.space, self.oracle = model, settings, space, oracle
@@ -174,9 +186,14 @@ class Scorer:
     def reference_rows(self, concept: ConceptRef) -> list[dict]:
         """The two reference points of a concept as result rows (``steps`` None): the initializer
         word alone and the real images against each other."""
-        pairs = (("initializer word", self.score(concept.init, concept)), ("real images", self.real_images(concept)))
-        return [{"method": name, "concept": concept.name, "steps": None, "seconds": 0.0, **s.as_dict()}
-                for name, s in pairs]
+        pairs = (
+            ("initializer word", self.score(concept.init, concept)),
+            ("real images", self.real_images(concept)),
+        )
+        return [
+            {"method": name, "concept": concept.name, "steps": None, "seconds": 0.0, **s.as_dict()}
+            for name, s in pairs
+        ]
 
     def real_images(self, concept: ConceptRef) -> Scores:
         """The upper line: the reference images scored as if they were samples."""
@@ -184,6 +201,7 @@ class Scorer:
         if self.space is not None and len(concept.images) > 1:
             s.recon_clip = mean_pairwise_similarity(self._ref_features(concept))
         if self.oracle is not None and concept.attributes:
-            s.recon_oracle = attribute_share(self.oracle.predict([im.image for im in concept.images]),
-                                             concept.attributes)
+            s.recon_oracle = attribute_share(
+                self.oracle.predict([im.image for im in concept.images]), concept.attributes
+            )
         return s

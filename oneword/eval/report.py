@@ -25,8 +25,12 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
         groups.setdefault((row["method"], row["steps"]), []).append(row)
     out = []
     for (method, steps), members in groups.items():
-        summary = {"method": method, "steps": steps, "concepts": len(members),
-                   "seconds": sum(r.get("seconds") or 0.0 for r in members) / len(members)}
+        summary = {
+            "method": method,
+            "steps": steps,
+            "concepts": len(members),
+            "seconds": sum(r.get("seconds") or 0.0 for r in members) / len(members),
+        }
         for name in Scores.names():
             vals = [r[name] for r in members if r.get(name) is not None]
             summary[name] = sum(vals) / len(vals) if vals else None
@@ -74,8 +78,11 @@ def plot_quality_vs_steps(summary: Sequence[dict], path: Path) -> Path | None:
     methods = list(dict.fromkeys(r["method"] for r in summary if r["steps"] is not None))
     for ax, col in zip(axes[0], cols):
         for m in methods:
-            pts = sorted((r["steps"], r[col]) for r in summary
-                         if r["method"] == m and r["steps"] is not None and r.get(col) is not None)
+            pts = sorted(
+                (r["steps"], r[col])
+                for r in summary
+                if r["method"] == m and r["steps"] is not None and r.get(col) is not None
+            )
             if pts:
                 xs = [max(x, 1) for x, _ in pts]  # log axis: budget 0 drawn at 1
                 ax.plot(xs, [y for _, y in pts], marker="o", label=m)
@@ -107,12 +114,20 @@ def plot_plane(summary: Sequence[dict], path: Path) -> Path | None:
     methods = list(dict.fromkeys(r["method"] for r in summary))
     for ax, (rx, ry, label) in zip(axes[0], pairs):
         for m in methods:
-            pts = sorted(((r["steps"] if r["steps"] is not None else -1), r[rx], r[ry]) for r in summary
-                         if r["method"] == m and r.get(rx) is not None and r.get(ry) is not None)
+            pts = sorted(
+                ((r["steps"] if r["steps"] is not None else -1), r[rx], r[ry])
+                for r in summary
+                if r["method"] == m and r.get(rx) is not None and r.get(ry) is not None
+            )
             if not pts:
                 continue
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o" if pts[0][0] >= 0 else "*",
-                    markersize=6 if pts[0][0] >= 0 else 12, label=m)
+            ax.plot(
+                [p[1] for p in pts],
+                [p[2] for p in pts],
+                marker="o" if pts[0][0] >= 0 else "*",
+                markersize=6 if pts[0][0] >= 0 else 12,
+                label=m,
+            )
             for steps, x, y in pts:
                 if steps >= 0:
                     ax.annotate(str(steps), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
@@ -130,24 +145,41 @@ def row_at(summary: Sequence[dict], method: str, steps: int) -> dict | None:
     return next((r for r in summary if r["method"] == method and r["steps"] == steps), None)
 
 
-def steps_to_match(summary: Sequence[dict], method: str, reference: dict, metrics: Sequence[str]) -> dict | None:
+def steps_to_match(
+    summary: Sequence[dict], method: str, reference: dict, metrics: Sequence[str]
+) -> dict | None:
     """The first (fewest-steps) row of ``method`` scoring at least ``reference`` on every metric."""
-    rows = sorted((r for r in summary if r["method"] == method and r["steps"] is not None), key=lambda r: r["steps"])
+    rows = sorted(
+        (r for r in summary if r["method"] == method and r["steps"] is not None), key=lambda r: r["steps"]
+    )
     for r in rows:
-        if all(r.get(m) is not None and reference.get(m) is not None and r[m] >= reference[m] for m in metrics):
+        if all(
+            r.get(m) is not None and reference.get(m) is not None and r[m] >= reference[m] for m in metrics
+        ):
             return r
     return None
 
 
-def paired_gap(rows: Sequence[dict], a: tuple[str, int], b: tuple[str, int], metric: str,
-               resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict | None:
+def paired_gap(
+    rows: Sequence[dict],
+    a: tuple[str, int],
+    b: tuple[str, int],
+    metric: str,
+    resamples: int = 10_000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict | None:
     """Mean over concepts of ``a``'s score minus ``b``'s (each a ``(method, steps)``), with a
     percentile bootstrap interval that resamples concepts (paired: both scores of a concept move
     together, so what varies is which concepts were drawn and their samples). None when no concept
     has both scores. ``{"gap", "lo", "hi", "concepts"}``."""
+
     def by_concept(method: str, steps: int) -> dict[str, float]:
-        return {r["concept"]: r[metric] for r in rows
-                if r["method"] == method and r["steps"] == steps and r.get(metric) is not None}
+        return {
+            r["concept"]: r[metric]
+            for r in rows
+            if r["method"] == method and r["steps"] == steps and r.get(metric) is not None
+        }
 
     left, right = by_concept(*a), by_concept(*b)
     names = [c for c in left if c in right]
@@ -171,11 +203,14 @@ def format_gap(gap: dict, metric: str) -> str:
 GOAL_METRICS = ("recon_oracle", "edit_oracle", "recon_clip", "edit_clip")
 
 
-def goal_pairs(rows: Sequence[dict], method: str, compare_at: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+def goal_pairs(
+    rows: Sequence[dict], method: str, compare_at: int
+) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     """The two goals as ``(a, b)`` pairs for :func:`goal_gaps`: ``method`` alone against scratch at
     ``compare_at`` steps, and ``method`` at its largest budget against scratch at its largest. Scratch
     at 0 steps is the initializer word, no goal: without a larger scratch budget the second pair is
     left out (as the first is, by :func:`goal_gaps`, when ``compare_at`` was not measured)."""
+
     def top(m: str) -> int:
         return max((r["steps"] for r in rows if r["method"] == m and r["steps"] is not None), default=0)
 
@@ -200,8 +235,9 @@ def select_pairs(rows: Sequence[dict]) -> list[tuple[tuple[str, int], tuple[str,
     return pairs
 
 
-def goal_gaps(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, int], tuple[str, int]]],
-              metrics: Sequence[str]) -> list[str]:
+def goal_gaps(
+    rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, int], tuple[str, int]]], metrics: Sequence[str]
+) -> list[str]:
     """One line per ``(a, b)`` pair: ``a``'s gap to ``b`` on every metric, with bootstrap intervals.
     An interval that straddles 0 means the concepts measured cannot tell the two apart."""
     lines = []
@@ -210,7 +246,9 @@ def goal_gaps(rows: Sequence[dict], pairs: Sequence[tuple[tuple[str, int], tuple
         shown = [format_gap(g, m) for m, g in gaps if g is not None]
         if shown:
             n = next(g["concepts"] for _, g in gaps if g is not None)
-            lines.append(f"{a[0]} @ {a[1]} minus {b[0]} @ {b[1]} ({n} concepts, 95% interval): " + ", ".join(shown))
+            lines.append(
+                f"{a[0]} @ {a[1]} minus {b[0]} @ {b[1]} ({n} concepts, 95% interval): " + ", ".join(shown)
+            )
     return lines
 
 
@@ -224,14 +262,19 @@ def write_report(rows: Sequence[dict], out: Path, settings: dict | None = None) 
     """Write the JSON (rows, summary, settings), the Markdown table and both plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    doc = {"settings": settings or {}, "summary": summary,
-           "rows": [{k: _clean(v) for k, v in r.items()} for r in rows]}
+    doc = {
+        "settings": settings or {},
+        "summary": summary,
+        "rows": [{k: _clean(v) for k, v in r.items()} for r in rows],
+    }
     files = {
         "json": atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n"),
         "markdown": atomic_write_text(out / "results.md", markdown_table(summary)),
     }
-    for key, fn, name in (("curve", plot_quality_vs_steps, "quality_vs_steps.png"),
-                          ("plane", plot_plane, "recon_edit_plane.png")):
+    for key, fn, name in (
+        ("curve", plot_quality_vs_steps, "quality_vs_steps.png"),
+        ("plane", plot_plane, "recon_edit_plane.png"),
+    ):
         path = fn(summary, out / name)
         if path is not None:
             files[key] = path

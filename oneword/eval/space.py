@@ -47,14 +47,14 @@ class ClipSpace:
         """``[n, d]`` unit vectors, encoded in batches of 32."""
         if not images:
             raise ValueError("no images to encode")
-        parts = [self.image_fn(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]
+        parts = [self.image_fn(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
         return F.normalize(torch.cat(parts).float(), dim=-1)
 
     def texts(self, texts: Sequence[str]) -> Tensor:
         """``[n, d]`` unit vectors."""
         if not texts:
             raise ValueError("no texts to encode")
-        parts = [self.text_fn(texts[i:i + BATCH]) for i in range(0, len(texts), BATCH)]
+        parts = [self.text_fn(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
         return F.normalize(torch.cat(parts).float(), dim=-1)
 
 
@@ -63,7 +63,9 @@ def toy_space(model, name: str = "toy") -> ClipSpace:
     from oneword.toy.clip import encode_images, encode_texts
 
     model.requires_grad_(False)
-    return ClipSpace(name, lambda ims: encode_images(model, ims), lambda ts: encode_texts(model, list(ts)), model)
+    return ClipSpace(
+        name, lambda ims: encode_images(model, ims), lambda ts: encode_texts(model, list(ts)), model
+    )
 
 
 def open_clip_space(model, preprocess, tokenizer, name: str, device: torch.device) -> ClipSpace:
@@ -110,8 +112,9 @@ def load_space(spec: str, device: str | torch.device | None = None) -> ClipSpace
     # them unless told (only warning), which silently changes every feature.
     quick_gelu = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag,
-                                                                     force_quick_gelu=quick_gelu)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=tag, force_quick_gelu=quick_gelu
+        )
         tokenizer = open_clip.get_tokenizer(arch)
     except Exception as err:  # noqa: BLE001 - open_clip raises many kinds; the user needs one line
         detail = " ".join(str(err).split())[:200]

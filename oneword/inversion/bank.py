@@ -118,9 +118,14 @@ def build_bank(
     overflows in fp16, and this pass is one-off)."""
     small = [min(im.size) for im in images if min(im.size) < aug.resolution]
     if small:
-        logger.warning("%d of %d reference images are smaller than the %d px training resolution (smallest "
-                       "%d px): they are upscaled, and the word learns their blur", len(small), len(images),
-                       aug.resolution, min(small))
+        logger.warning(
+            "%d of %d reference images are smaller than the %d px training resolution (smallest "
+            "%d px): they are upscaled, and the word learns their blur",
+            len(small),
+            len(images),
+            aug.resolution,
+            min(small),
+        )
     vae = model.vae
     views = augmented_views(images, aug, seed)
     means, stds = [], []
@@ -138,6 +143,10 @@ def build_bank(
 def bank_for_run(model: FrozenLDM, images: Sequence[Image.Image], cfg, seed: int) -> LatentBank:
     """The bank of one inversion run: views as ``cfg`` (an :class:`InversionConfig`) asks, at its
     resolution or the model's."""
-    aug = AugmentConfig(resolution=cfg.resolution or model.resolution, flip_p=cfg.flip_p,
-                        random_crop=cfg.random_crop, views_per_image=cfg.views_per_image)
+    aug = AugmentConfig(
+        resolution=cfg.resolution or model.resolution,
+        flip_p=cfg.flip_p,
+        random_crop=cfg.random_crop,
+        views_per_image=cfg.views_per_image,
+    )
     return build_bank(model, images, aug, seed)

@@ -35,17 +35,21 @@ class TrainState:
 
 
 def _pack(ts: TrainState, prefix: str, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
-    tensors.update({f"{prefix}vectors.{i}": v.detach().float().cpu().contiguous() for i, v in enumerate(ts.vectors)})
+    tensors.update(
+        {f"{prefix}vectors.{i}": v.detach().float().cpu().contiguous() for i, v in enumerate(ts.vectors)}
+    )
     tensors.update({prefix + k: v for k, v in ts.optimizer.items()})
     tensors[f"{prefix}rng.generator"] = ts.generator_state.clone()
     version, internal, gauss = ts.prompt_rng_state
-    header.update({
-        f"{prefix}step": str(ts.step),
-        f"{prefix}param_groups": ts.param_groups,
-        f"{prefix}prompt_rng": json.dumps([version, list(internal), gauss]),
-        f"{prefix}scaler": json.dumps(ts.scaler),
-        f"{prefix}meta": json.dumps(ts.meta),
-    })
+    header.update(
+        {
+            f"{prefix}step": str(ts.step),
+            f"{prefix}param_groups": ts.param_groups,
+            f"{prefix}prompt_rng": json.dumps([version, list(internal), gauss]),
+            f"{prefix}scaler": json.dumps(ts.scaler),
+            f"{prefix}meta": json.dumps(ts.meta),
+        }
+    )
 
 
 def _unpack(tensors: dict[str, torch.Tensor], header: dict[str, str], prefix: str) -> TrainState:
@@ -55,7 +59,7 @@ def _unpack(tensors: dict[str, torch.Tensor], header: dict[str, str], prefix: st
     return TrainState(
         step=int(header[f"{prefix}step"]),
         vectors=[tensors[f"{prefix}vectors.{i}"] for i in range(n)],
-        optimizer={k[len(prefix):]: v for k, v in tensors.items() if k.startswith(optim)},
+        optimizer={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(optim)},
         param_groups=header[f"{prefix}param_groups"],
         generator_state=tensors[f"{prefix}rng.generator"],
         prompt_rng_state=(version, tuple(internal), gauss),

@@ -23,8 +23,18 @@ def weights_dtype(mixed_precision: str) -> str:
 
 
 #: Fields that tools running many inversions (curves, ti-encode) set per run themselves.
-PER_RUN_FIELDS = frozenset({"token", "init", "steps", "save_every", "preview_every", "preview_prompts",
-                            "preview_seeds", "preview_steps"})
+PER_RUN_FIELDS = frozenset(
+    {
+        "token",
+        "init",
+        "steps",
+        "save_every",
+        "preview_every",
+        "preview_prompts",
+        "preview_seeds",
+        "preview_steps",
+    }
+)
 
 
 @dataclass

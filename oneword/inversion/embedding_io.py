@@ -145,7 +145,9 @@ def _header(embedding: Embedding) -> dict[str, str]:
     return meta
 
 
-def _save_file(tensors: dict[str, torch.Tensor], filename: Path, metadata: dict[str, str] | None = None) -> None:
+def _save_file(
+    tensors: dict[str, torch.Tensor], filename: Path, metadata: dict[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` through bytes: that one creates the file with mode 0600, so
     an A1111 running as another user could not read the word; this one follows the umask."""
     Path(filename).write_bytes(save(tensors, metadata=metadata))
@@ -354,9 +356,7 @@ def family_for_widths(widths: Sequence[int]) -> str:
     return _FAMILIES.get(tuple(int(w) for w in widths), "another model")
 
 
-def check_widths(
-    embedding: Embedding, widths: Sequence[int], *, path: str | Path | None = None
-) -> None:
+def check_widths(embedding: Embedding, widths: Sequence[int], *, path: str | Path | None = None) -> None:
     """Raise EmbeddingFileError unless the embedding's widths equal the model's ``widths``."""
     have, want = embedding.widths, [int(w) for w in widths]
     if have == want:

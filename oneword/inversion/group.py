@@ -64,8 +64,16 @@ class SlotResult:
 class Slot:
     """One concept in a group: its vectors, bank, optimizer, schedule, budget and generators."""
 
-    def __init__(self, sid: int, cfg: InversionConfig, start: list[torch.Tensor], anchor: list[torch.Tensor],
-                 bank: LatentBank, device: torch.device, name: str) -> None:
+    def __init__(
+        self,
+        sid: int,
+        cfg: InversionConfig,
+        start: list[torch.Tensor],
+        anchor: list[torch.Tensor],
+        bank: LatentBank,
+        device: torch.device,
+        name: str,
+    ) -> None:
         self.id, self.cfg, self.bank, self.name = sid, cfg, bank, name
         self.params = [v.detach().float().to(device).clone().requires_grad_(True) for v in start]
         self.anchor = [v.detach().float().to(device) for v in anchor]
@@ -112,8 +120,14 @@ class GroupEngine:
     def active(self) -> list[Slot]:
         return [s for s in self.slots.values() if s.active]
 
-    def add(self, images: Sequence[Image.Image], cfg: InversionConfig, start: list[torch.Tensor] | None = None,
-            anchor: list[torch.Tensor] | None = None, name: str = "") -> int:
+    def add(
+        self,
+        images: Sequence[Image.Image],
+        cfg: InversionConfig,
+        start: list[torch.Tensor] | None = None,
+        anchor: list[torch.Tensor] | None = None,
+        name: str = "",
+    ) -> int:
         """Add a concept; returns its slot id. ``start`` (one ``[n, width]`` tensor per text encoder)
         defaults to ``cfg.init``'s vectors; ``anchor``, the regularizer's target, to ``start``."""
         if len(self.slots) >= self.capacity:
@@ -128,13 +142,17 @@ class GroupEngine:
         want = [(cfg.num_vectors, w) for w in model.widths]
         for what, vecs in (("start", start), ("anchor", anchor)):
             if [tuple(v.shape) for v in vecs] != want:
-                raise ValueError(f"a {what} has shapes {[tuple(v.shape) for v in vecs]}; this model and "
-                                 f"num_vectors need {want}")
+                raise ValueError(
+                    f"a {what} has shapes {[tuple(v.shape) for v in vecs]}; this model and "
+                    f"num_vectors need {want}"
+                )
         bank = bank_for_run(model, list(images), cfg, cfg.seed)
         for other in self.slots.values():
             if other.bank.mean.shape[1:] != bank.mean.shape[1:]:
-                raise ValueError(f"the slots of a group share one resolution: {name or 'this concept'} has latents "
-                                 f"{tuple(bank.mean.shape[1:])}, the group {tuple(other.bank.mean.shape[1:])}")
+                raise ValueError(
+                    f"the slots of a group share one resolution: {name or 'this concept'} has latents "
+                    f"{tuple(bank.mean.shape[1:])}, the group {tuple(other.bank.mean.shape[1:])}"
+                )
         self._ensure_token(cfg.num_vectors)
         sid = self._next_id
         self._next_id += 1
@@ -155,8 +173,12 @@ class GroupEngine:
         slot = self.slots[sid]
         optim, groups = optimizer_tensors(slot.optimizer)
         return TrainState(
-            step=slot.step, vectors=[p.detach() for p in slot.params], optimizer=optim, param_groups=groups,
-            generator_state=slot.generator.get_state(), prompt_rng_state=slot.prompt_rng.getstate(),
+            step=slot.step,
+            vectors=[p.detach() for p in slot.params],
+            optimizer=optim,
+            param_groups=groups,
+            generator_state=slot.generator.get_state(),
+            prompt_rng_state=slot.prompt_rng.getstate(),
             scaler=self.scaler.state_dict() if self.scaler else None,
         )
 
@@ -214,8 +236,10 @@ class GroupEngine:
                 with torch.no_grad():
                     for p, b in zip(s.params, befores[s.id]):
                         p.copy_(b)
-                s.error = (f"the learned vectors became NaN/inf at step {s.step + 1} and were rolled back; "
-                           "try a lower --base_lr")
+                s.error = (
+                    f"the learned vectors became NaN/inf at step {s.step + 1} and were rolled back; "
+                    "try a lower --base_lr"
+                )
                 continue
             s.step += 1
             s.loss = out[s.id] = totals[s.id]
@@ -231,11 +255,19 @@ class GroupEngine:
             latents.append(lat)
             noises.append(noise)
             timesteps.append(t)
-            prompts += sample_prompts(s.cfg.template, group_token(s.num_vectors), s.cfg.batch_size, s.prompt_rng)
+            prompts += sample_prompts(
+                s.cfg.template, group_token(s.num_vectors), s.cfg.batch_size, s.prompt_rng
+            )
             sizes.append(s.cfg.batch_size)
         cond = model.encode_text(prompts, batch_vectors=self._batch_vectors(members))
-        per_sample = denoising_loss(model, torch.cat(latents).to(model.dtype), cond, None,
-                                    timesteps=torch.cat(timesteps), noise=torch.cat(noises))
+        per_sample = denoising_loss(
+            model,
+            torch.cat(latents).to(model.dtype),
+            cond,
+            None,
+            timesteps=torch.cat(timesteps),
+            noise=torch.cat(noises),
+        )
         objective = None
         for s, losses in zip(members, per_sample.split(sizes)):
             loss = losses.mean()
@@ -243,7 +275,8 @@ class GroupEngine:
                 loss = loss + s.cfg.reg_weight * s.regularizer()
             if not torch.isfinite(loss):
                 s.error = f"the loss became {loss.item()} at step {s.step + 1}; try a lower --base_lr" + (
-                    " or fp32 weights (--mixed_precision no)" if model.dtype != torch.float32 else "")
+                    " or fp32 weights (--mixed_precision no)" if model.dtype != torch.float32 else ""
+                )
                 s.optimizer.zero_grad(set_to_none=True)
                 continue
             totals[s.id] += loss.item() / s.cfg.grad_accum

@@ -57,8 +57,9 @@ def denoising_loss(
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
-def draw_noise(model: FrozenLDM, latents: torch.Tensor, generator: torch.Generator,
-               with_timesteps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draw_noise(
+    model: FrozenLDM, latents: torch.Tensor, generator: torch.Generator, with_timesteps: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The noise (CPU, fp32, ``latents``' shape) and, with ``with_timesteps``, the training
     timesteps of one batch, drawn from ``generator`` in that order."""
     noise = torch.randn(latents.shape, generator=generator)
@@ -68,15 +69,18 @@ def draw_noise(model: FrozenLDM, latents: torch.Tensor, generator: torch.Generat
     return noise, torch.randint(0, steps, (latents.shape[0],), generator=generator)
 
 
-def unet_forward(model: FrozenLDM, noisy: torch.Tensor, timesteps: torch.Tensor,
-                 cond: TextConditioning) -> torch.Tensor:
+def unet_forward(
+    model: FrozenLDM, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning
+) -> torch.Tensor:
     """The UNet's prediction for ``noisy`` latents, with SDXL's extra conditioning where needed."""
     extra = {}
     if cond.pooled is not None:
         pixels = noisy.shape[-1] * model.vae_scale_factor
         time_ids = sdxl_time_ids(pixels, noisy.shape[0], noisy.device, cond.pooled.dtype)
         extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
-    return model.unet(noisy.to(model.dtype), timesteps, encoder_hidden_states=cond.hidden_states, **extra).sample
+    return model.unet(
+        noisy.to(model.dtype), timesteps, encoder_hidden_states=cond.hidden_states, **extra
+    ).sample
 
 
 def _alphas(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,4 +103,6 @@ def _velocity(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor)
 def grad_scaler(model: FrozenLDM) -> torch.amp.GradScaler | None:
     """A gradient scaler when the frozen weights are fp16 on CUDA (the gradients reaching the
     fp32 vectors through an fp16 UNet underflow otherwise); ``None`` where none is needed."""
-    return torch.amp.GradScaler("cuda") if model.dtype == torch.float16 and model.device.type == "cuda" else None
+    return (
+        torch.amp.GradScaler("cuda") if model.dtype == torch.float16 and model.device.type == "cuda" else None
+    )

@@ -35,8 +35,13 @@ from oneword.models import FrozenLDM
 logger = logging.getLogger(__name__)
 
 
-def fingerprint(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], init_words: Sequence[str],
-                cfg: InversionConfig, has_starts: bool) -> str:
+def fingerprint(
+    model: FrozenLDM,
+    image_sets: Sequence[Sequence[Image.Image]],
+    init_words: Sequence[str],
+    cfg: InversionConfig,
+    has_starts: bool,
+) -> str:
     """What a saved state must match exactly to be continued: the model's name, dtype and widths, the
     images, words and settings, and whether the run has its own starts (their values and the
     model's weights are compared by :func:`_sums`, within a tolerance)."""
@@ -78,18 +83,29 @@ def _resume(path: Path | None, key: str, sums: dict[str, float], count: int) -> 
     except (InputError, ValueError) as err:
         logger.warning("%s cannot be read (%s): starting over", path, err)
         return None
-    same = meta.get("fingerprint") == key and len(states) == count and all(
-        math.isclose(saved[k], v, rel_tol=1e-4) for k, v in sums.items() if k in saved)
+    same = (
+        meta.get("fingerprint") == key
+        and len(states) == count
+        and all(math.isclose(saved[k], v, rel_tol=1e-4) for k, v in sums.items() if k in saved)
+    )
     if not same:
-        logger.warning("%s was saved for other concepts, settings, model weights or starts: starting over", path)
+        logger.warning(
+            "%s was saved for other concepts, settings, model weights or starts: starting over", path
+        )
         return None
     return states
 
 
-def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], init_words: Sequence[str],
-                cfg: InversionConfig, progress: bool = False,
-                starts: Sequence[Sequence[torch.Tensor]] | None = None, checkpoint: str | Path | None = None,
-                save_every: int = 50) -> list[list[torch.Tensor]]:
+def invert_many(
+    model: FrozenLDM,
+    image_sets: Sequence[Sequence[Image.Image]],
+    init_words: Sequence[str],
+    cfg: InversionConfig,
+    progress: bool = False,
+    starts: Sequence[Sequence[torch.Tensor]] | None = None,
+    checkpoint: str | Path | None = None,
+    save_every: int = 50,
+) -> list[list[torch.Tensor]]:
     """Invert every concept of ``image_sets`` jointly for ``cfg.steps`` steps, as one group of the
     group engine.
 
@@ -106,7 +122,9 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     if len(image_sets) != len(init_words) or not image_sets:
         raise ValueError("need one initializer word per concept, and at least one concept")
     if set(model.placeholder_tokens) - {group_token(cfg.num_vectors)}:
-        raise ValueError("invert_many needs a model without placeholder tokens other than its own (load a fresh one)")
+        raise ValueError(
+            "invert_many needs a model without placeholder tokens other than its own (load a fresh one)"
+        )
     if starts is not None and len(starts) != len(image_sets):
         raise ValueError("need one start per concept")
     engine = GroupEngine(model, capacity=len(image_sets))
@@ -122,15 +140,25 @@ def invert_many(model: FrozenLDM, image_sets: Sequence[Sequence[Image.Image]], i
     if (states := _resume(path, key, sums, len(sids))) is not None:
         for sid, ts in zip(sids, states):
             engine.load(sid, ts)
-        logger.info("continuing %d concepts from step %d of %d (%s)", len(sids), states[0].step, cfg.steps, path)
+        logger.info(
+            "continuing %d concepts from step %d of %d (%s)", len(sids), states[0].step, cfg.steps, path
+        )
     first = engine.slot(sids[0]).step
 
     def save() -> None:
         if path is not None:
-            save_states(path, [engine.state(sid) for sid in sids], {"fingerprint": key, "sums": json.dumps(sums)})
+            save_states(
+                path, [engine.state(sid) for sid in sids], {"fingerprint": key, "sums": json.dumps(sums)}
+            )
 
-    for step in tqdm(range(first, cfg.steps), desc=f"inverting {len(sids)} concepts", disable=not progress,
-                     leave=False, initial=first, total=cfg.steps):
+    for step in tqdm(
+        range(first, cfg.steps),
+        desc=f"inverting {len(sids)} concepts",
+        disable=not progress,
+        leave=False,
+        initial=first,
+        total=cfg.steps,
+    ):
         engine.step()
         failed = next((s for s in engine.slots.values() if s.error), None)
         if failed is not None:

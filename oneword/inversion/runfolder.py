@@ -55,7 +55,15 @@ LOCK = ".oneword.lock"
 RUN_FILES = {CONFIG, LOSS_CSV, LOSS_PNG, PREVIEWS, "checkpoints", DIFFUSERS_FILE, DIFFUSERS_FILE_2, LOCK}
 
 # Settings that may change when a run is continued (the rest must match the saved config.yaml).
-_RESUMABLE = {"steps", "base_lr", "save_every", "preview_every", "preview_prompts", "preview_seeds", "preview_steps"}
+_RESUMABLE = {
+    "steps",
+    "base_lr",
+    "save_every",
+    "preview_every",
+    "preview_prompts",
+    "preview_seeds",
+    "preview_steps",
+}
 
 _held: dict[Path, tuple[int, int, int]] = {}  # resolved folder -> (fd, owning thread, depth)
 _held_guard = threading.Lock()
@@ -67,12 +75,24 @@ def safe_file_stem(token: str) -> str:
     return stem or "embedding"
 
 
-def word_metadata(model, token: str, init: str | None, steps: int, image_hashes: list[str],
-                  extra: dict[str, str] | None = None) -> dict[str, str]:
+def word_metadata(
+    model,
+    token: str,
+    init: str | None,
+    steps: int,
+    image_hashes: list[str],
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
     """The header of a word's files: family, token, initializer, steps, the reference images'
     hashes, the model, and what the caller adds (e.g. the encoder's name and hash)."""
-    return build_metadata(family=model.family, token=token, init=init, steps=steps, source_hashes=image_hashes,
-                          extra={"oneword.model": model.source, **(extra or {})})
+    return build_metadata(
+        family=model.family,
+        token=token,
+        init=init,
+        steps=steps,
+        source_hashes=image_hashes,
+        extra={"oneword.model": model.source, **(extra or {})},
+    )
 
 
 class RunFolder:
@@ -127,8 +147,10 @@ class RunFolder:
             if key in _held:
                 fd, owner, depth = _held[key]
                 if owner != me:
-                    raise InputError(f"{self.path} is being written by another run in this process; wait for it "
-                                     "or choose another --out")
+                    raise InputError(
+                        f"{self.path} is being written by another run in this process; wait for it "
+                        "or choose another --out"
+                    )
                 _held[key] = (fd, owner, depth + 1)
                 return self
             fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -137,10 +159,16 @@ class RunFolder:
             except BlockingIOError:
                 holder = _describe_holder(fd)
                 os.close(fd)
-                raise InputError(f"{self.path} is in use by another run ({holder}); wait for it to finish or "
-                                 "choose another --out") from None
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+                raise InputError(
+                    f"{self.path} is in use by another run ({holder}); wait for it to finish or "
+                    "choose another --out"
+                ) from None
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
             _held[key] = (fd, me, 1)
@@ -168,8 +196,9 @@ class RunFolder:
         try:
             return InversionConfig.from_yaml(self.config.read_text())
         except OSError as err:
-            raise InputError(f"cannot resume {self.path}: its config.yaml cannot be read "
-                             f"({err.strerror or err})") from None
+            raise InputError(
+                f"cannot resume {self.path}: its config.yaml cannot be read ({err.strerror or err})"
+            ) from None
         except Exception as err:  # noqa: BLE001 - YAML errors, unknown keys, bad values: one line for the user
             first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
             raise InputError(f"cannot resume {self.path}: its config.yaml is damaged ({first})") from None
@@ -188,20 +217,25 @@ class RunFolder:
                 ignore.discard("steps")
             diff = [k for k, v in saved.to_dict().items() if k not in ignore and getattr(cfg, k) != v]
             if diff:
-                raise InputError(f"cannot resume {out}: settings differ from the saved run ({', '.join(diff)}); "
-                                 "use the same settings or another --out")
+                raise InputError(
+                    f"cannot resume {out}: settings differ from the saved run ({', '.join(diff)}); "
+                    "use the same settings or another --out"
+                )
             if cfg.base_lr != saved.base_lr:
                 logger.warning("continuing %s at base_lr %g (it ran at %g)", out, cfg.base_lr, saved.base_lr)
             ts = load_state(self.checkpoint)
             if ts.step > cfg.steps:
-                raise InputError(f"cannot resume {out}: it is at step {ts.step}, past --steps {cfg.steps}; "
-                                 f"give --steps {ts.step} or more")
+                raise InputError(
+                    f"cannot resume {out}: it is at step {ts.step}, past --steps {cfg.steps}; "
+                    f"give --steps {ts.step} or more"
+                )
             return ts
         if self.holds_files():
             names = {p.name for p in out.iterdir()}
             if self.checkpoint.is_file() or not names <= RUN_FILES | {self.single_file(cfg.token).name}:
-                raise InputError(f"{out} already holds files; pass --resume to continue that run or choose "
-                                 "another --out")
+                raise InputError(
+                    f"{out} already holds files; pass --resume to continue that run or choose another --out"
+                )
             logger.warning("%s holds a run that stopped before its first checkpoint: starting it over", out)
             for name in names - {LOCK}:
                 path = out / name
@@ -212,7 +246,10 @@ class RunFolder:
     def write_word(self, embedding: Embedding) -> list[Path]:
         """The word's files in both layouts (diffusers, and single-file named after the token),
         each written atomically."""
-        return [*save_diffusers(embedding, self.path), save_single_file(embedding, self.single_file(embedding.token))]
+        return [
+            *save_diffusers(embedding, self.path),
+            save_single_file(embedding, self.single_file(embedding.token)),
+        ]
 
 
 def check_run_folder(out_dir: str | Path, cfg: InversionConfig, resume: bool) -> None:

@@ -59,8 +59,10 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path | None:
     if not steps:
         return None
     window = max(1, len(losses) // 50)
-    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-              for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, losses, alpha=0.3, lw=0.8, label="loss")
     ax.plot(steps, smooth, lw=1.6, label=f"mean of {window}")

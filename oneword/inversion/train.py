@@ -144,14 +144,20 @@ def _check_resumed_inputs(ts: TrainState, model: FrozenLDM, hashes: list[str], o
     saved_hashes = json.loads(ts.meta.get("images", "null") or "null")
     if saved_hashes is not None and sorted(saved_hashes) != sorted(hashes):
         differ = len(set(hashes) ^ set(saved_hashes))
-        raise InputError(f"cannot resume {out_dir}: it was trained on other images ({len(saved_hashes)} then, "
-                         f"{len(hashes)} now, {differ} not in both); use the same folder or another --out")
+        raise InputError(
+            f"cannot resume {out_dir}: it was trained on other images ({len(saved_hashes)} then, "
+            f"{len(hashes)} now, {differ} not in both); use the same folder or another --out"
+        )
     kind = _model_kind(model)
     if ts.meta.get("model_kind", kind) != kind:
-        raise InputError(f"cannot resume {out_dir}: it was trained on a {ts.meta['model_kind']} model "
-                         f"({ts.meta.get('model')}), this is {kind} ({model.source})")
+        raise InputError(
+            f"cannot resume {out_dir}: it was trained on a {ts.meta['model_kind']} model "
+            f"({ts.meta.get('model')}), this is {kind} ({model.source})"
+        )
     if ts.meta.get("model", model.source) != model.source:
-        logger.warning("resuming %s, made with --model %s, on --model %s", out_dir, ts.meta["model"], model.source)
+        logger.warning(
+            "resuming %s, made with --model %s, on --model %s", out_dir, ts.meta["model"], model.source
+        )
 
 
 def run_inversion(
@@ -177,12 +183,22 @@ def run_inversion(
     if not images:
         raise InputError("no reference images given")
     with RunFolder(out_dir) as folder:
-        return _run(model, images, cfg, folder, resume, init_vectors, progress, extra_metadata, snapshot_steps)
+        return _run(
+            model, images, cfg, folder, resume, init_vectors, progress, extra_metadata, snapshot_steps
+        )
 
 
-def _run(model: FrozenLDM, images: Sequence[LoadedImage], cfg: InversionConfig, folder: RunFolder, resume: bool,
-         init_vectors: list[torch.Tensor] | None, progress: bool, extra_metadata: dict[str, str] | None,
-         snapshot_steps: Collection[int]) -> InversionResult:
+def _run(
+    model: FrozenLDM,
+    images: Sequence[LoadedImage],
+    cfg: InversionConfig,
+    folder: RunFolder,
+    resume: bool,
+    init_vectors: list[torch.Tensor] | None,
+    progress: bool,
+    extra_metadata: dict[str, str] | None,
+    snapshot_steps: Collection[int],
+) -> InversionResult:
     out = folder.path
     ts = folder.prepare(cfg, resume)
     hashes = [im.sha256 for im in images]
@@ -211,15 +227,24 @@ def _run(model: FrozenLDM, images: Sequence[LoadedImage], cfg: InversionConfig, 
         from oneword.sampling import SampleSettings, render_grid
 
         prompts = [p.replace("{}", cfg.token) for p in (cfg.preview_prompts or DEFAULT_PREVIEW_PROMPTS)]
-        settings = SampleSettings(steps=cfg.preview_steps, seeds=list(cfg.preview_seeds),
-                                  resolution=cfg.resolution)
-        render_grid(model, prompts, settings, folder.preview(inv.step), {"token": cfg.token, "step": str(inv.step)})
+        settings = SampleSettings(
+            steps=cfg.preview_steps, seeds=list(cfg.preview_seeds), resolution=cfg.resolution
+        )
+        render_grid(
+            model, prompts, settings, folder.preview(inv.step), {"token": cfg.token, "step": str(inv.step)}
+        )
 
     last_loss: float | None = None
     interrupted = False
     snapshots: dict[int, list[torch.Tensor]] = {}
-    bar = tqdm(total=cfg.steps, initial=inv.step, disable=not progress, desc=f"inverting {cfg.token}",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=inv.step,
+        disable=not progress,
+        desc=f"inverting {cfg.token}",
+        unit="step",
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     try:
         with sigterm_as_interrupt():

@@ -63,8 +63,13 @@ def _train_small(part: str, out: Path, cfg: ToyBuildConfig, progress: bool) -> N
         train_toy_clip(out, steps=cfg.clip_steps, progress=progress, dtype=torch.float16)
 
 
-def build_toy_world(work: Path, out: Path, parts: Sequence[str] = PARTS,
-                    cfg: ToyBuildConfig | None = None, progress: bool = True) -> dict[str, Path]:
+def build_toy_world(
+    work: Path,
+    out: Path,
+    parts: Sequence[str] = PARTS,
+    cfg: ToyBuildConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Train (or resume, or skip when finished) each of ``parts`` in ``work``; copy into ``out``."""
     cfg = cfg or ToyBuildConfig()
     unknown = sorted(set(parts) - set(PARTS))

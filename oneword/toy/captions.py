@@ -25,16 +25,28 @@ from oneword.toy.render import ATTRIBUTES, VOCAB, Concept
 #: What a caption says for an object whose shape it does not name.
 GENERIC_NOUNS: tuple[str, ...] = ("object", "shape", "thing")
 PREFIXES: tuple[str, ...] = (
-    "a photo of", "a picture of", "an image of", "a rendering of", "a drawing of",
-    "a close-up photo of", "a good photo of", "",
+    "a photo of",
+    "a picture of",
+    "an image of",
+    "a rendering of",
+    "a drawing of",
+    "a close-up photo of",
+    "a good photo of",
+    "",
 )
 #: Probability that :func:`caption` names each attribute (independently).
 DEFAULT_NAME_PROB: dict[str, float] = {
-    "shape": 0.7, "fill": 0.5, "pattern": 0.5, "outline": 0.5, "background": 0.5,
+    "shape": 0.7,
+    "fill": 0.5,
+    "pattern": 0.5,
+    "outline": 0.5,
+    "background": 0.5,
 }
 
 _PATTERN_ADJ: dict[str, tuple[str, ...]] = {
-    "solid": ("solid", "plain"), "stripes": ("striped",), "dots": ("dotted",),
+    "solid": ("solid", "plain"),
+    "stripes": ("striped",),
+    "dots": ("dotted",),
     "checks": ("checked",),
 }
 _PATTERN_NOUN: dict[str, str] = {"stripes": "stripes", "dots": "dots", "checks": "checks"}
@@ -105,9 +117,7 @@ def _pick(rng: random.Random | np.random.Generator, options: Sequence[str]) -> s
     return options[min(int(_rand(rng) * len(options)), len(options) - 1)]
 
 
-def _phrase(
-    named: Mapping[str, str], rng: random.Random | np.random.Generator | None, prefix: str
-) -> str:
+def _phrase(named: Mapping[str, str], rng: random.Random | np.random.Generator | None, prefix: str) -> str:
     """Compose the text. With ``rng=None`` the phrasing is canonical (fixed choices)."""
 
     def pick(options: Sequence[str]) -> str:
@@ -197,6 +207,8 @@ def vocabulary_texts(n_captions: int = 2000) -> list[str]:
 
     rng = random.Random("caption-vocabulary")
     concepts = all_concepts()
-    texts = sorted({caption(rng.choice(concepts), rng.choice(BACKGROUNDS), rng).text for _ in range(n_captions)})
+    texts = sorted(
+        {caption(rng.choice(concepts), rng.choice(BACKGROUNDS), rng).text for _ in range(n_captions)}
+    )
     texts += [w for forms in SURFACE_FORMS.values() for ws in forms.values() for w in ws]
     return texts + [p for p in PREFIXES if p] + list(GENERIC_NOUNS)

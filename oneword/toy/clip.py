@@ -88,10 +88,20 @@ class ToyCLIPConfig:
         """Keyword arguments of ``open_clip.CLIP``: ``embed_dim``, ``vision_cfg``, ``text_cfg``."""
         return {
             "embed_dim": self.embed_dim,
-            "vision_cfg": {"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
-                           "layers": self.vision_layers, "head_width": self.vision_width // self.vision_heads},
-            "text_cfg": {"context_length": self.context_length, "vocab_size": self.vocab_size,
-                         "width": self.text_width, "layers": self.text_layers, "heads": self.text_heads},
+            "vision_cfg": {
+                "image_size": self.image_size,
+                "patch_size": self.patch_size,
+                "width": self.vision_width,
+                "layers": self.vision_layers,
+                "head_width": self.vision_width // self.vision_heads,
+            },
+            "text_cfg": {
+                "context_length": self.context_length,
+                "vocab_size": self.vocab_size,
+                "width": self.text_width,
+                "layers": self.text_layers,
+                "heads": self.text_heads,
+            },
         }
 
 
@@ -122,7 +132,9 @@ def toy_token_ids() -> tuple[int, ...]:
 def _to_tensor(images: Sequence[Image.Image], size: int) -> Tensor:
     """RGB images -> ``[B, 3, size, size]`` in ``[-1, 1]`` (bilinear resize where needed)."""
     rgb = [im.convert("RGB") for im in images]
-    rgb = [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR) for im in rgb]
+    rgb = [
+        im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR) for im in rgb
+    ]
     arr = np.stack([np.asarray(im, dtype=np.uint8) for im in rgb])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
@@ -156,11 +168,16 @@ def _batch(step_rng: random.Random, n: int, cfg: ToyCLIPConfig) -> tuple[Tensor,
     return _to_tensor(images, cfg.image_size), tokenize(texts, cfg.context_length)
 
 
-def _train_step(model: open_clip.CLIP, opt: torch.optim.Optimizer, rng: random.Random, batch_size: int,
-                lr: float) -> float:
+def _train_step(
+    model: open_clip.CLIP, opt: torch.optim.Optimizer, rng: random.Random, batch_size: int, lr: float
+) -> float:
     """One AdamW step of symmetric InfoNCE on a fresh batch drawn from ``rng``."""
     x, ids = _batch(rng, batch_size, model.toy_config)
-    logits = model.logit_scale.exp() * model.encode_image(x, normalize=True) @ model.encode_text(ids, normalize=True).T
+    logits = (
+        model.logit_scale.exp()
+        * model.encode_image(x, normalize=True)
+        @ model.encode_text(ids, normalize=True).T
+    )
     labels = torch.arange(len(x))
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     for group in opt.param_groups:
@@ -181,14 +198,17 @@ def _read(path: Path, fmt: str) -> tuple[dict[str, Tensor], dict[str, str], ToyC
         raise InputError(f"{path} has no valid toy CLIP config in its header ({err})") from None
 
 
-def save_toy_clip(model: open_clip.CLIP, path: Path, extra: dict[str, str] | None = None,
-                  dtype: torch.dtype | None = None) -> Path:
+def save_toy_clip(
+    model: open_clip.CLIP, path: Path, extra: dict[str, str] | None = None, dtype: torch.dtype | None = None
+) -> Path:
     """Write slim inference weights (compact token table, config JSON in the header) atomically.
     ``dtype`` (e.g. ``torch.float16``) stores floating tensors smaller; :func:`load_toy_clip`
     always returns an fp32 model."""
     cfg = model.toy_config
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     ids = torch.tensor(toy_token_ids(), dtype=torch.long)
     tensors[_ROWS] = tensors.pop(_TABLE)[ids].contiguous()
     tensors[_IDS] = ids
@@ -204,31 +224,60 @@ def load_toy_clip(path: Path | None = None) -> tuple[open_clip.CLIP, ToyCLIPConf
     want = model.state_dict()
     rows, ids = tensors.pop(_ROWS, None), tensors.pop(_IDS, None)
     table = want[_TABLE]
-    if (rows is None or ids is None or ids.ndim != 1 or ids.dtype != torch.long or not len(ids)
-            or rows.shape != (len(ids), table.shape[1]) or int(ids.min()) < 0 or int(ids.max()) >= len(table)):
+    if (
+        rows is None
+        or ids is None
+        or ids.ndim != 1
+        or ids.dtype != torch.long
+        or not len(ids)
+        or rows.shape != (len(ids), table.shape[1])
+        or int(ids.min()) < 0
+        or int(ids.max()) >= len(table)
+    ):
         raise InputError(f"{path} has no valid compact token table; retrain the toy CLIP")
     full = torch.zeros_like(table)
     full[ids] = rows.to(full.dtype)
     tensors[_TABLE] = full
-    bad = sorted(k for k in want.keys() | tensors.keys()
-                 if k not in want or k not in tensors or want[k].shape != tensors[k].shape)
+    bad = sorted(
+        k
+        for k in want.keys() | tensors.keys()
+        if k not in want or k not in tensors or want[k].shape != tensors[k].shape
+    )
     if bad:
-        raise InputError(f"{path} does not match its toy CLIP config ({len(bad)} tensors missing, "
-                         f"unexpected or misshapen, e.g. {bad[0]!r}); retrain the toy CLIP")
+        raise InputError(
+            f"{path} does not match its toy CLIP config ({len(bad)} tensors missing, "
+            f"unexpected or misshapen, e.g. {bad[0]!r}); retrain the toy CLIP"
+        )
     model.load_state_dict(tensors)
     return model.eval(), cfg
 
 
-def _save_checkpoint(path: Path, model: open_clip.CLIP, opt: torch.optim.Optimizer, step: int, hparams: dict) -> None:
+def _save_checkpoint(
+    path: Path, model: open_clip.CLIP, opt: torch.optim.Optimizer, step: int, hparams: dict
+) -> None:
     optim, _ = optimizer_tensors(opt)
-    meta = {"format": CKPT_FORMAT, "step": str(step), "hparams": json.dumps(hparams),
-            "config": json.dumps(asdict(model.toy_config))}
+    meta = {
+        "format": CKPT_FORMAT,
+        "step": str(step),
+        "hparams": json.dumps(hparams),
+        "config": json.dumps(asdict(model.toy_config)),
+    }
     write_safetensors(path, {**module_tensors("model", model), **optim}, meta)
 
 
-def train_toy_clip(out: Path, *, steps: int, batch_size: int = 128, lr: float = 5e-4, seed: int = 0,
-                   cfg: ToyCLIPConfig | None = None, checkpoint_every: int = 200, progress: bool = True,
-                   resume: bool = True, dtype: torch.dtype | None = None) -> Path:
+def train_toy_clip(
+    out: Path,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 5e-4,
+    seed: int = 0,
+    cfg: ToyCLIPConfig | None = None,
+    checkpoint_every: int = 200,
+    progress: bool = True,
+    resume: bool = True,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Train a toy CLIP contrastively and write slim weights to ``out``; return ``out``.
 
     Step ``k``'s batch comes from ``random.Random(f"clip-{seed}-{k}")``, so a run resumed from the
@@ -249,7 +298,9 @@ def train_toy_clip(out: Path, *, steps: int, batch_size: int = 128, lr: float = 
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim > 1 and "embedding" not in n]
     no_decay = [p for n, p in named if not (p.ndim > 1 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
     start = 0
     if resume and ckpt.exists():
         tensors, meta, old_cfg = _read(ckpt, CKPT_FORMAT)
@@ -265,7 +316,13 @@ def train_toy_clip(out: Path, *, steps: int, batch_size: int = 128, lr: float = 
     model.train()
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="toy clip", unit="step")
     for step in range(start, steps):
-        loss = _train_step(model, opt, random.Random(f"clip-{seed}-{step}"), batch_size, warmup_cosine(step, steps, lr, warmup=max(1, min(100, steps // 20))))
+        loss = _train_step(
+            model,
+            opt,
+            random.Random(f"clip-{seed}-{step}"),
+            batch_size,
+            warmup_cosine(step, steps, lr, warmup=max(1, min(100, steps // 20))),
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:

@@ -20,7 +20,7 @@ def pick_concepts(n: int, held_out: bool = True, seed: int = 0) -> list[Concept]
     train, test = split_concepts()
     pool = test if held_out else train
     step = _spacing(len(pool), n)
-    return pool[seed % step::step][:n]
+    return pool[seed % step :: step][:n]
 
 
 def _spacing(pool_size: int, n: int) -> int:
@@ -28,8 +28,9 @@ def _spacing(pool_size: int, n: int) -> int:
     return max(1, pool_size // max(1, n))
 
 
-def write_concept_folder(concept: Concept, out: Path, n_images: int = 5, seed: int = 0,
-                         size: int = 64) -> tuple[Path, list[tuple[Image.Image, str]]]:
+def write_concept_folder(
+    concept: Concept, out: Path, n_images: int = 5, seed: int = 0, size: int = 64
+) -> tuple[Path, list[tuple[Image.Image, str]]]:
     """``out/<slug>/`` with ``n_images`` reference PNGs and ``concept.json`` (its attributes);
     returns the folder and the rendered ``(image, background)`` pairs."""
     folder = out / concept.slug
@@ -50,8 +51,10 @@ def write_bench_concepts(n: int, out: Path, draw: int = 0) -> list[Path]:
     step = _spacing(len(split_concepts()[1]), n)
     if draw < 0 or (draw and draw + 1 >= step):
         raise ValueError(f"draw must be in 0..{max(0, step - 2)} for {n} held-out concepts, got {draw}")
-    return [write_concept_folder(c, out, n_images=5, seed=7, size=64)[0]
-            for c in pick_concepts(n, held_out=True, seed=1 + draw)]
+    return [
+        write_concept_folder(c, out, n_images=5, seed=7, size=64)[0]
+        for c in pick_concepts(n, held_out=True, seed=1 + draw)
+    ]
 
 
 def load_bench_concepts(n: int, draw: int = 0) -> list:
@@ -63,8 +66,9 @@ def load_bench_concepts(n: int, draw: int = 0) -> list:
         return [load_concept(f) for f in write_bench_concepts(n, Path(tmp), draw)]
 
 
-def write_concepts(out: Path, n_concepts: int, n_images: int = 5, seed: int = 0, held_out: bool = True,
-                   size: int = 64) -> tuple[list[Path], Path]:
+def write_concepts(
+    out: Path, n_concepts: int, n_images: int = 5, seed: int = 0, held_out: bool = True, size: int = 64
+) -> tuple[list[Path], Path]:
     """Concept folders plus ``contact_sheet.png`` (one row per concept)."""
     concepts = pick_concepts(n_concepts, held_out=held_out, seed=seed)
     folders, images, labels = [], [], []

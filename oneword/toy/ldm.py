@@ -134,17 +134,24 @@ class ToyLDMConfig:
             raise ValueError("text_aux_weight needs a trained text encoder (not train_text=False)")
         levels = tuple(self.cross_attention_levels)
         if any(not 0 <= lv < len(self.unet_channels) for lv in levels) or len(set(levels)) != len(levels):
-            raise ValueError(f"cross_attention_levels must be distinct UNet levels 0..{len(self.unet_channels) - 1}")
+            raise ValueError(
+                f"cross_attention_levels must be distinct UNet levels 0..{len(self.unet_channels) - 1}"
+            )
         if not self.train_text and not self.init_from:
-            raise ValueError("train_text=False needs init_from (a text encoder trained from scratch must train)")
+            raise ValueError(
+                "train_text=False needs init_from (a text encoder trained from scratch must train)"
+            )
 
     def block_types(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """diffusers ``down_block_types`` and ``up_block_types`` for :attr:`cross_attention_levels`."""
         n = len(self.unet_channels)
-        down = tuple("CrossAttnDownBlock2D" if lv in self.cross_attention_levels else "DownBlock2D"
-                     for lv in range(n))
-        up = tuple("CrossAttnUpBlock2D" if lv in self.cross_attention_levels else "UpBlock2D"
-                   for lv in reversed(range(n)))
+        down = tuple(
+            "CrossAttnDownBlock2D" if lv in self.cross_attention_levels else "DownBlock2D" for lv in range(n)
+        )
+        up = tuple(
+            "CrossAttnUpBlock2D" if lv in self.cross_attention_levels else "UpBlock2D"
+            for lv in reversed(range(n))
+        )
         return down, up
 
 
@@ -164,30 +171,61 @@ def build_pipeline(cfg: ToyLDMConfig):
     n = len(cfg.vae_channels)
     down_types, up_types = cfg.block_types()
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
-        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=cfg.latent_channels,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
         sample_size=cfg.image_size,
     )
     unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // 2 ** (n - 1), in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels, layers_per_block=1, block_out_channels=cfg.unet_channels,
-        down_block_types=down_types, up_block_types=up_types,
-        cross_attention_dim=cfg.text_width, attention_head_dim=4, norm_num_groups=32,
+        sample_size=cfg.image_size // 2 ** (n - 1),
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        layers_per_block=1,
+        block_out_channels=cfg.unet_channels,
+        down_block_types=down_types,
+        up_block_types=up_types,
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=4,
+        norm_num_groups=32,
     )
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
-        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=cfg.text_width,
+            intermediate_size=4 * cfg.text_width,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
     )
     return StableDiffusionPipeline(
-        vae=vae, unet=unet, text_encoder=text, scheduler=scheduler,
+        vae=vae,
+        unet=unet,
+        text_encoder=text,
+        scheduler=scheduler,
         tokenizer=CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir())),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -218,20 +256,25 @@ class DataStream:
         return torch.stack(images), texts
 
 
-def _save_ckpt(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
-               step: int, stream: DataStream) -> None:
+def _save_ckpt(
+    path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, step: int, stream: DataStream
+) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for prefix, mod in modules.items():
         tensors |= module_tensors(prefix, mod)
     opt_tensors, groups = optimizer_tensors(opt, prefix="opt")
     version, internal, gauss = stream.rng.getstate()
-    meta = {"step": str(step), "param_groups": groups,
-            "data_rng": json.dumps([version, list(internal), gauss])}
+    meta = {
+        "step": str(step),
+        "param_groups": groups,
+        "data_rng": json.dumps([version, list(internal), gauss]),
+    }
     write_safetensors(path, tensors | opt_tensors, meta)
 
 
-def _load_ckpt(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
-               stream: DataStream) -> int:
+def _load_ckpt(
+    path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, stream: DataStream
+) -> int:
     tensors, meta = read_safetensors(path)
     for prefix, mod in modules.items():
         load_module(prefix, mod, tensors)
@@ -286,10 +329,13 @@ class TextAttributeHead(torch.nn.Module):
     @staticmethod
     def targets(named: list[dict[str, str]]) -> torch.Tensor:
         """``[batch, attributes]`` class ids: 0 = not named, 1 + the value's index otherwise."""
-        return torch.tensor([[VOCAB[a].index(d[a]) + 1 if a in d else 0 for a in ATTRIBUTES] for d in named],
-                            dtype=torch.long)
+        return torch.tensor(
+            [[VOCAB[a].index(d[a]) + 1 if a in d else 0 for a in ATTRIBUTES] for d in named], dtype=torch.long
+        )
 
-    def loss(self, states: torch.Tensor, ids: torch.Tensor, eos_id: int, named: list[dict[str, str]]) -> torch.Tensor:
+    def loss(
+        self, states: torch.Tensor, ids: torch.Tensor, eos_id: int, named: list[dict[str, str]]
+    ) -> torch.Tensor:
         """Mean cross-entropy over attributes; ``states`` ``[batch, tokens, width]``, ``ids`` the
         token ids (positions after the first ``eos_id`` are padding and left out)."""
         last = (ids == eos_id).int().argmax(1)
@@ -314,7 +360,9 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1 - decay)
 
 
-def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
+def train_ldm(
+    pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Stage 2: text encoder + UNet on partial captions. Returns the EMA copies."""
     import copy
 
@@ -357,8 +405,13 @@ def train_ldm(pipe, cfg: ToyLDMConfig, work: Path, progress: bool = True) -> tup
         loss = (per_sample * min_snr_weights(pipe.scheduler, t, cfg.min_snr_gamma)).mean()
         if head is not None:
             tok = pipe.tokenizer
-            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = tok(
+                texts,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             aux = head.loss(cond.hidden_states, ids, tok.eos_token_id, stream.named)
             loss = loss + cfg.text_aux_weight * aux
         _clipped_step(loss, params, opt)
@@ -459,8 +512,9 @@ def load_init(pipe, folder: Path) -> None:
 
     if _marker(folder).get("family") != "toy":
         raise ValueError(f"{folder} is not a toy pipeline folder (no oneword.json with family 'toy')")
-    src = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
-                                                  safety_checker=None, requires_safety_checker=False)
+    src = StableDiffusionPipeline.from_pretrained(
+        str(folder), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
     for name in ("vae", "text_encoder"):
         try:
             getattr(pipe, name).load_state_dict(getattr(src, name).state_dict())
@@ -470,7 +524,9 @@ def load_init(pipe, folder: Path) -> None:
     pipe.vae.register_to_config(scaling_factor=float(src.vae.config.scaling_factor))
 
 
-def grow_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "the loaded UNet") -> list[str]:
+def grow_unet(
+    unet: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "the loaded UNet"
+) -> list[str]:
     """Load ``state`` into ``unet``, which may have cross-attention at levels the source lacks.
 
     Every tensor of the source must fit; the only tensors allowed to be missing are whole
@@ -486,8 +542,10 @@ def grow_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], source: str
     new_blocks = sorted({m.group(1) for m in blocks if m})
     others = [k for k, m in zip(missing, blocks) if not m]
     if unexpected or others:
-        raise ValueError(f"{source}: its unet does not match this config's architecture "
-                         f"(unexpected: {unexpected[:3]}, missing: {others[:3]})")
+        raise ValueError(
+            f"{source}: its unet does not match this config's architecture "
+            f"(unexpected: {unexpected[:3]}, missing: {others[:3]})"
+        )
     with torch.no_grad():
         for name in new_blocks:
             proj = unet.get_submodule(name).proj_out
@@ -495,7 +553,9 @@ def grow_unet(unet: torch.nn.Module, state: dict[str, torch.Tensor], source: str
             if proj.bias is not None:
                 proj.bias.zero_()
     if new_blocks:
-        logger.info("grew %d cross-attention blocks (zero-initialised): %s", len(new_blocks), ", ".join(new_blocks))
+        logger.info(
+            "grew %d cross-attention blocks (zero-initialised): %s", len(new_blocks), ", ".join(new_blocks)
+        )
     return new_blocks
 
 
@@ -510,7 +570,9 @@ def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progre
         free = {"vae_steps", "ldm_steps", "decoder_steps", "save_every"}
         diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
         if diff:
-            raise ValueError(f"{work} was started with other settings ({', '.join(diff)}); use another folder")
+            raise ValueError(
+                f"{work} was started with other settings ({', '.join(diff)}); use another folder"
+            )
     atomic_write_text(cfg_path, json.dumps(now, indent=1))
     pipe = build_pipeline(cfg)
     pipe.set_progress_bar_config(disable=True)
@@ -519,16 +581,18 @@ def train_toy_ldm(work: Path, out: Path, cfg: ToyLDMConfig | None = None, progre
     if cfg.init_from and not (work / "ldm.ckpt.safetensors").is_file():
         load_init(pipe, Path(cfg.init_from))
         atomic_write_text(lineage_path, json.dumps(_marker(Path(cfg.init_from)), indent=1))
-        write_safetensors(vae_done, module_tensors("vae", pipe.vae),
-                          {"scaling_factor": str(pipe.vae.config.scaling_factor)})
+        write_safetensors(
+            vae_done, module_tensors("vae", pipe.vae), {"scaling_factor": str(pipe.vae.config.scaling_factor)}
+        )
     elif vae_done.is_file():
         tensors, meta = read_safetensors(vae_done)
         load_module("vae", pipe.vae, tensors)
         pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
     else:
         train_vae(pipe, cfg, work, progress)
-        write_safetensors(vae_done, module_tensors("vae", pipe.vae),
-                          {"scaling_factor": str(pipe.vae.config.scaling_factor)})
+        write_safetensors(
+            vae_done, module_tensors("vae", pipe.vae), {"scaling_factor": str(pipe.vae.config.scaling_factor)}
+        )
     ema_unet, ema_text = train_ldm(pipe, cfg, work, progress)
     if cfg.decoder_steps:
         finetune_decoder(pipe, cfg, work, progress)

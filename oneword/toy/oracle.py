@@ -87,8 +87,11 @@ class AttributeOracle(nn.Module):
         last = len(self.config.channels) - 1
         for i, (cout, n) in enumerate(zip(self.config.channels, self.config.convs_per_stage)):
             for _ in range(n):
-                layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True),
+                ]
                 cin = cout
             if i < last:
                 layers.append(nn.MaxPool2d(2))
@@ -102,8 +105,7 @@ class AttributeOracle(nn.Module):
         size = self.config.image_size
         if x.shape[-2:] != (size, size):
             shrink = x.shape[-1] > size or x.shape[-2] > size
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=shrink)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
         x = x.contiguous(memory_format=torch.channels_last)
         h = self.dropout(self.features(x).mean(dim=(2, 3)))
         return {name: head(h) for name, head in self.heads.items()}
@@ -117,7 +119,7 @@ class AttributeOracle(nn.Module):
         try:
             x = _as_batch(images, self.config.image_size)
             device = next(self.parameters()).device
-            parts = [self(x[i:i + _CHUNK].to(device)) for i in range(0, len(x), _CHUNK)]
+            parts = [self(x[i : i + _CHUNK].to(device)) for i in range(0, len(x), _CHUNK)]
         finally:
             self.train(was_training)
         if not parts:
@@ -143,8 +145,9 @@ def _as_batch(images: Sequence[Image.Image] | Tensor, size: int) -> Tensor:
     if not images:
         return torch.empty(0, 3, size, size)
     rgb = [img.convert("RGB") for img in images]
-    return _pil_to_tensor([im if im.size == (size, size)
-                           else im.resize((size, size), Image.Resampling.BILINEAR) for im in rgb])
+    return _pil_to_tensor(
+        [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR) for im in rgb]
+    )
 
 
 def _pil_to_tensor(images: Sequence[Image.Image]) -> Tensor:
@@ -186,7 +189,7 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 3) -> Tensor:
     """Blur each image of ``x`` with its own ``sigma`` (px; 0 leaves it unchanged)."""
     b, c, h, w = x.shape
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-t[None] ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [b*c, 2r+1]
     y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="reflect")
     y = F.conv2d(y, k[:, None, None, :], groups=b * c)
@@ -227,8 +230,9 @@ def augment_images(x: Tensor, gen: torch.Generator) -> Tensor:
     return x.clamp(0, 1) * 2 - 1
 
 
-def _train_step(model: AttributeOracle, opt: torch.optim.Optimizer, rng: random.Random,
-                batch_size: int, lr: float) -> float:
+def _train_step(
+    model: AttributeOracle, opt: torch.optim.Optimizer, rng: random.Random, batch_size: int, lr: float
+) -> float:
     """One AdamW step on a fresh augmented batch; renders, augmentation and dropout all draw from
     ``rng``, so a step's outcome depends only on its seed and the state (exact resumes)."""
     seed = rng.getrandbits(63)
@@ -245,11 +249,16 @@ def _train_step(model: AttributeOracle, opt: torch.optim.Optimizer, rng: random.
     return float(loss.detach())
 
 
-def _save_checkpoint(path: Path, model: AttributeOracle, opt: torch.optim.Optimizer,
-                     step: int, hparams: dict) -> None:
+def _save_checkpoint(
+    path: Path, model: AttributeOracle, opt: torch.optim.Optimizer, step: int, hparams: dict
+) -> None:
     optim, _ = optimizer_tensors(opt)
-    meta = {"format": CKPT_FORMAT, "step": str(step), "hparams": json.dumps(hparams),
-            "config": json.dumps(asdict(model.config))}
+    meta = {
+        "format": CKPT_FORMAT,
+        "step": str(step),
+        "hparams": json.dumps(hparams),
+        "config": json.dumps(asdict(model.config)),
+    }
     write_safetensors(path, {**module_tensors("model", model), **optim}, meta)
 
 
@@ -293,14 +302,14 @@ def train_oracle(
         model = AttributeOracle(config)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
     start = 0
     if resume and ckpt.exists():
         tensors, meta, old_config = _read(ckpt, CKPT_FORMAT)
         if old_config != model.config:
-            raise InputError(f"{ckpt} was trained with another architecture; delete it or pass "
-                             "resume=False")
+            raise InputError(f"{ckpt} was trained with another architecture; delete it or pass resume=False")
         old = json.loads(meta.get("hparams", "{}"))
         if old != hparams:
             logger.warning("resuming %s trained with %s using %s", ckpt, old, hparams)
@@ -319,8 +328,12 @@ def train_oracle(
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             _save_checkpoint(ckpt, model, opt, step + 1, hparams)
     bar.close()
-    meta = {"format": FORMAT, "config": json.dumps(asdict(model.config)),
-            "vocab": json.dumps(VOCAB), "trained": json.dumps(hparams)}
+    meta = {
+        "format": FORMAT,
+        "config": json.dumps(asdict(model.config)),
+        "vocab": json.dumps(VOCAB),
+        "trained": json.dumps(hparams),
+    }
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_safetensors(out, weights, meta)
     ckpt.unlink(missing_ok=True)
@@ -337,11 +350,16 @@ def load_oracle(path: Path | None = None) -> AttributeOracle:
         raise InputError(f"{path} was trained for another toy-world vocabulary; retrain the oracle")
     model = AttributeOracle(config)
     want = model.state_dict()
-    bad = sorted(k for k in want.keys() | tensors.keys()
-                 if k not in want or k not in tensors or want[k].shape != tensors[k].shape)
+    bad = sorted(
+        k
+        for k in want.keys() | tensors.keys()
+        if k not in want or k not in tensors or want[k].shape != tensors[k].shape
+    )
     if bad:
-        raise InputError(f"{path} does not match its oracle config ({len(bad)} tensors missing, "
-                         f"unexpected or misshapen, e.g. {bad[0]!r}); retrain the oracle")
+        raise InputError(
+            f"{path} does not match its oracle config ({len(bad)} tensors missing, "
+            f"unexpected or misshapen, e.g. {bad[0]!r}); retrain the oracle"
+        )
     model.load_state_dict(tensors)
     return model.eval()
 
@@ -363,4 +381,3 @@ def evaluate_oracle(
         preds += oracle.predict(x)
         expected += [{a: VOCAB[a][int(v)] for a, v in zip(ATTRIBUTES, row)} for row in y]
     return attribute_accuracy(preds, expected)
-

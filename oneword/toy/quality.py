@@ -35,12 +35,14 @@ class QualitySettings:
     """First seed; the i-th sample of a prompt uses ``seed + i``."""
 
 
-def text_to_image_accuracy(model: FrozenLDM, oracle: AttributeOracle,
-                           settings: QualitySettings | None = None) -> dict[str, float]:
+def text_to_image_accuracy(
+    model: FrozenLDM, oracle: AttributeOracle, settings: QualitySettings | None = None
+) -> dict[str, float]:
     """Per attribute: share of samples in which the oracle finds the value the prompt named."""
     s = settings or QualitySettings()
-    sample = SampleSettings(steps=s.steps, guidance=s.guidance,
-                            seeds=list(range(s.seed, s.seed + s.samples_per_value)))
+    sample = SampleSettings(
+        steps=s.steps, guidance=s.guidance, seeds=list(range(s.seed, s.seed + s.samples_per_value))
+    )
     scores: dict[str, float] = {}
     for attr in ATTRIBUTES:
         prompts, expected = [], []
@@ -70,8 +72,13 @@ def text_separation(model: FrozenLDM, attr: str) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-def conditioning_gap(model: FrozenLDM, attr: str, n: int = 48,
-                     timesteps: Sequence[int] = (100, 300, 500, 700, 900), seed: int = 0) -> dict[int, float]:
+def conditioning_gap(
+    model: FrozenLDM,
+    attr: str,
+    n: int = 48,
+    timesteps: Sequence[int] = (100, 300, 500, 700, 900),
+    seed: int = 0,
+) -> dict[int, float]:
     """How much the model's denoising loss relies on the word for ``attr``, per timestep.
 
     ``n`` renders whose ``attr`` cycles through its values are scored with the prompt naming their
@@ -103,7 +110,11 @@ def conditioning_gap(model: FrozenLDM, attr: str, n: int = 48,
         cond_right, cond_wrong = model.encode_text(right), model.encode_text(wrong)
         for t in timesteps:
             ts = torch.full((n,), int(t))
-            lr = denoising_loss(model, latents, cond_right, torch.Generator().manual_seed(seed + t), ts).mean()
-            lw = denoising_loss(model, latents, cond_wrong, torch.Generator().manual_seed(seed + t), ts).mean()
+            lr = denoising_loss(
+                model, latents, cond_right, torch.Generator().manual_seed(seed + t), ts
+            ).mean()
+            lw = denoising_loss(
+                model, latents, cond_wrong, torch.Generator().manual_seed(seed + t), ts
+            ).mean()
             out[int(t)] = float((lw - lr) / lr)
     return out

@@ -28,7 +28,14 @@ from PIL import Image, ImageDraw
 from oneword.imagegrid import image_grid as contact_sheet  # noqa: F401  (re-exported)
 
 SHAPES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "heart", "cross", "diamond", "moon",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "heart",
+    "cross",
+    "diamond",
+    "moon",
 )
 FILLS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white")
 PATTERNS: tuple[str, ...] = ("solid", "stripes", "dots", "checks")
@@ -41,22 +48,36 @@ CONCEPT_ATTRIBUTES: tuple[str, ...] = ATTRIBUTES[:4]
 
 #: The allowed values of each attribute.
 VOCAB: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES, "fill": FILLS, "pattern": PATTERNS, "outline": OUTLINES,
+    "shape": SHAPES,
+    "fill": FILLS,
+    "pattern": PATTERNS,
+    "outline": OUTLINES,
     "background": BACKGROUNDS,
 }
 
 FILL_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 40), "orange": (250, 125, 15), "yellow": (255, 225, 40),
-    "green": (40, 170, 60), "blue": (35, 90, 235), "purple": (150, 50, 180),
-    "pink": (255, 140, 200), "white": (250, 250, 250),
+    "red": (220, 30, 40),
+    "orange": (250, 125, 15),
+    "yellow": (255, 225, 40),
+    "green": (40, 170, 60),
+    "blue": (35, 90, 235),
+    "purple": (150, 50, 180),
+    "pink": (255, 140, 200),
+    "white": (250, 250, 250),
 }
 OUTLINE_RGB: dict[str, tuple[int, int, int]] = {
-    "black": (5, 5, 5), "gold": (185, 140, 10), "silver": (150, 155, 165),
+    "black": (5, 5, 5),
+    "gold": (185, 140, 10),
+    "silver": (150, 155, 165),
     "turquoise": (50, 220, 210),
 }
 BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
-    "gray": (80, 80, 85), "brown": (105, 65, 30), "teal": (10, 105, 110),
-    "navy": (20, 30, 90), "olive": (90, 95, 20), "maroon": (105, 15, 40),
+    "gray": (80, 80, 85),
+    "brown": (105, 65, 30),
+    "teal": (10, 105, 110),
+    "navy": (20, 30, 90),
+    "olive": (90, 95, 20),
+    "maroon": (105, 15, 40),
 }
 
 SUPERSAMPLE = 4
@@ -137,8 +158,14 @@ CENTERED = Pose(x=0.5, y=0.5, scale=0.6, rotation=0.0)
 # Geometry, in unit coordinates: y up, the shape fits (about) in the unit circle
 
 
-def _circle_pts(n: int, radius: float = 1.0, cx: float = 0.0, cy: float = 0.0,
-                start: float = 0.0, stop: float = 2 * math.pi) -> np.ndarray:
+def _circle_pts(
+    n: int,
+    radius: float = 1.0,
+    cx: float = 0.0,
+    cy: float = 0.0,
+    start: float = 0.0,
+    stop: float = 2 * math.pi,
+) -> np.ndarray:
     t = np.linspace(start, stop, n, endpoint=False)
     return np.stack([cx + radius * np.cos(t), cy + radius * np.sin(t)], axis=1)
 
@@ -178,8 +205,20 @@ def _star(points: int = 5, inner: float = 0.46) -> np.ndarray:
 def _cross(arm: float = 0.34) -> np.ndarray:
     s = 0.98
     a = arm
-    pts = [(a, s), (a, a), (s, a), (s, -a), (a, -a), (a, -s), (-a, -s), (-a, -a), (-s, -a),
-           (-s, a), (-a, a), (-a, s)]
+    pts = [
+        (a, s),
+        (a, a),
+        (s, a),
+        (s, -a),
+        (a, -a),
+        (a, -s),
+        (-a, -s),
+        (-a, -a),
+        (-s, -a),
+        (-s, a),
+        (-a, a),
+        (-a, s),
+    ]
     return np.array(pts, dtype=float) * 0.94
 
 
@@ -277,7 +316,11 @@ def pattern_rgb(fill: str) -> tuple[int, int, int]:
     """The tone a pattern is drawn in: the fill darkened, or lightened for dark fills."""
     r, g, b = FILL_RGB[fill]
     if fill in _LIGHTER_PATTERN:
-        return (round(r + (255 - r) * _LIGHTEN), round(g + (255 - g) * _LIGHTEN), round(b + (255 - b) * _LIGHTEN))
+        return (
+            round(r + (255 - r) * _LIGHTEN),
+            round(g + (255 - g) * _LIGHTEN),
+            round(b + (255 - b) * _LIGHTEN),
+        )
     return (round(r * _DARKEN), round(g * _DARKEN), round(b * _DARKEN))
 
 
@@ -311,11 +354,15 @@ MIN_OUTLINE_CONTRAST = 20.0
 
 def backgrounds_for(concept: Concept) -> tuple[str, ...]:
     """The backgrounds a concept's outline and fill both stand out from (in practice: all)."""
-    return tuple(
-        bg for bg in BACKGROUNDS
-        if color_distance(bg, concept.outline) >= MIN_OUTLINE_CONTRAST
-        and color_distance(bg, concept.fill) >= MIN_OUTLINE_CONTRAST
-    ) or BACKGROUNDS
+    return (
+        tuple(
+            bg
+            for bg in BACKGROUNDS
+            if color_distance(bg, concept.outline) >= MIN_OUTLINE_CONTRAST
+            and color_distance(bg, concept.fill) >= MIN_OUTLINE_CONTRAST
+        )
+        or BACKGROUNDS
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,9 +486,7 @@ def all_concepts() -> list[Concept]:
     ]
 
 
-def split_concepts(
-    seed: int = 0, holdout_fraction: float = 0.1
-) -> tuple[list[Concept], list[Concept]]:
+def split_concepts(seed: int = 0, holdout_fraction: float = 0.1) -> tuple[list[Concept], list[Concept]]:
     """A deterministic split of the concepts into ``(train, held_out)``.
 
     About ``holdout_fraction`` of the attribute combinations are held out; the two lists are
@@ -455,9 +500,7 @@ def split_concepts(
     target = max(1, round(holdout_fraction * len(concepts)))
     order = list(range(len(concepts)))
     random.Random(seed).shuffle(order)
-    counts = {
-        (name, value): 0 for name in CONCEPT_ATTRIBUTES for value in VOCAB[name]
-    }
+    counts = {(name, value): 0 for name in CONCEPT_ATTRIBUTES for value in VOCAB[name]}
     for c in concepts:
         for name, value in c.attributes().items():
             counts[(name, value)] += 1

@@ -26,8 +26,17 @@ ATOL = 3e-5
 
 
 def _cfg(**kw) -> InversionConfig:
-    base = dict(init="disc", steps=STEPS, batch_size=2, resolution=32, views_per_image=2, base_lr=5e-2,
-                save_every=0, preview_every=0, seed=3)
+    base = dict(
+        init="disc",
+        steps=STEPS,
+        batch_size=2,
+        resolution=32,
+        views_per_image=2,
+        base_lr=5e-2,
+        save_every=0,
+        preview_every=0,
+        seed=3,
+    )
     base.update(kw)
     return InversionConfig(**base)
 
@@ -65,7 +74,9 @@ def _alone(model, images, cfg) -> list[torch.Tensor]:
     return engine.remove(sid).vectors
 
 
-def _run_group(model, concepts, order: list[int], capacity: int, join_after: dict[int, int]) -> dict[int, list]:
+def _run_group(
+    model, concepts, order: list[int], capacity: int, join_after: dict[int, int]
+) -> dict[int, list]:
     """Run concepts ``order`` through a group of ``capacity``: a concept enters when a slot is free
     and the group has taken ``join_after[i]`` steps (default 0); a finished one leaves at once."""
     engine = GroupEngine(model, capacity=capacity)
@@ -89,14 +100,17 @@ def test_a_concept_learns_the_same_word_alone_or_in_any_group(tiny_dirs, concept
     assert (alone[0][0] - start).abs().max() > 1e-2  # the word moved: the comparison means something
     runs = {
         "a group of 8 from the start": _run_group(model, concepts, list(range(8)), 8, {}),
-        "joining a running group mid-way": _run_group(model, concepts, [2, 3, 4, 5, 0, 6, 7, 1], 4,
-                                                      {0: 3, 1: 6}),
+        "joining a running group mid-way": _run_group(
+            model, concepts, [2, 3, 4, 5, 0, 6, 7, 1], 4, {0: 3, 1: 6}
+        ),
         "taking the slot another left": _run_group(model, concepts, [2, 4, 0, 1, 3], 2, {}),
     }
     for name, results in runs.items():
         for i in (0, 1):
             for got, want in zip(results[i], alone[i]):
-                torch.testing.assert_close(got, want, rtol=0, atol=ATOL, msg=lambda m, n=name, i=i: f"{n}, c{i}: {m}")
+                torch.testing.assert_close(
+                    got, want, rtol=0, atol=ATOL, msg=lambda m, n=name, i=i: f"{n}, c{i}: {m}"
+                )
     assert len(runs["a group of 8 from the start"]) == 8
 
 
@@ -144,7 +158,9 @@ def test_a_diverging_slot_stops_alone(tiny_dirs, concepts, monkeypatch):
     while engine.active:
         engine.step()
     failed = engine.remove(bad)
-    assert failed.step == 2 and "step 3" in failed.error and all(torch.isfinite(v).all() for v in failed.vectors)
+    assert (
+        failed.step == 2 and "step 3" in failed.error and all(torch.isfinite(v).all() for v in failed.vectors)
+    )
     done = engine.remove(good)
     assert done.error is None and done.step == SETTINGS[2].steps
     for got, w in zip(done.vectors, want):

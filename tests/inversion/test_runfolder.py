@@ -25,8 +25,9 @@ HOLD = textwrap.dedent("""
 
 
 def _holder(path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path), "--out", str(path)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path), "--out", str(path)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -76,8 +77,23 @@ def test_ti_invert_refuses_a_folder_another_run_writes(tiny_dirs, concept_dir, t
     proc = _holder(out)
     try:
         t0 = time.perf_counter()
-        code = main(["invert", str(concept_dir), "--model", "tiny-sd1", "--token", "<red-disc>", "--init", "disc",
-                     "--steps", "2", "--out", str(out), "--no-progress"])
+        code = main(
+            [
+                "invert",
+                str(concept_dir),
+                "--model",
+                "tiny-sd1",
+                "--token",
+                "<red-disc>",
+                "--init",
+                "disc",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
         assert code == 2 and time.perf_counter() - t0 < 30
         assert f"in use by another run (pid {proc.pid}" in capsys.readouterr().err
         assert sorted(os.listdir(out)) == [LOCK]
