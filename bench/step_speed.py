@@ -43,24 +43,49 @@ def build_bench_model(out: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=1, cross_attention_dim=768,
+        sample_size=16,
+        block_out_channels=(64, 128, 256),
+        layers_per_block=1,
+        cross_attention_dim=768,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
     )
     vae = AutoencoderKL(
-        block_out_channels=(64, 128, 128, 128), latent_channels=4, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(64, 128, 128, 128),
+        latent_channels=4,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    te = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=4,
-        num_attention_heads=12, max_position_embeddings=77, eos_token_id=49407,
-    ))
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=4,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            eos_token_id=49407,
+        )
+    )
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae, unet=unet, text_encoder=te, scheduler=sched,
+        vae=vae,
+        unet=unet,
+        text_encoder=te,
+        scheduler=sched,
         tokenizer=CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir())),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out))
     return out
@@ -86,8 +111,15 @@ def run_ours(model_dir: str, steps: int, resolution: int, batch: int, warmup: in
     from oneword.models import load_model
 
     model = load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-    cfg = InversionConfig(token="<bench-thing>", init="toy", steps=steps, batch_size=batch,
-                          resolution=resolution, views_per_image=8, seed=0)
+    cfg = InversionConfig(
+        token="<bench-thing>",
+        init="toy",
+        steps=steps,
+        batch_size=batch,
+        resolution=resolution,
+        views_per_image=8,
+        seed=0,
+    )
     t_setup = time.perf_counter()
     inv = Inversion(model, _images(resolution), cfg)
     setup = time.perf_counter() - t_setup
@@ -143,7 +175,9 @@ def run_reference(model_dir: str, steps: int, resolution: int, batch: int, warmu
         views = [rng.choice(base) for _ in range(batch)]
         x = torch.stack([image_to_tensor(v.transpose(0) if rng.random() < 0.5 else v) for v in views])
         prompts = [rng.choice(OBJECT_TEMPLATES).format("<bench-thing>") for _ in range(batch)]
-        ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         latents = vae.encode(x.to(dev)).latent_dist.sample(generator=None) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g).to(dev)
         ts = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g).to(dev)
@@ -205,25 +239,57 @@ def main() -> None:
         model_dir = str(build_bench_model(Path(tmp) / "bench-model"))
         results = {}
         for method in ("reference", "oneword"):
-            cmd = [sys.executable, __file__, "--child", method, "--model-dir", model_dir,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--resolution", str(args.resolution), "--batch", str(args.batch)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                "--model-dir",
+                model_dir,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--resolution",
+                str(args.resolution),
+                "--batch",
+                str(args.batch),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=True).stdout
             results[method] = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
     ref, ours = results["reference"], results["oneword"]
     t_ref, t_ours = _median(ref["step_s"]), _median(ours["step_s"])
     n = max(1, len(ref["loss"]) // 3)
-    print(f"step time, median of {args.steps} steps (batch {args.batch}, {args.resolution}px, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}):")
-    print(f"  reference (diffusers-style): {t_ref * 1000:8.1f} ms/step   peak {ref['peak_mb']:.0f} MB ({ref['memory_kind']})")
-    print(f"  oneword:                     {t_ours * 1000:8.1f} ms/step   peak {ours['peak_mb']:.0f} MB"
-          f"   (+ {ours['setup_s']:.2f} s one-off latent bank)")
-    print(f"  speed-up per step: {t_ref / t_ours:.2f}x   memory ratio: {ref['peak_mb'] / ours['peak_mb']:.2f}x")
+    print(
+        f"step time, median of {args.steps} steps (batch {args.batch}, {args.resolution}px, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}):"
+    )
+    print(
+        f"  reference (diffusers-style): {t_ref * 1000:8.1f} ms/step   peak {ref['peak_mb']:.0f} MB ({ref['memory_kind']})"
+    )
+    print(
+        f"  oneword:                     {t_ours * 1000:8.1f} ms/step   peak {ours['peak_mb']:.0f} MB"
+        f"   (+ {ours['setup_s']:.2f} s one-off latent bank)"
+    )
+    print(
+        f"  speed-up per step: {t_ref / t_ours:.2f}x   memory ratio: {ref['peak_mb'] / ours['peak_mb']:.2f}x"
+    )
     for name, r in (("reference", ref), ("oneword", ours)):
         first, last = sum(r["loss"][:n]) / n, sum(r["loss"][-n:]) / n
         print(f"  loss {name:9s}: mean of first {n} steps {first:.4f}, last {n} steps {last:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        from oneword.fileio import atomic_write_text
+        from oneword.provenance import provenance
+
+        settings = {k: getattr(args, k) for k in ("steps", "warmup", "resolution", "batch")}
+        doc = {
+            "provenance": provenance(),
+            "settings": settings,
+            "speedup": t_ref / t_ours,
+            "memory_ratio": ref["peak_mb"] / ours["peak_mb"],
+            "results": results,
+        }
+        atomic_write_text(args.json, json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

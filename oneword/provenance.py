@@ -18,7 +18,16 @@ from pathlib import Path
 
 from oneword.fileio import sha256_file
 
-LIBRARIES = ("oneword", "torch", "diffusers", "transformers", "open_clip_torch", "safetensors", "numpy", "pillow")
+LIBRARIES = (
+    "oneword",
+    "torch",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "safetensors",
+    "numpy",
+    "pillow",
+)
 
 
 def _git(*args: str) -> str | None:
@@ -41,8 +50,12 @@ def device_description() -> dict[str, object]:
     """The machine the numbers were measured on: CPU, threads and, where there is one, the GPU."""
     import torch
 
-    info: dict[str, object] = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-                               "torch_threads": torch.get_num_threads()}
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
         info["cuda_version"] = torch.version.cuda
@@ -59,8 +72,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(inputs: Mapping[str, Iterable[str | Path] | str | Path] | None = None,
-               encoder: str | Path | None = None) -> dict[str, object]:
+def provenance(
+    inputs: Mapping[str, Iterable[str | Path] | str | Path] | None = None, encoder: str | Path | None = None
+) -> dict[str, object]:
     """The provenance header: ``inputs`` maps a name to a file or files whose SHA-256 is recorded
     (e.g. ``{"concepts": [...images]}``), ``encoder`` an encoder file (name and SHA-256)."""
     status = _git("status", "--porcelain", "--untracked-files=no")

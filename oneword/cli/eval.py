@@ -140,11 +140,14 @@ def _scorer_factory(args: argparse.Namespace, probe):
 
 def _finish(rows, args, settings, clip_name) -> int:
     from oneword.eval.report import markdown_table, summarize, write_report
+    from oneword.provenance import provenance
 
     print(markdown_table(summarize(rows)), end="")
     if args.out:
         meta = {"model": args.model, "clip": clip_name, **dataclasses.asdict(settings)}
-        for path in write_report(rows, Path(args.out), meta).values():
+        files = [Path(e) for e in getattr(args, "embeddings", ()) if Path(e).is_file()]
+        made_by = provenance({"embeddings": files} if files else None)
+        for path in write_report(rows, Path(args.out), meta, made_by).values():
             print(path)
     return 0
 

@@ -258,11 +258,17 @@ def _clean(value):
     return value
 
 
-def write_report(rows: Sequence[dict], out: Path, settings: dict | None = None) -> dict[str, Path]:
-    """Write the JSON (rows, summary, settings), the Markdown table and both plots into ``out``."""
+def write_report(
+    rows: Sequence[dict], out: Path, settings: dict | None = None, provenance: dict | None = None
+) -> dict[str, Path]:
+    """Write the JSON (provenance, settings, summary, rows), the Markdown table and both plots into
+    ``out``. ``provenance`` defaults to :func:`oneword.provenance.provenance` without inputs."""
+    from oneword.provenance import provenance as made_by
+
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
     doc = {
+        "provenance": provenance if provenance is not None else made_by(),
         "settings": settings or {},
         "summary": summary,
         "rows": [{k: _clean(v) for k, v in r.items()} for r in rows],
