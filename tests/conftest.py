@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-# Keep the tests' tokenizer and miniature models out of the user's cache, and never touch the hub.
-_CACHE = Path(os.environ.get("ONEWORD_TEST_CACHE", "/tmp/oneword-test-cache"))
-os.environ["ONEWORD_CACHE"] = str(_CACHE)
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the tests' tokenizer and miniature models out of the user's cache, and never touch the
+    hub (set before any test module imports oneword)."""
+    os.environ["ONEWORD_CACHE"] = os.environ.get("ONEWORD_TEST_CACHE", "/tmp/oneword-test-cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_concept_images(folder: Path, n: int = 3, size: tuple[int, int] = (48, 40)) -> Path:
@@ -87,3 +89,11 @@ def tiny_encoder(
         for head in enc.mapper.heads:
             torch.nn.init.normal_(head.weight, std=0.2)
     return enc, model
+
+
+def encoder_file(folder: Path) -> Path:
+    """A small encoder with UNet features for ``tiny-sd1``, exported to ``folder/enc.safetensors``."""
+    from oneword.encoder.model import save_encoder
+
+    enc, _ = tiny_encoder(unet=True)
+    return save_encoder(enc, folder / "enc.safetensors")

@@ -33,6 +33,7 @@ def test_tokenizer_matches_open_clip():
         ("tiny-sdxl", "sdxl", [32, 48], "epsilon"),
     ],
 )
+@pytest.mark.slow
 def test_load_presets_report_family(tiny_dirs, name, family, widths, prediction):
     m = load_model(name)
     assert (m.family, m.widths, m.prediction_type) == (family, widths, prediction)
@@ -94,6 +95,7 @@ def test_token_validation():
         validate_token("<a>", tok, existing={"<a>": 1})
 
 
+@pytest.mark.slow
 def test_placeholder_surgery_multi_vector(tiny_dirs):
     m = load_model("tiny-sdxl")
     vocab_before = [e.get_input_embeddings().weight.clone() for e in m.text_encoders]
@@ -128,6 +130,7 @@ def test_prompt_expansion_matches_tokens_as_the_tokenizer_does(tiny_dirs):
         m.add_placeholder("<Cat>", m.initializer_vectors("cat", 1))
 
 
+@pytest.mark.slow
 def test_clear_placeholders_restores_the_loaded_model(tiny_dirs):
     """ti-encode refines one concept after another on one model: clearing leaves no trace of the last."""
     m = load_model("tiny-sdxl")

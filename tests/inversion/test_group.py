@@ -93,6 +93,7 @@ def _run_group(
     return results
 
 
+@pytest.mark.slow
 def test_a_concept_learns_the_same_word_alone_or_in_any_group(tiny_dirs, concepts):
     model = load_model("tiny-sd1")
     alone = {i: _alone(model, concepts[i], SETTINGS[i]) for i in (0, 1)}
@@ -114,6 +115,7 @@ def test_a_concept_learns_the_same_word_alone_or_in_any_group(tiny_dirs, concept
     assert len(runs["a group of 8 from the start"]) == 8
 
 
+@pytest.mark.slow
 def test_a_slot_state_continues_in_another_group(tiny_dirs, concepts):
     """A slot checkpointed in one group and loaded alone (or into another group) ends as it would have."""
     model = load_model("tiny-sd1")

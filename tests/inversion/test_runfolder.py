@@ -32,6 +32,7 @@ def _holder(path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_killed_holders_lock_is_gone(tmp_path):
     out = tmp_path / "run"
     proc = _holder(out)
@@ -69,6 +70,7 @@ def _try_lock(path) -> str:
     return ""
 
 
+@pytest.mark.slow
 def test_ti_invert_refuses_a_folder_another_run_writes(tiny_dirs, concept_dir, tmp_path, capsys):
     """Two `ti invert` on one --out: the second stops at once, before loading a model, and writes nothing."""
     from oneword.cli import main

@@ -111,6 +111,7 @@ def test_parse_variant():
         parse_variant("half:mixed_precision=fp16")
 
 
+@pytest.mark.slow
 def test_curve_harness_and_report(tiny_dirs, concept_dir, tmp_path):
     concept = load_concept(concept_dir, init="disc")
     base = InversionConfig(token="<x>", init="disc", batch_size=1, resolution=32, views_per_image=1)
@@ -282,7 +283,7 @@ def test_reselect_scores_a_smaller_candidate_set_from_recorded_distances():
 def test_pool_results_pools_disjoint_draws(tmp_path, capsys):
     import runpy
 
-    pool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "pool_results.py"))["main"]
+    pool = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "pool_results.py"))["main"]
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     rows = _gap_rows([0.1, 0.3])
     for r in rows:
@@ -304,7 +305,7 @@ def test_pool_results_pools_disjoint_draws(tmp_path, capsys):
 def test_pool_results_pairs_a_new_encoder_with_saved_runs(tmp_path, capsys):
     import runpy
 
-    pool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "pool_results.py"))["main"]
+    pool = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "pool_results.py"))["main"]
     saved, new = tmp_path / "saved.json", tmp_path / "new.json"
     old_rows, new_rows = [], []
     for i, (old, now) in enumerate([(0.4, 0.6), (0.5, 0.6)]):
@@ -363,7 +364,7 @@ def test_pool_results_pairs_a_new_encoder_with_saved_runs(tmp_path, capsys):
 def test_pool_results_select_among(tmp_path, capsys):
     import runpy
 
-    pool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "pool_results.py"))["main"]
+    pool = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "pool_results.py"))["main"]
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"rows": _select_run({"c0": (0.6, 0.7, 0.8), "c1": (0.6, 0.65, 0.9)})}))
     assert pool([str(run)]) == 0
@@ -418,6 +419,7 @@ def test_curate_keeps_the_closest_candidate(tiny_dirs):
         assert picked.scores[slot] == pytest.approx(float(sims.max()), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ti_eval_curve_and_score(tiny_dirs, concept_dir, tmp_path, capsys):
     out = tmp_path / "curve"
     code = main(
@@ -594,6 +596,7 @@ def test_ti_eval_errors(tiny_dirs, concept_dir, capsys):
     assert "batch must be at least 1" in capsys.readouterr().err  # one line, before any sampling
 
 
+@pytest.mark.slow
 def test_generate_curate(tiny_dirs, concept_dir, tmp_path):
     png = tmp_path / "curated.png"
     assert (
@@ -657,7 +660,7 @@ def _embedding(tmp_path):
 def test_amortization_progress_resumes_only_the_same_plan(tmp_path):
     import runpy
 
-    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "amortization.py"))
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "amortization.py"))
     load, save, path = bench["load_progress"], bench["save_progress"], tmp_path / "out" / "progress.json"
     plan = {"concepts": ["a", "b"], "methods": [["scratch", [0, 5], {}]]}
     assert load(path, plan) == ([], 0.0)  # a fresh run
@@ -676,7 +679,7 @@ def test_amortization_progress_resumes_only_the_same_plan(tmp_path):
 def test_amortization_select_among_takes_encoder_budgets(capsys):
     import runpy
 
-    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "amortization.py"))["main"]
+    main = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "amortization.py"))["main"]
     for among in (["0", "100"], ["50", "200"]):  # not an encoder budget; no prediction to aim at
         with pytest.raises(SystemExit):
             main(["--encoder-budgets", "0", "50", "200", "--refine-select", "8", "--select-among", *among])
@@ -686,6 +689,7 @@ def test_amortization_select_among_takes_encoder_budgets(capsys):
     assert "needs --refine-select" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_curve_harness_scores_a_selected_word(tiny_dirs, concept_dir):
     from oneword.encoder.select import Choice
     from oneword.eval.curves import SELECT_SUFFIX

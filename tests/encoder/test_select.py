@@ -9,7 +9,7 @@ import torch
 from oneword.encoder.select import SELECT_SEED, choose_word, relative_distance, select_settings
 from oneword.models import load_model
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy" / "purple-triangle-solid-gold"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "toy" / "purple-triangle-solid-gold"
 
 
 def test_relative_distance_is_scale_free_and_sums_encoders():
@@ -39,6 +39,7 @@ def test_set_vectors_round_trips_and_checks_shapes():
         model.set_vectors("<s>", [torch.randn(2, 128)])
 
 
+@pytest.mark.slow
 def test_the_shipped_encoder_prefers_its_prediction_to_the_bare_initializer():
     from oneword.data.concepts import load_concept
     from oneword.encoder.model import load_encoder, predict_embeddings
@@ -65,11 +66,13 @@ def test_the_shipped_encoder_prefers_its_prediction_to_the_bare_initializer():
         choose_word(encoder, model, "<s>", concept.init, prediction, {}, select_settings(1))
 
 
+@pytest.mark.slow
 def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+    from conftest import encoder_file as _encoder_file
+
     import oneword.encoder.select as select
     from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
-    from tests.test_encoder import _encoder_file
 
     def keep_prediction(encoder, model, token, init, target, candidates, settings):
         assert set(candidates) == {"prediction", "refined"} and settings.seeds[0] == SELECT_SEED
@@ -106,13 +109,15 @@ def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, 
     assert "kept" in (tmp_path / "sel" / "concept" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept_dir, tmp_path, monkeypatch):
     """--select-among 2 with --refine 3: the round trip also judges the word after 2 steps, and when
     it keeps that one the run's word files hold exactly a 2-step refinement's word."""
+    from conftest import encoder_file as _encoder_file
+
     import oneword.encoder.select as select
     from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
-    from tests.test_encoder import _encoder_file
 
     judged = []
 
@@ -182,15 +187,17 @@ def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept
     assert report["kept"] == "refined@2" and report["kept word's steps"] == "2"
 
 
+@pytest.mark.slow
 def test_an_interrupted_ti_encode_keeps_its_word_and_stops(
     tiny_dirs, concept_dir, tmp_path, monkeypatch, capsys
 ):
+    from conftest import encoder_file as _encoder_file
+    from conftest import make_concept_images
+
     import oneword.encoder.select as select
     from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
     from oneword.inversion.train import Inversion
-    from tests.conftest import make_concept_images
-    from tests.test_encoder import _encoder_file
 
     step = Inversion.train_step
 
@@ -248,9 +255,11 @@ def test_an_interrupted_ti_encode_keeps_its_word_and_stops(
         ["--refine", "0", "--select-among", "0"],
     ],
 )
+@pytest.mark.slow
 def test_ti_encode_select_among_errors(tiny_dirs, concept_dir, tmp_path, extra, capsys):
+    from conftest import encoder_file as _encoder_file
+
     from oneword.cli.encode import main
-    from tests.test_encoder import _encoder_file
 
     out = tmp_path / "out"
     assert (

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import encoder_file as _encoder_file
 from conftest import tiny_encoder
 from PIL import Image
 
@@ -48,6 +49,7 @@ def _init(model, n: int, num_vectors: int = 1, word: str = "dog"):
         ("sdxl", True, 8),
     ],
 )
+@pytest.mark.slow
 def test_mapper_shapes_and_scale(tiny_dirs, family, unet, map_width):
     enc, model = tiny_encoder(family, num_vectors=2, unet=unet, map_width=map_width)
     init = _init(model, 3, 2)
@@ -77,6 +79,7 @@ def test_order_invariance_and_set_size(tiny_dirs, map_width):
         enc.predict([imgs, []], _init(model, 2), model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("layout", ["blocks", "resnets", "multiscale"])
 def test_unet_features_see_the_image_and_need_the_model(tiny_dirs, layout, family):
@@ -142,6 +145,7 @@ def test_multiscale_layout_is_resnets_at_two_scales(tiny_dirs):
     )  # the finer view reads differently
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["blocks", "multiscale"])
 def test_the_map_head_reads_the_finest_unet_map(tiny_dirs, layout, monkeypatch):
     """The finest map comes from the same passes as the pooled features, at the largest scale, capped
@@ -173,6 +177,7 @@ def test_the_map_head_reads_the_finest_unet_map(tiny_dirs, layout, monkeypatch):
         enc.predict([imgs], init)
 
 
+@pytest.mark.slow
 def test_export_import_round_trip(tiny_dirs, tmp_path):
     enc, model = tiny_encoder()
     path = save_encoder(enc, tmp_path / "enc.safetensors")
@@ -218,19 +223,16 @@ def test_export_import_round_trip(tiny_dirs, tmp_path):
         load_encoder(bad)
 
 
-def _encoder_file(tmp_path):
-    enc, _ = tiny_encoder(unet=True)
-    return save_encoder(enc, tmp_path / "enc.safetensors")
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("refine,select", [(0, 2), (2, 0), (2, 1), (2, None)])
 def test_ti_encode_end_to_end(tiny_dirs, concept_dir, tmp_path, refine, select, capsys):
+    from conftest import make_concept_images
+
     from oneword.cli.encode import main
     from oneword.encoder.pipeline import REFINE_DEFAULTS, select_samples
     from oneword.fileio import sha256_file
     from oneword.inversion.config import InversionConfig
     from oneword.inversion.embedding_io import load_embedding
-    from tests.conftest import make_concept_images
 
     other = make_concept_images(tmp_path / "other", n=2)
     out, enc_file = tmp_path / "out", _encoder_file(tmp_path)
@@ -311,6 +313,7 @@ def test_ti_encode_refinement_defaults_show_in_help():
     assert "toward the encoder's prediction" in " ".join(p.format_help().split())
 
 
+@pytest.mark.slow
 def test_ti_encode_errors(tiny_dirs, concept_dir, tmp_path, capsys):
     from oneword.cli.encode import main
 
@@ -421,7 +424,7 @@ def test_the_map_head_reads_texture_that_pooling_loses():
     import runpy
     from pathlib import Path
 
-    probe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "feature_probe.py"))
+    probe = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "feature_probe.py"))
     g = torch.Generator().manual_seed(0)
     r = torch.arange(8)
     stripes, checks = (-1.0) ** r[:, None].expand(8, 8), (-1.0) ** (r[:, None] + r[None, :])

@@ -30,6 +30,7 @@ INVERT = [
 ]
 
 
+@pytest.mark.slow
 def test_invert_then_generate(tiny_dirs, concept_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["invert", str(concept_dir), *INVERT, "--out", str(out)]) == 0
@@ -80,6 +81,7 @@ def test_invert_then_generate(tiny_dirs, concept_dir, tmp_path, capsys):
     assert "--batch" in _one_line_error(capsys) and not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow
 def test_generate_two_concepts_in_one_prompt(tiny_dirs, concept_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["invert", str(concept_dir), *INVERT, "--out", str(a)]) == 0
@@ -111,6 +113,7 @@ def test_generate_two_concepts_in_one_prompt(tiny_dirs, concept_dir, tmp_path):
     assert Image.open(png).text["tokens"] == "<red-disc>,<blue-box>"
 
 
+@pytest.mark.slow
 def test_generate_two_files_with_one_token(tiny_dirs, concept_dir, tmp_path, capsys, caplog):
     """Two runs trained under one --token: the error names the file and the way out, FILE=TOKEN."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -195,6 +198,7 @@ def test_token_that_exists_in_vocabulary(tiny_dirs, concept_dir, tmp_path, capsy
     assert "already a word" in _one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_embedding_of_wrong_width(tiny_dirs, concept_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["invert", str(concept_dir), *INVERT, "--out", str(out)]) == 0
@@ -220,6 +224,7 @@ def test_embedding_of_wrong_width(tiny_dirs, concept_dir, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_console_script_help():
     res = subprocess.run(
         [sys.executable, "-m", "oneword.cli", "invert", "--help"], capture_output=True, text=True, check=True
@@ -227,6 +232,7 @@ def test_console_script_help():
     assert "--base_lr" in res.stdout and "embedding_reg_weight" in res.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint(tiny_dirs, concept_dir, tmp_path):
     """A killed job (SIGTERM) exits 130 after saving a checkpoint and the embedding files."""
     import os
@@ -306,6 +312,7 @@ def test_toy_train_from_a_model_needs_an_out_folder(tmp_path, capsys):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 def test_generate_in_batches_draws_the_same_images(tiny_dirs, monkeypatch):
     """Each image has its own seeded generator: the batch sets memory per pipeline call, not the
     images (the evaluation and --select's round trip draw 8 images, 4 per call); on the toy model,
@@ -397,6 +404,7 @@ def test_mixed_precision_sets_the_weights_dtype_of_every_trainer(concept_dir, tm
     assert "stopped by the test" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_empty_negative_prompt_is_zeros_where_the_stock_sdxl_pipeline_uses_zeros(tiny_dirs):
     """SDXL's config says an empty negative prompt is all zeros (``force_zeros_for_empty_prompt``);
     SD 1.x encodes the empty text; a written negative prompt is always encoded."""

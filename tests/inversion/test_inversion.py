@@ -58,6 +58,7 @@ def fixed_eval_loss(inv: Inversion) -> float:
         return denoising_loss(inv.model, latents, cond, g, timesteps=ts).mean().item()
 
 
+@pytest.mark.slow
 def test_loss_falls_and_frozen_weights_are_untouched(tiny_dirs, concept_dir):
     model = load_model("tiny-sd1")
     # A random miniature barely listens to its text; amplifying its cross-attention output makes
@@ -117,6 +118,7 @@ def _diffusers_prompt_embeds(folder: Path, run: Path, family: str, prompt: str, 
     return pe, None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("single_file", [False, True])
 def test_files_load_in_diffusers_with_same_text_encoding(
     tiny_dirs, concept_dir, tmp_path, family, single_file
@@ -137,6 +139,7 @@ def test_files_load_in_diffusers_with_same_text_encoding(
         torch.testing.assert_close(pooled, ours.pooled, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_folder_and_resume_matches_uninterrupted(tiny_dirs, concept_dir, tmp_path):
     images = load_folder(concept_dir)
     full = run_inversion(load_model("tiny-sd2"), images, small_cfg(steps=6), tmp_path / "a", progress=False)
@@ -166,6 +169,7 @@ def test_run_folder_and_resume_matches_uninterrupted(tiny_dirs, concept_dir, tmp
         )
 
 
+@pytest.mark.slow
 def test_resume_checks_its_inputs(tiny_dirs, concept_dir, tmp_path, caplog):
     """A checkpoint continues only on its images and its kind of model, up to --steps; a lower
     --base_lr (what a divergence message advises) may continue it."""
@@ -214,6 +218,7 @@ def test_resume_checks_its_inputs(tiny_dirs, concept_dir, tmp_path, caplog):
         small_cfg(flip_p=3)
 
 
+@pytest.mark.slow
 def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(
     tiny_dirs, concept_dir, tmp_path, monkeypatch
 ):
@@ -241,6 +246,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(
         run_inversion(load_model("tiny-sd1"), images, small_cfg(steps=1), tmp_path / "mine", progress=False)
 
 
+@pytest.mark.slow
 def test_previews_are_written(tiny_dirs, concept_dir, tmp_path):
     from PIL import Image
 
@@ -274,6 +280,7 @@ def test_nan_loss_stops_and_keeps_finite_vectors(tiny_dirs, concept_dir, tmp_pat
     assert torch.isfinite(emb.vectors[0]).all() and emb.metadata["oneword.steps"] == "2"
 
 
+@pytest.mark.slow
 def test_interrupt_saves_a_checkpoint_that_resumes(tiny_dirs, concept_dir, tmp_path, monkeypatch):
     real = Inversion.train_step
 
@@ -293,6 +300,7 @@ def test_interrupt_saves_a_checkpoint_that_resumes(tiny_dirs, concept_dir, tmp_p
     assert not res.interrupted and res.step == 4
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_steps(tiny_dirs, concept_dir):
     images = load_folder(concept_dir)
     results = []
@@ -304,6 +312,7 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_dirs, concept_dir):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_weights_train_fp32_vectors(tiny_dirs, concept_dir):
     model = load_model("tiny-sdxl", dtype="bf16")
     inv = Inversion(model, load_folder(concept_dir), small_cfg(mixed_precision="bf16"))
@@ -328,6 +337,7 @@ def test_cosine_schedule_decays_to_zero_and_constant_stays():
         InversionConfig(lr_schedule="linear")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir, schedule):
     from oneword.inversion.multi import invert_many
@@ -345,6 +355,7 @@ def test_invert_many_with_one_concept_is_the_single_run(tiny_dirs, concept_dir, 
     assert single.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr_at(cfg.steps - 1))
 
 
+@pytest.mark.slow
 def test_invert_many_resumes_exactly_from_its_checkpoint(
     tiny_dirs, concept_dir, tmp_path, monkeypatch, caplog
 ):
@@ -389,6 +400,7 @@ def test_invert_many_resumes_exactly_from_its_checkpoint(
     torch.testing.assert_close(again[0], fresh[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_invert_many_checkpoints_gradients_on_request_and_keys_states_by_dtype(tiny_dirs, concept_dir):
     """``ti data targets --gradient-checkpointing`` (memory grows with the group) gives the same
     words; a state saved from fp16 weights is not continued by an fp32 run, nor the reverse."""
@@ -446,6 +458,7 @@ def test_invert_many_with_a_gradient_scaler_resumes_exactly(tiny_dirs, concept_d
     torch.testing.assert_close(resumed[0], whole[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_invert_many_learns_each_concept_on_its_own_token(tiny_dirs, concept_dir, tmp_path):
     from conftest import make_concept_images
 

@@ -234,6 +234,7 @@ def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):
     assert list(out.iterdir()) == []  # the first concept's finished shard was removed too
 
 
+@pytest.mark.slow
 def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys):
     from oneword.cli import main
     from oneword.encoder.shards import read_shard
@@ -311,6 +312,7 @@ def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys
     )  # nothing to continue from
 
 
+@pytest.mark.slow
 def test_ti_data_targets_continues_a_group_after_an_interruption(tiny_dirs, tmp_path, monkeypatch, capsys):
     import oneword.encoder.targets as targets
     import oneword.inversion.group as group
@@ -353,6 +355,7 @@ def test_ti_data_targets_continues_a_group_after_an_interruption(tiny_dirs, tmp_
     assert not any((tmp_path / "t" / ".partial").iterdir())
 
 
+@pytest.mark.slow
 def test_ti_data_targets_from_an_encoder(tiny_dirs, tmp_path):
     """--from-encoder starts each inversion at the encoder's prediction for the sample's images: at a
     negligible rate the targets are that prediction."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
 import torch
 
 from oneword.models import load_model
@@ -13,12 +14,14 @@ from oneword.sampling import SampleSettings, generate_images
 from oneword.toy import weights_dir
 
 
+@pytest.mark.slow
 def test_loads_through_the_project_loader():
     model = load_model("toy")
     assert model.family == "toy" and model.widths == [128] and model.resolution == 32
     assert model.prediction_type == "epsilon"
 
 
+@pytest.mark.slow
 def test_loads_through_plain_diffusers_and_samples():
     from diffusers import StableDiffusionPipeline
 
@@ -35,12 +38,14 @@ def test_loads_through_plain_diffusers_and_samples():
     assert out.images.shape == (1, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_files_are_world_readable():
     for dirpath, _, files in os.walk(weights_dir()):
         for f in files:
             assert os.stat(os.path.join(dirpath, f)).st_mode & stat.S_IROTH, f
 
 
+@pytest.mark.slow
 def test_background_and_fill_prompts_are_honoured():
     from oneword.toy.oracle import load_oracle
 
@@ -55,13 +60,14 @@ def test_background_and_fill_prompts_are_honoured():
     assert sum(p["fill"] == "yellow" for p in preds[4:]) >= 3
 
 
+@pytest.mark.slow
 def test_ti_encode_with_the_shipped_toy_encoder(tmp_path):
     from pathlib import Path
 
     from oneword.cli.encode import main
     from oneword.inversion.embedding_io import load_embedding
 
-    concept = Path(__file__).resolve().parents[1] / "examples" / "toy" / "purple-triangle-solid-gold"
+    concept = Path(__file__).resolve().parents[2] / "examples" / "toy" / "purple-triangle-solid-gold"
     assert main([str(concept), "--refine", "0", "--out", str(tmp_path), "--preview-steps", "2"]) == 0
     emb = load_embedding(tmp_path / "purple-triangle-solid-gold" / "learned_embeds.safetensors")
     init = load_model("toy").initializer_vectors("triangle", 1)[0]
@@ -69,6 +75,7 @@ def test_ti_encode_with_the_shipped_toy_encoder(tmp_path):
     assert not torch.allclose(emb.vectors[0], init)  # the trained encoder moves off the initializer
 
 
+@pytest.mark.slow
 def test_conditioning_probe_sees_the_fill_word():
     """The shipped model leans on fill words: a wrong fill in the prompt raises the denoising loss
     at mid noise, and the fill prompts' text states lie apart."""

@@ -14,6 +14,7 @@ from oneword.errors import InputError
 from oneword.trainstate import read_safetensors
 
 
+@pytest.mark.slow
 def test_lightning_fit_and_resume(tiny_dirs, tmp_path):
     import lightning as L
 
@@ -79,6 +80,7 @@ def test_ranks_and_accumulated_batches_draw_their_own_noise(tiny_dirs):
     assert len(seeds) == 8
 
 
+@pytest.mark.slow
 def test_encoder_training_can_checkpoint_the_unet(tiny_dirs):
     from oneword.encoder.lit import EncoderModule
 
@@ -190,12 +192,13 @@ def test_export_keeps_the_best_validated_encoder(tiny_dirs, tmp_path):
         ExportEncoder(str(path), monitor="val/missing").on_validation_end(trainer, module)
 
 
+@pytest.mark.slow
 def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     from pathlib import Path
 
     from oneword.cli.train_encoder import cli_main
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "encoder" / "toy.yaml"
     write_shards(toy_samples(limit=6, images=3, size=32), tmp_path / "shards", per_shard=6)
     monkeypatch.chdir(tmp_path)  # the config's run folders are relative
     args = [
@@ -240,6 +243,7 @@ def test_lightning_cli_with_the_toy_config(tiny_dirs, tmp_path, monkeypatch):
     assert cfg.map_channels > 0 and cfg.map_width == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["toy", "sd15", "sd21", "sdxl"])
 def test_every_shipped_config_parses(name, capsys):
     """The real-model configs cannot be fitted here (no weights), but a misspelt or removed option
@@ -248,7 +252,7 @@ def test_every_shipped_config_parses(name, capsys):
 
     from oneword.cli.train_encoder import cli_main
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / f"{name}.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "encoder" / f"{name}.yaml"
     with pytest.raises(SystemExit) as done:
         cli_main(["fit", "--config", str(config), "--print_config"])
     assert done.value.code == 0
@@ -258,6 +262,7 @@ def test_every_shipped_config_parses(name, capsys):
         assert "gradient_checkpointing: true" in printed
 
 
+@pytest.mark.slow
 def test_training_interrupted_by_ctrl_c_resumes_where_it_stopped(tiny_dirs, tmp_path, monkeypatch, capsys):
     """Ctrl-C lost every step since the last periodic checkpoint (up to 999 with sd15.yaml), and a
     rerun without --ckpt_path replaced the exported encoder with an untrained one's."""
@@ -266,7 +271,7 @@ def test_training_interrupted_by_ctrl_c_resumes_where_it_stopped(tiny_dirs, tmp_
     from oneword.cli.train_encoder import cli_main
     from oneword.encoder.lit import EncoderModule
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "encoder" / "toy.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "encoder" / "toy.yaml"
     write_shards(toy_samples(limit=12, images=3, size=32), tmp_path / "shards", per_shard=12)
     monkeypatch.chdir(tmp_path)
     args = [

@@ -38,6 +38,7 @@ def _edited(path, out, **changes):
     return write_safetensors(out, tensors, {**meta, "config": json.dumps(cfg)})
 
 
+@pytest.mark.slow
 def test_a_fresh_fit_starts_from_an_exported_encoder(tiny_dirs, tmp_path):
     from oneword.encoder.lit import EncoderModule
 
@@ -72,6 +73,7 @@ def test_a_fresh_fit_starts_from_an_exported_encoder(tiny_dirs, tmp_path):
         EncoderModule(**KW, init_from=str(tmp_path / "missing.safetensors")).on_fit_start()
 
 
+@pytest.mark.slow
 def test_fit_resume_and_export_guard_with_a_start_file(tiny_dirs, tmp_path):
     import lightning as L
 
@@ -119,6 +121,7 @@ def test_fit_resume_and_export_guard_with_a_start_file(tiny_dirs, tmp_path):
     assert trainer.global_step == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["start file", "shards"])
 def test_ti_train_encoder_reports_bad_input_in_one_line(tiny_dirs, tmp_path, capsys, monkeypatch, bad):
     from oneword.cli.train_encoder import cli_main

@@ -30,6 +30,7 @@ def tiny_cfg(**kw) -> ToyLDMConfig:
     return ToyLDMConfig(**base)
 
 
+@pytest.mark.slow
 def test_train_export_and_resume(tmp_path):
     work, out = tmp_path / "work", tmp_path / "ldm"
     train_toy_ldm(work, out, tiny_cfg(), progress=False)
@@ -45,6 +46,7 @@ def test_train_export_and_resume(tmp_path):
         train_toy_ldm(work, out, tiny_cfg(text_width=64), progress=False)
 
 
+@pytest.mark.slow
 def test_continue_from_a_pipeline_folder_then_fine_tune_the_decoder(tmp_path):
     import torch
 
@@ -72,6 +74,7 @@ def test_continue_from_a_pipeline_folder_then_fine_tune_the_decoder(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_text_attribute_head_targets_and_training(tmp_path):
     """The auxiliary text loss: its classes (0 = not named), padding left out of the pooled state,
     a loss that falls when the states say what a caption names, and a resumable run with it."""
@@ -114,6 +117,7 @@ def test_text_attribute_head_targets_and_training(tmp_path):
     )  # training-only
 
 
+@pytest.mark.slow
 def test_grow_cross_attention_preserves_the_model_then_trains_it(tmp_path):
     import torch
 
@@ -162,6 +166,7 @@ def test_grow_cross_attention_preserves_the_model_then_trains_it(tmp_path):
         tiny_cfg(cross_attention_levels=(0, 3))
 
 
+@pytest.mark.slow
 def test_export_keeps_caption_rows_and_zeroes_the_rest(tmp_path):
     out = tmp_path / "ldm"
     train_toy_ldm(tmp_path / "work", out, tiny_cfg(), progress=False)
@@ -174,6 +179,7 @@ def test_export_keeps_caption_rows_and_zeroes_the_rest(tmp_path):
     assert unused not in keep and table[unused].abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_text_to_image_accuracy_runs_on_a_toy_model(tmp_path):
     from oneword.toy.oracle import load_oracle
     from oneword.toy.quality import QualitySettings, text_to_image_accuracy
@@ -187,6 +193,7 @@ def test_text_to_image_accuracy_runs_on_a_toy_model(tmp_path):
     assert set(acc) == set(ATTRIBUTES) and all(0.0 <= v <= 1.0 for v in acc.values())
 
 
+@pytest.mark.slow
 def test_build_toy_world_trains_every_part_then_skips_them(tmp_path, monkeypatch):
     import oneword.toy.oracle as oracle_mod
     from oneword.toy.build import ToyBuildConfig, build_toy_world
