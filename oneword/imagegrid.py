@@ -11,6 +11,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from oneword.fileio import atomic_path
 
+#: Grids of images smaller than this (the toy world's 32 px) are enlarged to at least this side.
+MIN_TILE = 128
+
+
+def auto_zoom(side: int) -> int:
+    """The nearest-neighbour enlargement that makes a ``side`` px image at least :data:`MIN_TILE` px."""
+    return max(1, -(-MIN_TILE // max(1, side)))
+
 
 def image_grid(
     images: Sequence[Image.Image],

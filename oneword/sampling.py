@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from oneword.imagegrid import image_grid, save_png
+from oneword.imagegrid import auto_zoom, image_grid, save_png
 from oneword.models import FrozenLDM, TextConditioning
 
 logger = logging.getLogger(__name__)
@@ -139,12 +139,17 @@ def render_grid(
     out: str | Path,
     extra_metadata: dict[str, str] | None = None,
     images: Sequence[Image.Image] | None = None,
+    zoom: int | None = None,
 ) -> Path:
     """Generate and save a grid (a row per prompt, a column per seed) with its settings in the PNG;
-    ``images`` (prompt-major, one per seed) are saved instead of generating (curated samples)."""
+    ``images`` (prompt-major, one per seed) are saved instead of generating (curated samples).
+    ``zoom`` enlarges each image (nearest neighbour); by default images under
+    :data:`~oneword.imagegrid.MIN_TILE` px are enlarged to at least that, others kept."""
     images = list(images) if images is not None else generate_images(model, prompts, settings)
-    grid = image_grid(images, cols=len(settings.seeds))
+    zoom = zoom if zoom is not None else auto_zoom(min(images[0].size))
+    grid = image_grid(images, cols=len(settings.seeds), zoom=zoom)
     meta = {
+        "zoom": str(zoom),
         "prompts": json.dumps(list(prompts)),
         "seeds": json.dumps(settings.seeds),
         "steps": str(settings.steps),

@@ -18,6 +18,7 @@ from pathlib import Path
 from oneword.cli.options import add_dataclass_options, run_reporting_errors
 from oneword.cli.options import model_options as _model_options
 from oneword.errors import OneWordError
+from oneword.imagegrid import MIN_TILE
 
 logger = logging.getLogger("oneword")
 
@@ -67,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--embedding",
         nargs="+",
-        required=True,
+        default=[],
         metavar="FILE[=TOKEN]",
         help="embedding files (diffusers, A1111/ComfyUI/kohya .safetensors or .pt) or run folders; "
-        "FILE=<name> loads one under another token (two files with one token)",
+        "FILE=<name> loads one under another token (two files with one token). Without it the base "
+        "model renders the prompts: a baseline to compare a word with",
     )
     g.add_argument("--prompt", nargs="+", required=True, help="prompts; each becomes a row of the grid")
     g.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default: 4)")
@@ -93,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights' precision (default: fp16 on CUDA, else fp32)",
     )
     g.add_argument("--out", required=True, help="PNG file for the grid")
+    g.add_argument(
+        "--zoom",
+        type=int,
+        default=None,
+        help="enlarge each image N times, nearest neighbour (default: small images such as the toy "
+        f"world's 32 px are enlarged to at least {MIN_TILE} px; 1 keeps the native size)",
+    )
     g.add_argument(
         "--curate",
         type=int,
@@ -342,9 +351,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     embs = add_embeddings(model, args.embedding)
     tokens = [e.token for e in embs]
-    for prompt in args.prompt:
+    for prompt in args.prompt if tokens else ():
         if not any(t.lower() in prompt.lower() for t in tokens):  # CLIP ignores case
             logger.warning("prompt %r uses none of the loaded tokens (%s)", prompt, ", ".join(tokens))
+    if args.zoom is not None and args.zoom < 1:
+        raise OneWordError("--zoom must be at least 1")
     settings = SampleSettings(
         steps=args.steps,
         guidance=args.guidance,
@@ -369,7 +380,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         picked = curate(model, args.prompt, settings, args.curate, load_space(clip, model.device), refs)
         images = picked.images
         meta.update(curate=str(args.curate), clip=clip, curated_seeds=",".join(map(str, picked.seeds)))
-    path = render_grid(model, args.prompt, settings, args.out, meta, images=images)
+    path = render_grid(model, args.prompt, settings, args.out, meta, images=images, zoom=args.zoom)
     print(path)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -436,3 +437,21 @@ def test_invert_checks_its_out_folder_before_loading_the_model(concept_dir, tmp_
     assert "nothing to resume" in _one_line_error(capsys)
     assert main(["invert", str(concept_dir), *INVERT, "--flip_p", "3", "--out", str(tmp_path / "f")]) == 2
     assert "flip_p" in _one_line_error(capsys)
+
+
+def test_generate_without_a_word_renders_the_base_model_enlarged(tiny_dirs, tmp_path, caplog):
+    """A baseline to compare a word with; 32 px images are enlarged 4x (nearest neighbour) so that a
+    person can see them, and --zoom 1 keeps the native size."""
+    args = ["generate", "--model", "tiny-sd1", "--prompt", "a photo of a disc", "-n", "2", "--steps", "2"]
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--out", str(tmp_path / "big.png")]) == 0
+    assert "uses none of the loaded tokens" not in caplog.text
+    big, native = Image.open(tmp_path / "big.png"), None
+    assert main([*args, "--zoom", "1", "--out", str(tmp_path / "native.png")]) == 0
+    native = Image.open(tmp_path / "native.png")
+    assert big.text["zoom"] == "4" and native.text["zoom"] == "1" and big.text["embeddings"] == ""
+    pad = 2  # image_grid's padding: 2 columns of 32 px (or 128 px) and 3 paddings
+    assert native.size == (2 * 32 + 3 * pad, 32 + 2 * pad) and big.size == (2 * 128 + 3 * pad, 128 + 2 * pad)
+    tile = np.asarray(big.convert("RGB"))[pad : pad + 128, pad : pad + 128]
+    assert (tile[::4, ::4] == np.asarray(native.convert("RGB"))[pad : pad + 32, pad : pad + 32]).all()
+    assert main([*args, "--zoom", "0", "--out", str(tmp_path / "z.png")]) == 2
