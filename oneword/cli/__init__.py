@@ -444,7 +444,8 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from oneword.encoder.shards import folder_samples, toy_samples, write_shards
+    from oneword.data.shards import folder_samples, write_shards
+    from oneword.toy.concepts import toy_samples
 
     if args.data_command == "targets":
         return _cmd_data_targets(args)
@@ -458,7 +459,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.toy:
         samples = toy_samples(args.split, args.images, args.seed, args.size, args.limit)
     else:
-        samples = folder_samples(args.folders, args.init, args.targets)
+        targets = None
+        if args.targets is not None:  # one embedding file or run folder per concept
+            from oneword.inversion.embedding_io import load_embedding
+
+            paths = [
+                Path(t) / "learned_embeds.safetensors" if Path(t).is_dir() else Path(t) for t in args.targets
+            ]
+            targets = [load_embedding(p).vectors for p in paths]
+        samples = folder_samples(args.folders, args.init, targets)
     for path in write_shards(samples, out, args.per_shard, prefix=args.prefix):
         print(path)
     return 0

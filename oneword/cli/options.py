@@ -47,7 +47,7 @@ def add_dataclass_options(
         if f.name in skip:
             continue
         name = _RENAMES.get(f.name, f.name)
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        dashed = name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if defaults and f.name in defaults:
             default = defaults[f.name]
@@ -68,7 +68,9 @@ def add_dataclass_options(
             kwargs["type"] = args[0] if args else kind
         suffix = " (required)" if f.name in required else f" (default: {default})"
         kwargs["help"] = f"{docs.get(f.name, '')}{suffix}".replace("%", "%%")
-        parser.add_argument(*flags, **kwargs)
+        parser.add_argument(f"--{dashed}", **kwargs)
+        if dashed != name:  # the underscore spelling is still accepted, and not shown
+            parser.add_argument(f"--{name}", **{**kwargs, "help": argparse.SUPPRESS, "required": False})
 
 
 def model_options(p: argparse.ArgumentParser) -> None:

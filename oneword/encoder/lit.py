@@ -26,8 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from oneword.data.images import image_to_tensor, resize_and_crop
+from oneword.data.shards import ConceptSample, decode_sample, expand_shards, is_validation
 from oneword.encoder.model import ConceptEncoder, EncoderConfig, load_encoder, save_encoder, token_scale
-from oneword.encoder.shards import ConceptSample, decode_sample, expand_shards, is_validation
 from oneword.encoder.unet_features import unet_feature_dim, unet_map_channels
 from oneword.errors import InputError
 from oneword.inversion.bank import vae_encode, vae_in_safe_dtype

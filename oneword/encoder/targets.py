@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from oneword.data.shards import expand_shards, read_shard, write_shard
 from oneword.encoder.model import ConceptEncoder, check_fits, predict_embeddings
-from oneword.encoder.shards import expand_shards, read_shard, write_shard
 from oneword.errors import InputError
 from oneword.fileio import atomic_write_text
 from oneword.inversion.config import InversionConfig

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 
+from oneword.data.shards import ConceptSample
 from oneword.fileio import atomic_path, atomic_write_text
 from oneword.imagegrid import image_grid, save_png
 from oneword.toy.render import Concept, render_concept_images, split_concepts
@@ -80,3 +83,17 @@ def write_concepts(
             labels.append(c.slug if i == 0 else bg)
     sheet = save_png(image_grid(images, cols=n_images, labels=labels, zoom=2), out / "contact_sheet.png")
     return folders, sheet
+
+
+def toy_samples(
+    split: str = "train", images: int = 8, seed: int = 0, size: int = 64, limit: int | None = None
+) -> Iterator[ConceptSample]:
+    """Every concept of the toy ``split`` (train or held-out), ``images`` renders each on varied
+    backgrounds; the initializer is the shape, as a user would name the object's class."""
+    train, held = split_concepts()
+    concepts = {"train": train, "held-out": held}.get(split)
+    if concepts is None:
+        raise ValueError("split must be 'train' or 'held-out'")
+    for c in concepts[:limit]:
+        pairs = render_concept_images(c, images, seed=zlib.crc32(f"{seed}-{c.slug}".encode()), size=size)
+        yield ConceptSample(c.slug, [im for im, _ in pairs], c.shape, c.attributes(), [bg for _, bg in pairs])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,7 +231,14 @@ def test_console_script_help():
     res = subprocess.run(
         [sys.executable, "-m", "oneword.cli", "invert", "--help"], capture_output=True, text=True, check=True
     )
-    assert "--base_lr" in res.stdout and "embedding_reg_weight" in res.stdout
+    # one spelling shown (dashes); the underscore spelling is still accepted, unlisted
+    assert "--base-lr" in res.stdout and "--base_lr" not in res.stdout and "embedding_reg_weight" in res.stdout
+    from oneword.cli import build_parser
+
+    base = ["invert", "x", "--model", "m", "--token", "<t>", "--init", "i"]
+    for spelling in (["--base_lr", "0.1", "--no-scale_lr"], ["--base-lr", "0.1", "--no-scale-lr"]):
+        args = build_parser().parse_args([*base, *spelling])
+        assert args.base_lr == 0.1 and args.scale_lr is False
 
 
 @pytest.mark.slow
@@ -455,3 +463,11 @@ def test_generate_without_a_word_renders_the_base_model_enlarged(tiny_dirs, tmp_
     tile = np.asarray(big.convert("RGB"))[pad : pad + 128, pad : pad + 128]
     assert (tile[::4, ::4] == np.asarray(native.convert("RGB"))[pad : pad + 32, pad : pad + 32]).all()
     assert main([*args, "--zoom", "0", "--out", str(tmp_path / "z.png")]) == 2
+
+
+def test_the_cli_reference_is_current():
+    """docs/cli.md is what --help prints; regenerate it with `python -m oneword.cli.reference > docs/cli.md`."""
+    from oneword.cli.reference import render
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+    assert doc.read_text() == render(), "docs/cli.md is stale: python -m oneword.cli.reference > docs/cli.md"

@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import tiny_encoder
 
+from oneword.data.shards import decode_sample, encode_sample, expand_shards, write_shards
 from oneword.encoder.model import load_encoder, save_encoder
-from oneword.encoder.shards import decode_sample, encode_sample, expand_shards, toy_samples, write_shards
 from oneword.errors import InputError
 from oneword.models import load_model
+from oneword.toy.concepts import toy_samples
 
 
 def test_shard_round_trip_and_expand(tmp_path):
@@ -147,7 +148,7 @@ def test_ti_data_refuses_what_would_lose_concepts(tmp_path, capsys):
     assert main(["data", "shards", *both, "--init", "cat", "dog", "mug", "--out", str(tmp_path / "m")]) == 2
     assert "one per folder (2), got 3" in capsys.readouterr().err
     assert main(["data", "shards", *both, "--init", "cat", "dog", "--out", str(tmp_path / "m")]) == 0
-    from oneword.encoder.shards import read_shard
+    from oneword.data.shards import read_shard
 
     assert [(x.key, x.init) for x in read_shard(tmp_path / "m" / "concepts-000000.tar")] == [
         ("cat", "cat"),
@@ -237,7 +238,7 @@ def test_a_bad_concept_folder_leaves_no_shards(tmp_path, concept_dir):
 @pytest.mark.slow
 def test_ti_data_targets_adds_embeddings_and_resumes(tiny_dirs, tmp_path, capsys):
     from oneword.cli import main
-    from oneword.encoder.shards import read_shard
+    from oneword.data.shards import read_shard
 
     write_shards(toy_samples(limit=3, images=2, size=32), tmp_path / "s", per_shard=2)
     args = [
@@ -360,8 +361,8 @@ def test_ti_data_targets_from_an_encoder(tiny_dirs, tmp_path):
     """--from-encoder starts each inversion at the encoder's prediction for the sample's images: at a
     negligible rate the targets are that prediction."""
     from oneword.cli import main
+    from oneword.data.shards import read_shard
     from oneword.encoder.model import predict_embeddings
-    from oneword.encoder.shards import read_shard
 
     enc, model = tiny_encoder()
     path = save_encoder(enc, tmp_path / "enc.safetensors")

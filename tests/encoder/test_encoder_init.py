@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from oneword.data.shards import write_shards
 from oneword.encoder.model import FORMAT, save_encoder
-from oneword.encoder.shards import toy_samples, write_shards
 from oneword.errors import InputError
+from oneword.toy.concepts import toy_samples
 from oneword.trainstate import read_safetensors, write_safetensors
 
 KW = {"model": "tiny-sd1", "clip": "random", "hidden": 32, "depth": 1, "template": "toy", "warmup_steps": 1}

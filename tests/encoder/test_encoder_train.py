@@ -8,9 +8,10 @@ import torch
 from conftest import tiny_encoder
 from PIL import Image
 
+from oneword.data.shards import write_shards
 from oneword.encoder.model import load_encoder
-from oneword.encoder.shards import toy_samples, write_shards
 from oneword.errors import InputError
+from oneword.toy.concepts import toy_samples
 from oneword.trainstate import read_safetensors
 
 

@@ -133,14 +133,13 @@ def write_shards(
 def folder_samples(
     folders: Sequence[str | Path],
     init: str | Sequence[str] | None = None,
-    targets: Sequence[str | Path] | None = None,
+    targets: Sequence[list[torch.Tensor]] | None = None,
 ) -> Iterator[ConceptSample]:
     """Samples from concept folders (``concept.json`` supplies attributes and, for toy concepts,
     the initializer: the shape). ``init`` is one word for all folders or one per folder.
-    ``targets``, one embedding file or ``ti invert`` run folder per concept, become distillation
-    targets."""
+    ``targets``, one word per concept (its vectors per text encoder, e.g. read from a ``ti invert``
+    run), become distillation targets."""
     from oneword.data.concepts import load_concept
-    from oneword.inversion.embedding_io import load_embedding
 
     if targets is not None and len(targets) != len(folders):
         raise InputError(f"give one target per concept folder ({len(folders)}), got {len(targets)}")
@@ -159,27 +158,8 @@ def folder_samples(
     for i, folder in enumerate(folders):
         c = load_concept(folder, inits[i])
         key = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(folder).name)
-        target = None
-        if targets is not None:
-            t = Path(targets[i])
-            target = load_embedding(t / "learned_embeds.safetensors" if t.is_dir() else t).vectors
+        target = None if targets is None else targets[i]
         yield ConceptSample(key, [im.image for im in c.images], c.init, c.attributes, target=target)
-
-
-def toy_samples(
-    split: str = "train", images: int = 8, seed: int = 0, size: int = 64, limit: int | None = None
-) -> Iterator[ConceptSample]:
-    """Every concept of the toy ``split`` (train or held-out), ``images`` renders each on varied
-    backgrounds; the initializer is the shape, as a user would name the object's class."""
-    from oneword.toy.render import render_concept_images, split_concepts
-
-    train, held = split_concepts()
-    concepts = {"train": train, "held-out": held}.get(split)
-    if concepts is None:
-        raise ValueError("split must be 'train' or 'held-out'")
-    for c in concepts[:limit]:
-        pairs = render_concept_images(c, images, seed=zlib.crc32(f"{seed}-{c.slug}".encode()), size=size)
-        yield ConceptSample(c.slug, [im for im, _ in pairs], c.shape, c.attributes(), [bg for _, bg in pairs])
 
 
 def is_validation(key: str, fraction: float) -> bool:
