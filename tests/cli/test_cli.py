@@ -232,7 +232,9 @@ def test_console_script_help():
         [sys.executable, "-m", "oneword.cli", "invert", "--help"], capture_output=True, text=True, check=True
     )
     # one spelling shown (dashes); the underscore spelling is still accepted, unlisted
-    assert "--base-lr" in res.stdout and "--base_lr" not in res.stdout and "embedding_reg_weight" in res.stdout
+    assert (
+        "--base-lr" in res.stdout and "--base_lr" not in res.stdout and "embedding_reg_weight" in res.stdout
+    )
     from oneword.cli import build_parser
 
     base = ["invert", "x", "--model", "m", "--token", "<t>", "--init", "i"]
