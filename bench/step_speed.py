@@ -114,7 +114,7 @@ def run_ours(model_dir: str, steps: int, resolution: int, batch: int, warmup: in
     cfg = InversionConfig(
         token="<bench-thing>",
         init="toy",
-        steps=steps,
+        steps=warmup + steps,
         batch_size=batch,
         resolution=resolution,
         views_per_image=8,

@@ -88,6 +88,8 @@ class Inversion:
     def train_step(self) -> float:
         """One optimizer step (``grad_accum`` batches). Raises :class:`TrainingDivergedError`
         with the vectors rolled back if the loss or the updated vectors are not finite."""
+        if self.step >= self.cfg.steps:
+            raise RuntimeError(f"the inversion has taken its {self.cfg.steps} steps (cfg.steps)")
         losses = self.engine.step()
         self.model.set_vectors(self.cfg.token, [p.detach() for p in self.params])
         if self._slot.error:
