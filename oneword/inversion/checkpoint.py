@@ -95,6 +95,8 @@ def save_states(path: str | Path, states: list[TrainState], meta: dict[str, str]
 def load_states(path: str | Path) -> tuple[list[TrainState], dict[str, str]]:
     """Inverse of :func:`save_states`; :class:`InputError` for a missing, foreign or incomplete file."""
     tensors, header = read_safetensors(path)
+    if "slots" not in header:
+        raise InputError(f"{path} is not a group state (an older version of oneword wrote it)")
     try:
         states = [_unpack(tensors, header, f"slot{i}.") for i in range(int(header["slots"]))]
         return states, json.loads(header["meta"])

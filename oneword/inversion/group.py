@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from oneword.errors import InputError
+from oneword.errors import InputError, TokenError
 from oneword.inversion.bank import LatentBank, bank_for_run
 from oneword.inversion.checkpoint import TrainState, restore_prompt_rng
 from oneword.inversion.config import InversionConfig
@@ -41,10 +41,12 @@ from oneword.inversion.templates import sample_prompts
 from oneword.models import FrozenLDM
 from oneword.trainstate import load_optimizer, optimizer_tensors
 
+GROUP_PREFIX = "<ow-group-"
+
 
 def group_token(num_vectors: int) -> str:
     """The internal placeholder the engine trains ``num_vectors``-vector words on."""
-    return f"<ow-group-{num_vectors}>"
+    return f"{GROUP_PREFIX}{num_vectors}>"
 
 
 @dataclass
@@ -169,13 +171,14 @@ class GroupEngine:
 
     # ----------------------------------------------------------------- checkpoints
     def state(self, sid: int) -> TrainState:
-        """Everything needed to continue slot ``sid`` exactly (with the group's gradient scale)."""
+        """Everything needed to continue slot ``sid`` exactly (with the group's gradient scale): copies,
+        which later steps leave as they are."""
         slot = self.slots[sid]
         optim, groups = optimizer_tensors(slot.optimizer)
         return TrainState(
             step=slot.step,
-            vectors=[p.detach() for p in slot.params],
-            optimizer=optim,
+            vectors=[p.detach().clone() for p in slot.params],
+            optimizer={k: v.clone() for k, v in optim.items()},
             param_groups=groups,
             generator_state=slot.generator.get_state(),
             prompt_rng_state=slot.prompt_rng.getstate(),
@@ -184,7 +187,7 @@ class GroupEngine:
 
     def load(self, sid: int, ts: TrainState) -> None:
         """Continue slot ``sid`` from a :meth:`state`. The gradient scale is taken only when the slot
-        is alone in its group (another member's scale is as good, and a group has one)."""
+        is alone in its group; a group resumed whole calls :meth:`load_scaler`."""
         slot = self.slots[sid]
         if [tuple(v.shape) for v in ts.vectors] != [tuple(p.shape) for p in slot.params]:
             raise InputError("the checkpoint's vectors do not match this run's token/model settings")
@@ -197,7 +200,13 @@ class GroupEngine:
         slot.generator.set_state(ts.generator_state)
         slot.prompt_rng = restore_prompt_rng(ts.prompt_rng_state)
         slot.step = ts.step
-        if self.scaler and ts.scaler and len(self.slots) == 1:
+        if len(self.slots) == 1:
+            self.load_scaler(ts)
+
+    def load_scaler(self, ts: TrainState) -> None:
+        """Take the group's gradient scale from a saved state (a group resumed whole; a slot that
+        joins a running group keeps the group's scale)."""
+        if self.scaler and ts.scaler:
             self.scaler.load_state_dict(ts.scaler)
 
     # ----------------------------------------------------------------- the step
@@ -213,6 +222,8 @@ class GroupEngine:
         for n in {s.num_vectors for s in slots}:
             self._ensure_token(n)
         self._set_gradient_checkpointing(any(s.cfg.gradient_checkpointing for s in slots))
+        for s in slots:  # what a step that raised (out of memory) left behind
+            s.optimizer.zero_grad(set_to_none=True)
         befores = {s.id: [p.detach().clone() for p in s.params] for s in slots}
         totals = dict.fromkeys((s.id for s in slots), 0.0)
         for micro in range(max(s.cfg.grad_accum for s in slots)):
@@ -302,8 +313,13 @@ class GroupEngine:
 
     def _ensure_token(self, n: int) -> None:
         name = group_token(n)
-        if name not in self.model.placeholder_tokens:  # also after the model's placeholders were cleared
+        held = self.model.placeholder_tokens.get(name)
+        if held is None:  # also after the model's placeholders were cleared
             self.model.add_placeholder(name, [torch.zeros(n, w) for w in self.model.widths])
+        elif held != n:
+            raise TokenError(
+                f"{name} is reserved for the inversion engine; load that word under another token"
+            )
 
     def _set_gradient_checkpointing(self, on: bool) -> None:
         unet = self.model.unet

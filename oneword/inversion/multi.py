@@ -140,6 +140,7 @@ def invert_many(
     if (states := _resume(path, key, sums, len(sids))) is not None:
         for sid, ts in zip(sids, states):
             engine.load(sid, ts)
+        engine.load_scaler(states[0])  # one scale for the group, saved with every slot
         logger.info(
             "continuing %d concepts from step %d of %d (%s)", len(sids), states[0].step, cfg.steps, path
         )

@@ -100,6 +100,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._keys: list[Path] = []  # what each lock() of this object took, for its unlock()
 
     # ----------------------------------------------------------------- layout
     @property
@@ -131,9 +132,9 @@ class RunFolder:
     def check_free(self) -> None:
         """:class:`InputError` naming the holder when another process writes the folder now; unlike
         :meth:`lock` it creates nothing (for commands that check many folders before writing any)."""
-        if not (self.path / LOCK).is_file() or self.path.resolve() in _held:
+        if not (self.path / LOCK).is_file():
             return
-        self.lock()  # free: taken and given back at once
+        self.lock()  # free (or held by this thread): taken and given back at once
         self.unlock()
 
     # ----------------------------------------------------------------- the lock
@@ -152,31 +153,36 @@ class RunFolder:
                         "or choose another --out"
                     )
                 _held[key] = (fd, owner, depth + 1)
+                self._keys.append(key)
                 return self
             fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _describe_holder(fd)
-                os.close(fd)
-                raise InputError(
-                    f"{self.path} is in use by another run ({holder}); wait for it to finish or "
-                    "choose another --out"
-                ) from None
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
-            }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise InputError(
+                        f"{self.path} is in use by another run ({_describe_holder(fd)}); wait for it to "
+                        "finish or choose another --out"
+                    ) from None
+                info = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+                }
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            except BaseException:
+                os.close(fd)  # and with it the lock, if it was taken
+                raise
             _held[key] = (fd, me, 1)
+            self._keys.append(key)
         return self
 
     def unlock(self) -> None:
-        key = self.path.resolve()
+        """Give back the lock this object took last (the folder as resolved when it was taken)."""
         with _held_guard:
+            key = self._keys.pop()
             fd, owner, depth = _held[key]
             if depth > 1:
                 _held[key] = (fd, owner, depth - 1)
@@ -252,18 +258,11 @@ class RunFolder:
         ]
 
 
-def check_run_folder(out_dir: str | Path, cfg: InversionConfig, resume: bool) -> None:
-    """Raise :class:`InputError` now if a run of ``cfg`` could not start in ``out_dir`` (in use by
-    another run, or holding other files); a run that stopped before its first checkpoint is cleared."""
-    with RunFolder(out_dir) as folder:
-        folder.prepare(cfg, resume)
-
-
 def _describe_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
         info = {}
-    if not info:
+    if not isinstance(info, dict) or not info:
         return "a process that has not said which"
     return f"pid {info.get('pid')} on {info.get('host')}, since {info.get('since')}: {info.get('command')}"

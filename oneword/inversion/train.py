@@ -25,13 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from oneword.data.images import LoadedImage
-from oneword.errors import InputError, TrainingDivergedError
+from oneword.errors import InputError, TokenError, TrainingDivergedError
 from oneword.fileio import atomic_write_text
 from oneword.inversion.bank import LatentBank
 from oneword.inversion.checkpoint import TrainState, save_state
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.embedding_io import Embedding
-from oneword.inversion.group import GroupEngine, Slot
+from oneword.inversion.group import GROUP_PREFIX, GroupEngine, Slot
 from oneword.inversion.runfolder import RunFolder, word_metadata
 from oneword.inversion.runlog import LossLog, plot_losses
 from oneword.models import FrozenLDM
@@ -61,6 +61,10 @@ class Inversion:
         self.model, self.cfg = model, cfg
         self.images = list(images)
         start = [v.float() for v in (init_vectors or model.initializer_vectors(cfg.init, cfg.num_vectors))]
+        if cfg.token.lower().startswith(GROUP_PREFIX):
+            raise TokenError(
+                f"tokens starting with {GROUP_PREFIX} are the inversion engine's; choose another --token"
+            )
         model.add_placeholder(cfg.token, start)  # refuses a bad or taken token before any work
         self.engine = GroupEngine(model, capacity=1)
         self.slot = self.engine.add([im.image for im in self.images], cfg, start=start, name=cfg.token)

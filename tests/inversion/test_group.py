@@ -126,6 +126,9 @@ def test_a_slot_state_continues_in_another_group(tiny_dirs, concepts):
     for _ in range(10):
         engine.step()
     ts = engine.state(sid)
+    saved = [v.clone() for v in ts.vectors]
+    engine.step()  # a state is a copy: later steps leave it as it was
+    assert all(torch.equal(a, b) for a, b in zip(ts.vectors, saved)) and ts.step == 10
     other = GroupEngine(model, capacity=2)
     other.add(concepts[6], SETTINGS[6])
     moved = other.add(concepts[1], SETTINGS[1])

@@ -426,17 +426,22 @@ def test_invert_many_checkpoints_gradients_on_request_and_keys_states_by_dtype(t
     assert fingerprint(load_model("tiny-sd1", dtype="fp16"), images, ["disc"], cfg, False) != key
 
 
-def test_invert_many_with_a_gradient_scaler_resumes_exactly(tiny_dirs, concept_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("concepts", [1, 2])
+def test_invert_many_with_a_gradient_scaler_resumes_exactly(
+    tiny_dirs, concept_dir, tmp_path, monkeypatch, concepts
+):
     """fp16 weights on CUDA get a gradient scaler (this machine has none: a CPU scaler takes its
-    place); its scale is saved with the group's state, so an interrupted run still ends where an
-    uninterrupted one does, and it matches the unscaled run up to rounding."""
+    place); its scale is saved with the group's state and restored for the whole group, so an
+    interrupted run still ends where an uninterrupted one does, and it matches the unscaled run up
+    to rounding."""
     import oneword.inversion.group as group
     import oneword.inversion.multi as multi
 
-    images = [[im.image for im in load_folder(concept_dir)]]
+    images = [[im.image for im in load_folder(concept_dir)]] * concepts
+    words = ["disc", "bar"][:concepts]
     cfg = small_cfg(steps=4, base_lr=5e-2)
     model = load_model("tiny-sd1")
-    (unscaled,) = multi.invert_many(model, images, ["disc"], cfg)
+    unscaled = multi.invert_many(model, images, words, cfg)
     scalers: list[torch.amp.GradScaler] = []
     monkeypatch.setattr(
         group,
@@ -445,17 +450,19 @@ def test_invert_many_with_a_gradient_scaler_resumes_exactly(tiny_dirs, concept_d
             scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)) or scalers[-1]
         ),
     )
-    (whole,) = multi.invert_many(model, images, ["disc"], cfg)
-    torch.testing.assert_close(whole[0], unscaled[0], rtol=1e-4, atol=1e-6)
+    whole = multi.invert_many(model, images, words, cfg)
+    for w, u in zip(whole, unscaled):
+        torch.testing.assert_close(w[0], u[0], rtol=1e-4, atol=1e-6)
     assert scalers[-1].get_scale() == 2.0**14  # grew every step: the scaled path ran
     state = tmp_path / "part.safetensors"
     monkeypatch.setattr(group, "denoising_loss", _loss_interrupted_at(3, []))
     with pytest.raises(KeyboardInterrupt):
-        multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
+        multi.invert_many(model, images, words, cfg, checkpoint=state, save_every=2)
     monkeypatch.setattr(group, "denoising_loss", denoising_loss)
-    (resumed,) = multi.invert_many(model, images, ["disc"], cfg, checkpoint=state, save_every=2)
+    resumed = multi.invert_many(model, images, words, cfg, checkpoint=state, save_every=2)
     assert scalers[-1].get_scale() == 2.0**14  # the saved scale (2 ** 12) grew twice more
-    torch.testing.assert_close(resumed[0], whole[0], rtol=1e-5, atol=1e-7)
+    for r, w in zip(resumed, whole):
+        torch.testing.assert_close(r[0], w[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

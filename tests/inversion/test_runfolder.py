@@ -102,3 +102,28 @@ def test_ti_invert_refuses_a_folder_another_run_writes(tiny_dirs, concept_dir, t
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_a_relative_folder_unlocks_after_a_change_of_directory(tmp_path, monkeypatch):
+    """The lock is given back as it was taken, whatever the working directory is by then."""
+    monkeypatch.chdir(tmp_path)
+    folder = RunFolder("run")
+    with folder:
+        (tmp_path / "elsewhere").mkdir()
+        os.chdir(tmp_path / "elsewhere")
+    os.chdir(tmp_path)
+    proc = _holder(tmp_path / "run")  # another process can take it: it was released
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def test_the_engines_tokens_are_reserved(tiny_dirs, concept_dir):
+    from oneword.data.images import load_folder
+    from oneword.errors import TokenError
+    from oneword.inversion.config import InversionConfig
+    from oneword.inversion.train import Inversion
+    from oneword.models import load_model
+
+    cfg = InversionConfig(token="<ow-group-2>", init="disc", resolution=32)
+    with pytest.raises(TokenError, match="engine"):
+        Inversion(load_model("tiny-sd1"), load_folder(concept_dir), cfg)
