@@ -66,9 +66,17 @@ def test_the_shipped_encoder_prefers_its_prediction_to_the_bare_initializer():
         choose_word(encoder, model, "<s>", concept.init, prediction, {}, select_settings(1))
 
 
+def _small_encode_args(concept_dir, tmp_path) -> list[str]:
+    """ti-encode on a tiny encoder, fast: one view per image, no preview."""
+    from conftest import encoder_file
+
+    enc = str(encoder_file(tmp_path))
+    return [str(concept_dir), "--encoder", enc, "--init", "disc", "--batch-size", "1", "--resolution", "32",
+            "--views-per-image", "1", "--preview-steps", "0", "--no-progress", "--base-lr", "0.05"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, monkeypatch):
-    from conftest import encoder_file as _encoder_file
 
     import oneword.encoder.select as select
     from oneword.cli.encode import main
@@ -80,25 +88,7 @@ def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, 
         return select.Choice("prediction", {"prediction": 0.1, "refined": 0.2})
 
     monkeypatch.setattr(select, "choose_word", keep_prediction)
-    enc = str(_encoder_file(tmp_path))
-    common = [
-        str(concept_dir),
-        "--encoder",
-        enc,
-        "--init",
-        "disc",
-        "--batch_size",
-        "1",
-        "--resolution",
-        "32",
-        "--views_per_image",
-        "1",
-        "--preview-steps",
-        "0",
-        "--no-progress",
-        "--base_lr",
-        "0.05",
-    ]
+    common = _small_encode_args(concept_dir, tmp_path)
     assert main([*common, "--refine", "0", "--out", str(tmp_path / "alone")]) == 0
     assert main([*common, "--refine", "3", "--select", "2", "--out", str(tmp_path / "sel")]) == 0
     alone = load_embedding(tmp_path / "alone" / "concept" / "learned_embeds.safetensors")
@@ -113,7 +103,6 @@ def test_ti_encode_writes_the_kept_prediction(tiny_dirs, concept_dir, tmp_path, 
 def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept_dir, tmp_path, monkeypatch):
     """--select-among 2 with --refine 3: the round trip also judges the word after 2 steps, and when
     it keeps that one the run's word files hold exactly a 2-step refinement's word."""
-    from conftest import encoder_file as _encoder_file
 
     import oneword.encoder.select as select
     from oneword.cli.encode import main
@@ -126,25 +115,7 @@ def test_ti_encode_can_keep_a_word_from_inside_the_refinement(tiny_dirs, concept
         model.set_vectors(token, list(candidates["refined@2"]))
         return select.Choice("refined@2", {n: 0.1 for n in candidates})
 
-    enc = str(_encoder_file(tmp_path))
-    common = [
-        str(concept_dir),
-        "--encoder",
-        enc,
-        "--init",
-        "disc",
-        "--batch_size",
-        "1",
-        "--resolution",
-        "32",
-        "--views_per_image",
-        "1",
-        "--preview-steps",
-        "0",
-        "--no-progress",
-        "--base_lr",
-        "0.05",
-    ]
+    common = _small_encode_args(concept_dir, tmp_path)
     assert main([*common, "--refine", "2", "--select", "0", "--out", str(tmp_path / "two")]) == 0
     assert main([*common, "--refine", "3", "--select", "0", "--out", str(tmp_path / "three")]) == 0
     monkeypatch.setattr(select, "choose_word", keep_middle)
