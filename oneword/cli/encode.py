@@ -17,12 +17,17 @@ and exits with 130.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
 from pathlib import Path
 
+from oneword.cli.options import (
+    add_dataclass_options,
+    new_parser,
+    progress_option,
+    run_reporting_errors,
+)
 from oneword.encoder.pipeline import DEFAULT_SELECT, REFINE_DEFAULTS, encoder_path, select_samples
 from oneword.errors import OneWordError
 from oneword.inversion.runfolder import safe_file_stem
@@ -30,11 +35,13 @@ from oneword.inversion.runfolder import safe_file_stem
 logger = logging.getLogger("oneword")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from oneword.cli.options import add_dataclass_options
+HELP = "predict words for concept folders in one pass, optionally refine them (ti-encode)"
+
+
+def build_parser(prog: str = "ti-encode"):
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
 
-    p = argparse.ArgumentParser(prog="ti-encode", description=__doc__.split("\n\n")[0])
+    p = new_parser(prog, __doc__.split("\n\n")[0])
     p.add_argument(
         "images", nargs="+", metavar="IMAGES_DIR", help="one folder of reference images per concept"
     )
@@ -83,11 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="with the round trip (--select): also judge the refinement's words after these steps, "
         "e.g. 50 100 with --refine 200 (default: none). The prediction (0) and the refined word "
-        "(--refine) are always judged; under --lr_schedule cosine a middle word is not a shorter "
+        "(--refine) are always judged; under --lr-schedule cosine a middle word is not a shorter "
         "run's word",
     )
     p.add_argument(
-        "--preview-steps", type=int, default=25, help="sampling steps of preview.png (default: 25; 0: none)"
+        "--preview-steps",
+        type=int,
+        default=25,
+        help="sampling steps of preview.png (default: 25; 0: none)",
     )
     p.add_argument(
         "--sample-batch",
@@ -97,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per pipeline call in the round trip and the preview (default: 4; lower it if "
         "the GPU runs out of memory: the images and the choice stay the same)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_option(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_dataclass_options(
         p,
@@ -124,12 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from oneword.cli.options import run_reporting_errors
-
     return run_reporting_errors(run, args)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     from oneword.data.concepts import load_concept
     from oneword.encoder.model import TRAIN_ONE, check_fits, load_encoder
     from oneword.encoder.pipeline import EncodeSettings, concept_folder, encode_concepts, encoder_identity

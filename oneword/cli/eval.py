@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 from pathlib import Path
 
+from oneword.cli.options import (
+    add_dataclass_options,
+    group_parser,
+    model_options,
+    new_parser,
+    progress_option,
+)
 from oneword.errors import OneWordError
 
 logger = logging.getLogger("oneword")
 
 
-def _scoring_options(p: argparse.ArgumentParser) -> None:
+HELP = "score embeddings the paper's way; quality-versus-steps curves"
+
+
+def _scoring_options(p) -> None:
     p.add_argument(
         "--clip",
         default=None,
@@ -49,16 +58,10 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for results.json/.md and the plots")
 
 
-def add_eval_parser(sub, model_options) -> None:
-    from oneword.cli.options import add_dataclass_options
-    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
-
-    ev = sub.add_parser("eval", help="score embeddings the paper's way; quality-versus-steps curves")
-    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    s = ev_sub.add_parser(
-        "score",
-        help="score embedding files against their concepts' reference images",
-        description="Reconstruction and editability (Gal et al. 2022, section 5) of each "
+def _score_parser(prog: str):
+    s = new_parser(
+        prog,
+        "Reconstruction and editability (Gal et al. 2022, section 5) of each "
         "embedding, with the initializer word and the real images as references.",
     )
     model_options(s)
@@ -71,13 +74,17 @@ def add_eval_parser(sub, model_options) -> None:
         help="reference-image folder: one for all embeddings, or one per embedding",
     )
     s.add_argument("--init", default=None, help="initializer word of the baseline (default: from the file)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_option(s)
     _scoring_options(s)
+    return s
 
-    c = ev_sub.add_parser(
-        "curve",
-        help="quality versus optimization steps for one or more settings",
-        description="Invert each concept to the largest budget, scoring at every budget; "
+
+def _curve_parser(prog: str):
+    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
+
+    c = new_parser(
+        prog,
+        "Invert each concept to the largest budget, scoring at every budget; "
         "writes results.json, results.md and PNG plots.",
     )
     model_options(c)
@@ -87,7 +94,7 @@ def add_eval_parser(sub, model_options) -> None:
         nargs="+",
         type=int,
         default=[0, 50, 100, 200, 500, 1000, 2000, 3000],
-        help="step counts to score at (default: 0 50 100 200 500 1000 2000 3000)",
+        help="step counts to score at",
     )
     c.add_argument(
         "--variant",
@@ -98,12 +105,28 @@ def add_eval_parser(sub, model_options) -> None:
         "(default: one line with the base settings)",
     )
     c.add_argument("--init", default=None, help="initializer word (default: the toy concept's shape)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_option(c)
     _scoring_options(c)
     add_dataclass_options(c, InversionConfig, skip=PER_RUN_FIELDS)
+    return c
 
 
-def _settings(args: argparse.Namespace, model):
+def build_parser(prog: str = "ti eval", attach=None):
+    return group_parser(
+        prog,
+        "Score embeddings the paper's way; quality-versus-steps curves.",
+        {
+            "score": (
+                "score embedding files against their concepts' reference images",
+                _score_parser,
+            ),
+            "curve": ("quality versus optimization steps for one or more settings", _curve_parser),
+        },
+        attach,
+    )
+
+
+def _settings(args, model):
     from oneword.eval.protocol import PRESETS, default_preset
 
     base = PRESETS[args.preset or default_preset(model)]
@@ -120,7 +143,7 @@ def _settings(args: argparse.Namespace, model):
         raise OneWordError(str(err)) from None
 
 
-def _scorer_factory(args: argparse.Namespace, probe):
+def _scorer_factory(args, probe):
     """A function model -> Scorer, with the CLIP space and oracle loaded once."""
     from oneword.eval.protocol import Scorer
     from oneword.eval.space import default_space_name, load_space
@@ -152,7 +175,9 @@ def _finish(rows, args, settings, clip_name) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def run(args) -> int:
+    name = args.subcommand
+    args = args[name]
     from oneword.data.concepts import load_concept
     from oneword.inversion.config import weights_dtype
     from oneword.models import load_model
@@ -161,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         mp = getattr(args, "mixed_precision", None)
         return load_model(args.model, device=args.device, dtype=weights_dtype(mp) if mp else None)
 
-    if args.eval_command == "score":
+    if name == "score":
         return _score(args, load)
     from oneword.eval.curves import Method, parse_variant, run_curve
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
@@ -183,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _finish(rows, args, settings, clip_name)
 
 
-def _score(args: argparse.Namespace, load) -> int:
+def _score(args, load) -> int:
     from tqdm.auto import tqdm
 
     from oneword.data.concepts import load_concept

@@ -9,6 +9,7 @@ prints (at a fixed width of :data:`WIDTH` columns).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 WIDTH = 100
@@ -16,22 +17,23 @@ WIDTH = 100
 HEADER = """# Command-line reference
 
 Generated from `--help` by `python -m oneword.cli.reference > docs/cli.md` (a test fails when this
-file is stale). `ti encode` is `ti-encode`; `ti train-encoder` (`ti-train-encoder`) is Lightning's
+file is stale). Every command takes `--config FILE`: a YAML file of its options, keyed by their
+names with underscores (`--print_config` writes one; a run folder's `config.yaml` is one for
+`ti invert`); options after it on the command line override it. Each option is listed with dashes;
+its underscore spelling is accepted too. `ti encode` is `ti-encode`; `ti train-encoder` (`ti-train-encoder`) is Lightning's
 CLI over the encoder: `ti train-encoder fit --help` lists its options, and
 [encoder.md](encoder.md#train-an-encoder) explains them.
 """
 
 
-def _fixed_width(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=WIDTH)  # type: ignore[assignment]
-
-
 def _walk(parser: argparse.ArgumentParser, name: str) -> list[tuple[str, argparse.ArgumentParser]]:
+    from oneword.cli import DELEGATED
+
     out = [(name, parser)]
-    for action in parser._actions:  # argparse keeps its subcommands here
+    for action in parser._actions:  # argparse (and jsonargparse) keep subcommands here
         if isinstance(action, argparse._SubParsersAction):
             for sub_name, sub in action.choices.items():
-                if sub.add_help:  # delegated commands are documented under their own name
+                if sub_name not in DELEGATED:  # documented under their own name
                     out += _walk(sub, f"{name} {sub_name}")
     return out
 
@@ -39,12 +41,18 @@ def _walk(parser: argparse.ArgumentParser, name: str) -> list[tuple[str, argpars
 def render() -> str:
     """The whole reference as Markdown."""
     from oneword.cli import build_parser
-    from oneword.cli.encode import build_parser as encode_parser
 
     sections = [HEADER]
-    for name, parser in [*_walk(build_parser(), "ti"), ("ti encode", encode_parser())]:
-        _fixed_width(parser)
-        sections.append(f"## `{name}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(WIDTH + 2)  # argparse wraps at the terminal's width less 2
+    try:
+        for name, parser in _walk(build_parser(), "ti"):
+            sections.append(f"## `{name}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     return "\n".join(sections)
 
 

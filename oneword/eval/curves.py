@@ -122,7 +122,7 @@ def parse_variant(text: str) -> Method:
             raise ValueError(f"variant {text!r}: {item!r} is not key=value with an inversion setting")
         if key.strip() == "mixed_precision":  # the curve loads the model once, at --mixed_precision
             raise ValueError(
-                f"variant {text!r}: mixed_precision is the whole curve's (--mixed_precision), not a variant's"
+                f"variant {text!r}: mixed_precision is the whole curve's (--mixed-precision), not a variant's"
             )
         value: object = raw.strip()
         for cast in (int, float):

@@ -249,7 +249,7 @@ class GroupEngine:
                         p.copy_(b)
                 s.error = (
                     f"the learned vectors became NaN/inf at step {s.step + 1} and were rolled back; "
-                    "try a lower --base_lr"
+                    "try a lower --base-lr"
                 )
                 continue
             s.step += 1
@@ -285,8 +285,8 @@ class GroupEngine:
             if s.cfg.reg_weight > 0:
                 loss = loss + s.cfg.reg_weight * s.regularizer()
             if not torch.isfinite(loss):
-                s.error = f"the loss became {loss.item()} at step {s.step + 1}; try a lower --base_lr" + (
-                    " or fp32 weights (--mixed_precision no)" if model.dtype != torch.float32 else ""
+                s.error = f"the loss became {loss.item()} at step {s.step + 1}; try a lower --base-lr" + (
+                    " or fp32 weights (--mixed-precision no)" if model.dtype != torch.float32 else ""
                 )
                 s.optimizer.zero_grad(set_to_none=True)
                 continue

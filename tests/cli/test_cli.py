@@ -240,7 +240,7 @@ def test_console_script_help():
     base = ["invert", "x", "--model", "m", "--token", "<t>", "--init", "i"]
     for spelling in (["--base_lr", "0.1", "--no-scale_lr"], ["--base-lr", "0.1", "--no-scale-lr"]):
         args = build_parser().parse_args([*base, *spelling])
-        assert args.base_lr == 0.1 and args.scale_lr is False
+        assert args.subcommand == "invert" and args.invert.base_lr == 0.1 and args.invert.scale_lr is False
 
 
 @pytest.mark.slow
