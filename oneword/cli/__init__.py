@@ -18,6 +18,7 @@ from oneword.cli.options import HelpFormatter, run_reporting_errors
 COMMANDS = {
     "encode": "oneword.cli.encode",
     "invert": "oneword.cli.invert",
+    "batch": "oneword.cli.batch",
     "generate": "oneword.cli.generate",
     "info": "oneword.cli.info",
     "toy": "oneword.cli.toy",

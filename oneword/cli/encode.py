@@ -65,7 +65,16 @@ def build_parser(prog: str = "ti-encode"):
         "--init",
         nargs="+",
         default=None,
-        help="initializer word per concept, or one for all (default: a toy concept's shape)",
+        help="initializer word per concept, or one for all; auto (the default) chooses each concept's "
+        "by zero-shot CLIP with the encoder's image tower among --init-vocab's words",
+    )
+    p.add_argument(
+        "--init-vocab",
+        default=None,
+        metavar="FILE",
+        help="candidate initializer words for --init auto, one per line (default: the toy shapes "
+        "for the toy model, else the single-token ImageNet class names); only words that are one "
+        "token of the model's tokenizers are used",
     )
     p.add_argument(
         "--out",
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from oneword.data.concepts import load_concept
+    from oneword.encoder.autoinit import AUTO, read_vocab, resolve_inits
     from oneword.encoder.model import TRAIN_ONE, check_fits, load_encoder
     from oneword.encoder.pipeline import EncodeSettings, concept_folder, encode_concepts, encoder_identity
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig, weights_dtype
@@ -184,7 +194,8 @@ def run(args) -> int:
     n = len(args.images)
     inits = _per_concept(args.init, n, "--init")
     tokens = _per_concept(args.token, n, "--token")
-    concepts = [load_concept(d, init) for d, init in zip(args.images, inits)]
+    vocab = read_vocab(args.init_vocab) if args.init_vocab else None
+    concepts = [load_concept(d, init or AUTO) for d, init in zip(args.images, inits)]
     tokens = [t or f"<{safe_file_stem(Path(d).resolve().name)}>" for t, d in zip(tokens, args.images)]
     if len({safe_file_stem(t).lower() for t in tokens}) != n:  # tokens equal but for case share one too
         # CLIP ignores case, and so may the file system; each word gets its own run folder
@@ -200,6 +211,18 @@ def run(args) -> int:
         )
     model = load_model(model_name, device=args.device, dtype=weights_dtype(args.mixed_precision))
     check_fits(encoder, model)
+    encoder.space.to(model.device)
+    choices = resolve_inits(
+        encoder.space,
+        model,
+        [[im.image for im in c.images] for c in concepts],
+        [c.init for c in concepts],
+        vocab,
+    )
+    concepts = [dataclasses.replace(c, init=choice.word) for c, choice in zip(concepts, choices)]
+    for c, choice in zip(concepts, choices):
+        if choice.how == AUTO:
+            print(f"{c.name}: initializer {choice.describe()}", file=sys.stderr)
     names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"num_vectors"}
     base = {k: getattr(args, k) for k in names}
     if model.family == "toy" and base["template"] == "object":
@@ -220,7 +243,7 @@ def run(args) -> int:
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from None
     results = encode_concepts(
-        encoder, model, concepts, cfgs, args.out, settings, encoder_identity(enc_path), model_name
+        encoder, model, concepts, cfgs, args.out, settings, encoder_identity(enc_path), model_name, choices
     )
     for i, res in enumerate(results):
         if res.interrupted:

@@ -339,14 +339,7 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
-def load_folder(folder: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[LoadedImage]:
-    """Load every image of :func:`list_images` ``(folder)``, with the SHA-256 of each file.
-
-    All files are tried; if any cannot be used, one :class:`ImageError` names every bad file and
-    its problem, so that the user can fix them all at once.
-    """
-    _check_max_pixels(max_pixels)
-    paths = list_images(folder)
+def _load_paths(paths: list[Path], max_pixels: int) -> tuple[list[LoadedImage], list[tuple[Path, _Unusable]]]:
     loaded: list[LoadedImage] = []
     bad: list[tuple[Path, _Unusable]] = []
     for path in paths:
@@ -361,6 +354,29 @@ def load_folder(folder: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             bad.append((path, problem))
             continue
         loaded.append(LoadedImage(path=path, image=image, sha256=hashlib.sha256(data).hexdigest()))
+    return loaded, bad
+
+
+def load_files(
+    paths: list[Path], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[LoadedImage], list[str]]:
+    """Load the image files ``paths`` as far as they can be used: the loaded images and, for each
+    file that cannot be (missing, unreadable, truncated, too large, not an image), one line naming
+    it and why. For callers that go on without the bad files (``ti batch``)."""
+    _check_max_pixels(max_pixels)
+    loaded, bad = _load_paths(list(paths), max_pixels)
+    return loaded, [f"{p.name} ({problem.reason})" for p, problem in bad]
+
+
+def load_folder(folder: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[LoadedImage]:
+    """Load every image of :func:`list_images` ``(folder)``, with the SHA-256 of each file.
+
+    All files are tried; if any cannot be used, one :class:`ImageError` names every bad file and
+    its problem, so that the user can fix them all at once.
+    """
+    _check_max_pixels(max_pixels)
+    paths = list_images(folder)
+    loaded, bad = _load_paths(paths, max_pixels)
     if bad:
         listed = ", ".join(f"{p.name} ({problem.reason})" for p, problem in bad[:_MAX_LISTED])
         if len(bad) > _MAX_LISTED:

@@ -110,6 +110,8 @@ class ConceptResult:
     interrupted: bool = False
     choice: object | None = None
     """The round trip's :class:`~oneword.encoder.select.Choice`, when it ran."""
+    init_choice: object | None = None
+    """How the initializer word was chosen (:class:`~oneword.encoder.autoinit.InitChoice`)."""
     files: list[Path] = field(default_factory=list)
 
     @property
@@ -135,11 +137,14 @@ def encode_concepts(
     settings: EncodeSettings,
     encoder_meta: dict[str, str],
     model_name: str | None = None,
+    init_choices: Sequence | None = None,
 ) -> list[ConceptResult]:
     """Predict every concept's word in one batched pass, then per concept refine, choose and write
     its run folder (each locked while written). ``concepts`` are
     :class:`~oneword.data.concepts.ConceptRef`; ``cfgs`` one refinement setting per concept (its
-    token and initializer word). Stops after an interrupted refinement: the last result says so."""
+    token and initializer word); ``init_choices`` how each initializer was chosen
+    (:class:`~oneword.encoder.autoinit.InitChoice`, recorded in the word's header and report).
+    Stops after an interrupted refinement: the last result says so."""
     encoder.to(model.device)
     encoder.space.to(model.device)
     t0 = time.perf_counter()
@@ -149,7 +154,9 @@ def encode_concepts(
     encode_s = (time.perf_counter() - t0) / max(1, len(concepts))
     logger.info("encoded %d concept(s) in %.2fs", len(concepts), encode_s * len(concepts))
     results = []
-    for concept, cfg, vectors in zip(concepts, cfgs, predicted):
+    choices = list(init_choices) if init_choices is not None else [None] * len(concepts)
+    for concept, cfg, vectors, choice in zip(concepts, cfgs, predicted, choices):
+        meta = {**encoder_meta, **(choice.metadata() if choice is not None else {})}
         with concept_folder(out_root, cfg.token) as folder:
             result = _encode_one(
                 encoder,
@@ -159,10 +166,11 @@ def encode_concepts(
                 vectors,
                 folder,
                 settings,
-                encoder_meta,
+                meta,
                 encode_s,
                 model_name or model.source,
             )
+        result.init_choice = choice
         results.append(result)
         if result.interrupted:
             break
@@ -284,6 +292,15 @@ def _preview(model, token: str, out: Path, steps: int, batch: int) -> Path:
     )
 
 
+def _describe_init(word: str, meta: dict[str, str]) -> str:
+    if meta.get("oneword.init_how") != "auto":
+        return word
+    return (
+        f"{word} (chosen by zero-shot: CLIP shortlist, diffusion rerank; it beat "
+        f"{meta.get('oneword.init_runner_up')} in {float(meta['oneword.init_win_rate']):.0%} of draws)"
+    )
+
+
 def _report(
     out: Path, concept, cfg: InversionConfig, encoder_meta: dict[str, str], model: str, result: ConceptResult
 ) -> Path:
@@ -292,7 +309,7 @@ def _report(
     rows = [
         ("concept", f"{concept.name} ({len(concept.images)} images)"),
         ("token", cfg.token),
-        ("initializer", cfg.init),
+        ("initializer", _describe_init(cfg.init, encoder_meta)),
         ("model", model),
         ("encoder", encoder),
         ("encoder time", f"{result.encode_s:.2f} s"),

@@ -215,12 +215,14 @@ def _sniff(path: Path) -> str:
         raise _fail(name, "is empty (0 bytes)")
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"
+    # safetensors first: its 8-byte header length may begin with 0x80, a pickle's first byte
+    if len(head) == 9 and head[8:9] == b"{":
+        if 8 + int.from_bytes(head[:8], "little") <= size:
+            return "safetensors"
+        if not head.startswith(b"\x80"):
+            raise _fail(name, "is truncated or damaged (safetensors header runs past the end)")
     if head.startswith(b"\x80"):
         return "torch-pickle"
-    if len(head) == 9 and head[8:9] == b"{":
-        if 8 + int.from_bytes(head[:8], "little") > size:
-            raise _fail(name, "is truncated or damaged (safetensors header runs past the end)")
-        return "safetensors"
     if len(head) < 9:
         raise _fail(name, f"is only {size} bytes long", "it is truncated or not an embedding file")
     raise _fail(name, "is not an embedding file (neither safetensors nor torch)", _NOT_TI)

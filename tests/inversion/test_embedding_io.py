@@ -235,6 +235,21 @@ def test_safetensors_renamed_to_pt_still_loads(tmp_path: Path) -> None:
     _same(emb, load_embedding(tmp_path / "w.pt"))
 
 
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path: Path) -> None:
+    """A safetensors file begins with its header's length (8 bytes, little-endian): one in 256
+    lengths begins with 0x80, a pickle's first byte. Such a file keeps its metadata."""
+    for pad in range(300):
+        emb = Embedding("<cat>", _one().vectors, {"oneword.note": "x" * pad})
+        path = save_single_file(emb, tmp_path / f"w{pad}.safetensors")
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    loaded = load_embedding(path)
+    assert loaded.metadata["oneword.note"] == "x" * pad
+    _same(emb, loaded)
+
+
 class _Evil:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

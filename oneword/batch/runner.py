@@ -1,0 +1,420 @@
+"""``ti batch``: turn every concept of a source into a word, on one loaded model, resumably.
+
+:func:`run_batch` is a driver of the group engine: it keeps every slot of a
+:class:`~oneword.inversion.group.GroupEngine` busy (a concept that finishes frees its slot for the
+next at once), computes the encoder's predictions and the zero-shot initializers for each wave of
+new concepts in one batched pass, checkpoints every slot every ``save_every`` steps, and records
+each concept in the :class:`~oneword.batch.ledger.Ledger` only after its files are written. Each
+concept's word goes to ``OUT/concepts/<id>/`` through
+:class:`~oneword.inversion.runfolder.RunFolder`, in ``ti invert``'s layout.
+
+A concept that cannot be done (no usable images, missing files, a loss that goes NaN) is recorded
+as failed with its reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from oneword.batch.ledger import Ledger
+from oneword.batch.sources import ConceptSpec
+from oneword.errors import InputError, OneWordError
+from oneword.fileio import atomic_write_text
+from oneword.inversion.checkpoint import load_state, save_state
+from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig
+from oneword.inversion.embedding_io import Embedding
+from oneword.inversion.runfolder import CHECKPOINT, CONFIG, RunFolder, safe_file_stem, word_metadata
+
+logger = logging.getLogger("oneword")
+
+CONCEPTS = "concepts"
+
+
+@dataclass
+class BatchSettings:
+    """How ``ti batch`` turns concepts into words (the inversion settings aside)."""
+
+    method: Literal["encode", "invert"] = "encode"
+    steps: int = 200
+    """Optimization steps per concept: the refinement's (encode; 0 = the encoder alone) or the
+    inversion's from the initializer word (invert)."""
+    group: int = 8
+    """Concepts optimized together (one UNet pass per step for the whole group)."""
+    init: str = "auto"
+    """Initializer word of concepts whose source gives none: a word, or ``auto`` (zero-shot)."""
+    init_vocab: list[str] | None = None
+    """Candidate words of ``auto`` (default: see :mod:`oneword.encoder.autoinit`)."""
+    save_every: int = 50
+    """Checkpoint every slot every N steps (0: only what Ctrl-C saves)."""
+    retry_failed: bool = False
+    progress: bool = True
+    log_json: bool = False
+    """One JSON line per finished concept on stdout."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("encode", "invert"):
+            raise ValueError(f"method is encode or invert, got {self.method!r}")
+        if self.steps < 0 or (self.method == "invert" and self.steps < 1):
+            raise ValueError("steps must be at least 1 with method invert (0 or more with encode)")
+        if self.group < 1:
+            raise ValueError("group must be at least 1")
+        if self.save_every < 0:
+            raise ValueError("save_every must be 0 or more")
+
+
+def token_of(spec: ConceptSpec) -> str:
+    return spec.token or f"<{safe_file_stem(spec.id)}>"
+
+
+def concept_dir(out: str | Path, spec_id: str) -> Path:
+    return Path(out) / CONCEPTS / safe_file_stem(spec_id)
+
+
+def check_names(specs: Sequence[ConceptSpec], model) -> None:
+    """Before any work: tokens and run folders distinct (ignoring case), tokens new to the model."""
+    from oneword.models import validate_token
+
+    for what, key in (("token", token_of), ("run folder", lambda s: safe_file_stem(s.id))):
+        seen: dict[str, str] = {}
+        for spec in specs:
+            name = key(spec).lower()
+            if name in seen:
+                raise InputError(
+                    f"concepts {seen[name]!r} and {spec.id!r} would share the {what} {key(spec)!r} "
+                    "(names are compared ignoring case, and made file-safe); give them distinct ids or tokens"
+                )
+            seen[name] = spec.id
+    bad = []
+    for spec in specs:
+        try:
+            validate_token(token_of(spec), model.tokenizers[0])
+        except OneWordError as err:
+            bad.append(f"{spec.id}: {err}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise InputError(f"{len(bad)} concept token(s) cannot be used: {'; '.join(bad[:3])}{more}")
+
+
+def identity(
+    settings: BatchSettings, cfg: InversionConfig, model_name: str, encoder_meta: dict[str, str] | None
+) -> dict[str, object]:
+    """What makes a batch run's words: a rerun into the same OUT must match it (the group size,
+    checkpointing and progress options may change)."""
+    inv = {k: v for k, v in cfg.to_dict().items() if k not in PER_RUN_FIELDS}
+    return {
+        "method": settings.method,
+        "steps": settings.steps,
+        "model": model_name,
+        "encoder_sha256": (encoder_meta or {}).get("oneword.encoder_sha256"),
+        "init": settings.init,
+        "init_vocab": settings.init_vocab,
+        "inversion": inv,
+    }
+
+
+@dataclass
+class _Job:
+    spec: ConceptSpec
+    cfg: InversionConfig
+    folder: Path
+    images: list = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    warning: str | None = None
+    choice: object | None = None
+    start: list[torch.Tensor] | None = None
+    t0: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    counts: dict[str, int]
+    finished: int
+    """Concepts done or failed by this call."""
+    seconds: float
+    interrupted: bool = False
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int, settings: BatchSettings) -> None:
+        from tqdm.auto import tqdm
+
+        self.settings, self.t0, self.count, self.total = settings, time.perf_counter(), 0, total
+        self.done = initial  # a disabled bar does not count
+        self.bar = tqdm(
+            total=total, initial=initial, unit="concept", disable=not settings.progress, dynamic_ncols=True
+        )
+
+    def finished(self, cid: str, state: str, **extra) -> None:
+        self.count += 1
+        self.done += 1
+        self.bar.update(1)
+        took = time.perf_counter() - self.t0
+        per_hour = self.count / took * 3600 if took > 0 else 0.0
+        left = self.total - self.done
+        self.bar.set_postfix_str(f"{per_hour:.0f}/h")
+        if self.settings.log_json:
+            eta = left / per_hour * 3600 if per_hour else None
+            line = {
+                "event": state,
+                "id": cid,
+                "done": self.done,
+                "total": self.total,
+                "per_hour": per_hour,
+                "eta_s": eta,
+                **extra,
+            }
+            print(json.dumps(line), flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_batch(
+    specs: Sequence[ConceptSpec],
+    out: str | Path,
+    model,
+    cfg: InversionConfig,
+    settings: BatchSettings,
+    ledger: Ledger,
+    encoder=None,
+    encoder_meta: dict[str, str] | None = None,
+    space=None,
+) -> BatchResult:
+    """Work through every pending concept of ``ledger`` that ``specs`` describe (see the module
+    docstring). ``cfg`` holds the inversion settings shared by all concepts (token, initializer and
+    steps are set per concept); ``encoder`` is needed with method encode; ``space`` is the CLIP
+    space of ``auto`` initializers (default: the encoder's). Ctrl-C checkpoints every slot and
+    returns ``interrupted``."""
+    from oneword.inversion.group import GroupEngine
+    from oneword.inversion.train import sigterm_as_interrupt
+
+    if settings.method == "encode" and encoder is None:
+        raise ValueError("method encode needs an encoder")
+    out = Path(out)
+    by_id = {s.id: s for s in specs}
+    ledger.add((s.id, token_of(s)) for s in specs)
+    if ledger.recover():
+        logger.info("continuing the concepts an earlier run left unfinished")
+    if settings.retry_failed:
+        logger.info("retrying %d failed concept(s)", ledger.retry_failed())
+    todo = deque(by_id[i] for i in ledger.pending() if i in by_id)
+    counts = ledger.counts()
+    progress = _Progress(sum(counts.values()), counts["done"] + counts["failed"], settings)
+    engine = GroupEngine(model, settings.group) if settings.steps else None
+    jobs: dict[int, _Job] = {}
+    t0, finished, interrupted = time.perf_counter(), 0, False
+
+    def fail(job: _Job, error: str) -> None:
+        nonlocal finished
+        ledger.fail(job.spec.id, error, time.perf_counter() - job.t0 if job.t0 else None)
+        (job.folder / CHECKPOINT).unlink(missing_ok=True)  # a retry starts over
+        logger.warning("%s failed: %s", job.spec.id, error)
+        finished += 1
+        progress.finished(job.spec.id, "failed", error=error)
+
+    def finish(job: _Job, vectors, steps: int, loss: float | None) -> None:
+        nonlocal finished
+        extra = {**(encoder_meta or {}), "oneword.batch_id": job.spec.id, "oneword.method": settings.method}
+        if job.choice is not None:
+            extra.update(job.choice.metadata())
+        meta = word_metadata(model, job.cfg.token, job.cfg.init, steps, job.hashes, extra)
+        files = RunFolder(job.folder).write_word(Embedding(job.cfg.token, vectors, meta))
+        atomic_write_text(job.folder / CONFIG, job.cfg.to_yaml())
+        ledger.done(job.spec.id, time.perf_counter() - job.t0, steps, loss, str(files[0]), job.warning)
+        finished += 1
+        progress.finished(job.spec.id, "done", loss=loss, output=str(files[0]))
+
+    def save(sid: int) -> None:
+        save_state(jobs[sid].folder / CHECKPOINT, engine.state(sid))
+
+    try:
+        with sigterm_as_interrupt():
+            while todo or jobs:
+                free = settings.group - len(jobs)
+                if todo and free > 0:
+                    wave = [todo.popleft() for _ in range(min(free, len(todo)))]
+                    for job in _prepare(wave, out, model, cfg, settings, ledger, encoder, space, fail):
+                        if engine is None:  # the encoder alone
+                            finish(job, job.start, 0, None)
+                            continue
+                        sid = engine.add(
+                            [im.image for im in job.images], job.cfg, job.start, name=job.spec.id
+                        )
+                        jobs[sid] = job
+                        _resume(engine, sid, job)
+                    continue
+                engine.step()
+                for sid in list(jobs):
+                    slot = engine.slot(sid)
+                    if slot.active:
+                        if settings.save_every and slot.step % settings.save_every == 0:
+                            save(sid)
+                        continue
+                    job, res = jobs.pop(sid), engine.remove(sid)
+                    if res.error:
+                        fail(job, res.error)
+                    else:
+                        finish(job, res.vectors, res.step, res.loss)
+    except KeyboardInterrupt:
+        interrupted = True
+        for sid in jobs:
+            save(sid)
+    finally:
+        progress.close()
+    return BatchResult(ledger.counts(), finished, time.perf_counter() - t0, interrupted)
+
+
+def _resume(engine, sid: int, job: _Job) -> None:
+    path = job.folder / CHECKPOINT
+    if not path.is_file():
+        return
+    try:
+        engine.load(sid, load_state(path))
+        logger.info("%s: continuing from step %d", job.spec.id, engine.slot(sid).step)
+    except (OneWordError, ValueError, KeyError, RuntimeError) as err:
+        logger.warning("%s: its checkpoint cannot be used (%s); starting it over", job.spec.id, err)
+
+
+def _prepare(wave, out, model, cfg, settings, ledger, encoder, space, fail) -> list[_Job]:
+    """Load a wave of concepts' images, choose their initializers and predict their words, in
+    one batched pass each; concepts that cannot start are failed."""
+    from oneword.data.images import load_files
+    from oneword.encoder.autoinit import AUTO, resolve_inits
+
+    jobs = []
+    for spec in wave:
+        job = _Job(spec, cfg, concept_dir(out, spec.id), t0=time.perf_counter())
+        if spec.problems:
+            fail(job, "; ".join(spec.problems))
+            continue
+        images, bad = load_files(spec.images, max_pixels=cfg.max_pixels)
+        if not images:
+            fail(job, f"no usable images: {', '.join(bad[:3])}")
+            continue
+        if bad:
+            job.warning = f"skipped {len(bad)} of {len(spec.images)} images: {', '.join(bad[:3])}"
+            logger.warning("%s: %s", spec.id, job.warning)
+        job.images, job.hashes = images, [im.sha256 for im in images]
+        jobs.append(job)
+    if not jobs:
+        return []
+    given = [j.spec.init or settings.init for j in jobs]
+    if any(g == AUTO for g in given):
+        if space is None:
+            space = encoder.space if encoder is not None else _default_space(model)
+        try:
+            choices = resolve_inits(
+                space, model, [[im.image for im in j.images] for j in jobs], given, settings.init_vocab
+            )
+        except OneWordError as err:  # e.g. no candidate word: every concept of the wave fails alike
+            for j in jobs:
+                fail(j, str(err))
+            return []
+    else:
+        choices = resolve_inits(None, model, [[] for _ in jobs], given)
+    ready = []
+    for job, choice in zip(jobs, choices):
+        try:
+            model.initializer_vectors(
+                choice.word, cfg.num_vectors
+            )  # an unknown word fails this concept alone
+        except OneWordError as err:
+            fail(job, str(err))
+            continue
+        job.choice = choice
+        job.cfg = _concept_cfg(cfg, job.spec, choice.word, settings)
+        job.folder.mkdir(parents=True, exist_ok=True)
+        ledger.start(job.spec.id, choice.word, choice.how, job.hashes)
+        ready.append(job)
+    if ready and encoder is not None and settings.method == "encode":
+        from oneword.encoder.model import predict_embeddings
+
+        predicted = predict_embeddings(
+            encoder, model, [[im.image for im in j.images] for j in ready], [j.cfg.init for j in ready]
+        )
+        for job, vectors in zip(ready, predicted):
+            job.start = vectors
+    return ready
+
+
+def _concept_cfg(
+    cfg: InversionConfig, spec: ConceptSpec, init: str, settings: BatchSettings
+) -> InversionConfig:
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg, token=token_of(spec), init=init, steps=max(1, settings.steps), save_every=0, preview_every=0
+    )
+
+
+def _default_space(model):
+    from oneword.eval.space import default_space_name, load_space
+
+    return load_space(default_space_name(model.family), device=model.device)
+
+
+def status(out: str | Path, failures: int = 10) -> str:
+    """``ti batch status OUT``: counts, throughput, ETA and the latest failures."""
+    with Ledger.read(out) as ledger:
+        counts, rows = ledger.counts(), ledger.rows()
+        settings = ledger.settings()
+    total = sum(counts.values())
+    lines = [
+        f"{out}: {total} concepts ({settings.get('method')}, {settings.get('steps')} steps, model "
+        f"{settings.get('model')})",
+        "  " + ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "pending")),
+    ]
+    ended = [r for r in rows if r.state in ("done", "failed") and r.finished and r.started]
+    if ended:
+        span = max(r.finished for r in ended) - min(r.started for r in ended)
+        per_hour = len(ended) / span * 3600 if span > 0 else float("inf")
+        left = counts["pending"] + counts["running"]
+        eta = f"; about {_duration(left / per_hour * 3600)} left" if left and per_hour else ""
+        lines.append(f"  {per_hour:.0f} concepts per hour over {_duration(span)}{eta}")
+        done = [r.seconds for r in rows if r.state == "done" and r.seconds]
+        if done:
+            lines.append(
+                f"  {sum(done) / len(done):.1f} s per concept in its slot (median loss "
+                f"{_median([r.loss for r in rows if r.loss is not None])})"
+            )
+    failed = [r for r in rows if r.state == "failed"]
+    for r in failed[-failures:]:
+        lines.append(f"  failed {r.id}: {r.error}")
+    if failed:
+        lines.append("  rerun the same command with --retry-failed to try the failed ones again")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _median(values: list[float]) -> str:
+    if not values:
+        return "-"
+    values = sorted(values)
+    return f"{values[len(values) // 2]:.4f}"
+
+
+def print_summary(result: BatchResult, out: Path) -> None:
+    c = result.counts
+    state = "interrupted" if result.interrupted else "finished"
+    print(
+        f"{state}: {result.finished} concept(s) in {result.seconds:.0f} s; {c['done']} done, {c['failed']} failed, "
+        f"{c['pending'] + c['running']} left in {out}",
+        file=sys.stderr,
+    )

@@ -1,0 +1,237 @@
+"""Initializer words without asking (``--init auto``): zero-shot classification of a concept's
+reference images against a candidate vocabulary, in two stages.
+
+1. **CLIP shortlist.** The encoder's own image tower and its text tower score every candidate:
+   each candidate is read through a few prompt templates (their mean text feature, as CLIP's
+   zero-shot classifiers do), a concept's feature is the mean of its images' features, and the
+   probabilities are a softmax of 100 x the cosine similarities (CLIP's logit scale). The
+   :data:`SHORTLIST` most probable candidates go on.
+2. **Diffusion rerank** (Li et al. 2023, "Your diffusion model is secretly a zero-shot
+   classifier"): the frozen model itself denoises the reference images' latents under "a photo
+   of a <candidate>" with the same :data:`DRAWS` noise draws and timesteps for every candidate;
+   the candidate with the lowest denoising loss explains the images best *for this model*, which
+   is what an initializer of textual inversion is for. Its ``win_rate`` is the share of draws in
+   which it beats the runner-up (paired): the confidence of the choice.
+
+The candidates are the toy world's shape words for the toy model; for real models the ImageNet
+class names that open_clip ships (``open_clip.IMAGENET_CLASSNAMES``) that are one word and one
+token in every tokenizer of the model, or a user's word list (``--init-vocab FILE``, one word per
+line).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from oneword.errors import InputError
+
+logger = logging.getLogger("oneword")
+
+AUTO = "auto"
+#: Candidates the CLIP stage passes to the diffusion rerank.
+SHORTLIST = 8
+#: Noise draws (each with its own timestep, spread over the schedule) of the diffusion rerank.
+DRAWS = 16
+#: Below this win rate over the runner-up the choice is reported as a warning.
+LOW_CONFIDENCE = 0.75
+#: CLIP's logit scale (its learned temperature is 100 for OpenAI's models).
+LOGIT_SCALE = 100.0
+_TEMPLATES = ("a photo of a {}.", "a close-up photo of a {}.", "a photo of the {}.", "a good photo of a {}.")
+
+
+@dataclass(frozen=True)
+class InitChoice:
+    """The initializer word of a concept and how it was chosen."""
+
+    word: str
+    how: str
+    """``given`` (``--init``, a manifest or concept.json) or ``auto`` (zero-shot)."""
+    win_rate: float | None = None
+    """``auto``: the share of the rerank's noise draws in which ``word`` denoised the images
+    better than the runner-up."""
+    clip_probability: float | None = None
+    """``auto``: CLIP's zero-shot probability of ``word`` among all candidates."""
+    runner_up: str | None = None
+    candidates: int = 0
+
+    @property
+    def low_confidence(self) -> bool:
+        return self.win_rate is not None and self.win_rate < LOW_CONFIDENCE
+
+    def metadata(self) -> dict[str, str]:
+        """Header entries for the word's files (``oneword.init`` itself is written with the word)."""
+        meta = {"oneword.init_how": self.how}
+        if self.how == AUTO:
+            meta.update(
+                {
+                    "oneword.init_win_rate": f"{self.win_rate:.4f}",
+                    "oneword.init_clip_probability": f"{self.clip_probability:.4f}",
+                    "oneword.init_runner_up": str(self.runner_up),
+                }
+            )
+        return meta
+
+    def describe(self) -> str:
+        if self.how != AUTO:
+            return f"{self.word!r} (given)"
+        return (
+            f"{self.word!r} (auto among {self.candidates}: beat {self.runner_up!r} in "
+            f"{self.win_rate:.0%} of draws; CLIP p = {self.clip_probability:.2f})"
+        )
+
+
+def read_vocab(path: str | Path) -> list[str]:
+    """Words of a ``--init-vocab`` file: one per line; blank lines and ``#`` comments skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read the word list {path}: {err}") from None
+    words = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    words = list(dict.fromkeys(w for w in words if w))
+    if not words:
+        raise InputError(f"the word list {path} holds no words")
+    return words
+
+
+def single_token_words(model, words: Sequence[str]) -> list[str]:
+    """The ``words`` that are one word and one token in every tokenizer of ``model``."""
+    keep = []
+    for word in words:
+        if " " in word.strip() or not word.strip():
+            continue
+        if all(len(tok(word, add_special_tokens=False).input_ids) == 1 for tok in model.tokenizers):
+            keep.append(word.strip())
+    return keep
+
+
+def candidate_words(model, vocab: Sequence[str] | None = None) -> list[str]:
+    """The candidates for ``model``: ``vocab`` if given, else the toy shapes (toy family) or the
+    ImageNet class names; only words that are a single token of every tokenizer."""
+    if vocab is None:
+        if model.family == "toy":
+            from oneword.toy.render import SHAPES
+
+            vocab = list(SHAPES)
+        else:
+            import open_clip
+
+            vocab = [name.lower() for name in open_clip.IMAGENET_CLASSNAMES]
+    words = single_token_words(model, list(dict.fromkeys(vocab)))
+    if len(words) < 2:
+        raise InputError(
+            f"--init auto needs at least two candidate words that are single tokens of {model.source}; "
+            f"{len(words)} of {len(vocab)} are: give another --init-vocab, or --init WORD"
+        )
+    return words
+
+
+def _prompts(word: str, family: str) -> list[str]:
+    if family == "toy":  # the toy CLIP reads toy captions only
+        from oneword.toy.captions import prompt_for
+
+        return [prompt_for({"shape": word})]
+    return [t.format(word) for t in _TEMPLATES]
+
+
+@torch.no_grad()
+def text_features(space, words: Sequence[str], family: str) -> torch.Tensor:
+    """``[len(words), D]`` unit features: per word, the mean over its prompt templates."""
+    per_word = len(_prompts(words[0], family))
+    texts = [p for w in words for p in _prompts(w, family)]
+    feats = F.normalize(space.texts(texts).float(), dim=-1).view(len(words), per_word, -1).mean(1)
+    return F.normalize(feats, dim=-1)
+
+
+@torch.no_grad()
+def clip_probabilities(space, image_sets: Sequence[Sequence[Image.Image]], words: Sequence[str], family: str):
+    """``[concepts, words]`` zero-shot probabilities (one pass over all images)."""
+    classes = text_features(space, words, family)
+    flat = F.normalize(space.images([im for s in image_sets for im in s]).float(), dim=-1)
+    rows, i = [], 0
+    for images in image_sets:
+        concept = F.normalize(flat[i : i + len(images)].mean(0), dim=-1)
+        i += len(images)
+        rows.append(torch.softmax(LOGIT_SCALE * concept @ classes.T, dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def denoising_losses(
+    model, images: Sequence[Image.Image], words: Sequence[str], draws: int = DRAWS
+) -> torch.Tensor:
+    """``[words, draws]``: the model's denoising loss on ``images`` under each word's prompt, with
+    the same latents, noise and timesteps for every word (seeded: the same call gives the same losses)."""
+    from oneword.inversion.bank import AugmentConfig, build_bank
+    from oneword.inversion.loss import denoising_loss
+    from oneword.models import TextConditioning
+
+    bank = build_bank(model, list(images), AugmentConfig(resolution=model.resolution, flip_p=0.0), seed=0)
+    latents = (bank.mean - bank.shift_factor) * bank.scaling_factor
+    latents = latents[torch.arange(draws) % len(latents)].to(model.device, model.dtype)
+    generator = torch.Generator("cpu").manual_seed(0)
+    noise = torch.randn(latents.shape, generator=generator)
+    steps = model.pipeline.scheduler.config.num_train_timesteps
+    timesteps = torch.linspace(0.05 * steps, 0.95 * steps, draws).long()  # spread over the schedule
+    prompts = [_prompts(w, model.family)[0] for w in words]
+    out = []
+    for prompt in prompts:
+        cond = model.encode_text([prompt])
+        cond = TextConditioning(
+            cond.hidden_states.expand(draws, *cond.hidden_states.shape[1:]),
+            None if cond.pooled is None else cond.pooled.expand(draws, *cond.pooled.shape[1:]),
+        )
+        out.append(denoising_loss(model, latents, cond, None, timesteps, noise).float().cpu())
+    return torch.stack(out)
+
+
+def choose_inits(
+    space,
+    model,
+    image_sets: Sequence[Sequence[Image.Image]],
+    words: Sequence[str],
+    shortlist: int = SHORTLIST,
+    draws: int = DRAWS,
+) -> list[InitChoice]:
+    """The initializer of each concept among ``words``: CLIP's ``shortlist``, reranked by ``model``."""
+    if len(words) < 2:
+        raise ValueError("zero-shot needs at least two candidate words")
+    probs = clip_probabilities(space, image_sets, words, model.family)
+    choices = []
+    for images, p in zip(image_sets, probs):
+        short = torch.topk(p, min(max(2, shortlist), len(words))).indices.tolist()
+        losses = denoising_losses(model, images, [words[k] for k in short], draws)
+        order = losses.mean(1).argsort().tolist()
+        best, second = order[0], order[1]
+        win = float((losses[best] < losses[second]).float().mean())
+        word = words[short[best]]
+        choices.append(InitChoice(word, AUTO, win, float(p[short[best]]), words[short[second]], len(words)))
+    return choices
+
+
+def resolve_inits(
+    space, model, image_sets: Sequence[Sequence[Image.Image]], given: Sequence[str | None], vocab=None
+) -> list[InitChoice]:
+    """Each concept's initializer: its ``given`` word, or (where ``None`` or ``auto``) the
+    zero-shot choice; a low-confidence choice is logged as a warning."""
+    todo = [i for i, w in enumerate(given) if w is None or w == AUTO]
+    out: list[InitChoice | None] = [
+        None if i in todo else InitChoice(str(given[i]), "given") for i in range(len(given))
+    ]
+    if todo:
+        words = candidate_words(model, vocab)
+        for i, choice in zip(todo, choose_inits(space, model, [image_sets[i] for i in todo], words)):
+            out[i] = choice
+            if choice.low_confidence:
+                logger.warning(
+                    "concept %d: initializer %s is a low-confidence guess; pass --init to choose",
+                    i + 1,
+                    choice.describe(),
+                )
+    return [c for c in out if c is not None]

@@ -1,0 +1,197 @@
+"""``ti batch`` end to end on the miniature model and the toy world: bad concepts fail alone,
+reruns skip what is done, a killed run continues to the same words, other settings are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import make_concept_images
+from PIL import Image
+
+from oneword.cli import main
+from oneword.inversion.embedding_io import load_embedding
+
+TINY = ["--method", "invert", "--model", "tiny-sd1", "--init", "disc", "--resolution", "32"]
+TINY += ["--batch-size", "1", "--views-per-image", "1", "--no-progress"]
+
+
+def _words(out) -> dict[str, torch.Tensor]:
+    return {
+        p.parent.name: load_embedding(p).vectors[0]
+        for p in sorted((out / "concepts").glob("*/learned_embeds.safetensors"))
+    }
+
+
+def _states(out) -> dict[str, tuple[str, int, str | None]]:
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        return {r[0]: r[1:] for r in db.execute("SELECT id, state, attempts, error FROM concepts")}
+
+
+def _mixed_manifest(tmp_path):
+    """Three good concepts and five that cannot be done, in one JSONL manifest."""
+    good = [make_concept_images(tmp_path / f"good{i}", n=2 + i % 2) for i in range(3)]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.png").write_text("this is text, not a picture")
+    full = good[0] / "img_0.png"
+    (bad / "half.png").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    Image.new("1", (9000, 9000)).save(bad / "bomb.png")  # 81 MP: over the 64 MP guard, tiny on disk
+    rows = [
+        {"id": f"good{i}", "images": [str(p) for p in sorted(g.glob("*.png"))]} for i, g in enumerate(good)
+    ]
+    rows += [
+        {"id": "text", "images": [str(bad / "notes.png")]},
+        {"id": "truncated", "images": [str(bad / "half.png")]},
+        {"id": "bomb", "images": [str(bad / "bomb.png")]},
+        {"id": "missing", "images": [str(good[0] / "img_0.png"), str(tmp_path / "gone.png")]},
+        {"id": "partly", "images": [str(good[1] / "img_0.png"), str(bad / "half.png")]},
+    ]
+    manifest = tmp_path / "concepts.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.mark.slow
+def test_bad_concepts_fail_alone_and_reruns_skip_what_is_done(tiny_dirs, tmp_path, capsys):
+    manifest, out = _mixed_manifest(tmp_path), tmp_path / "out"
+    args = ["batch", str(manifest), "--out", str(out), *TINY, "--steps", "3", "--group", "2"]
+    assert main(args) == 0
+    states = _states(out)
+    assert {k for k, v in states.items() if v[0] == "done"} == {"good0", "good1", "good2", "partly"}
+    errors = {k: v[2] for k, v in states.items() if v[0] == "failed"}
+    assert set(errors) == {"text", "truncated", "bomb", "missing"}
+    assert "notes.png" in errors["text"] and "half.png" in errors["truncated"]
+    assert "max-pixels" in errors["bomb"] or "pixels" in errors["bomb"]
+    assert "gone.png" in errors["missing"]
+    words = _words(out)
+    assert set(words) == {"good0", "good1", "good2", "partly"}
+    meta = load_embedding(out / "concepts" / "good0" / "learned_embeds.safetensors").metadata
+    assert (
+        meta["oneword.token"] == "<good0>" and meta["oneword.init"] == "disc" and meta["oneword.steps"] == "3"
+    )
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        warning = db.execute("SELECT warning FROM concepts WHERE id = 'partly'").fetchone()[0]
+    assert "skipped 1 of 2" in warning
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "concepts").glob("*/learned_embeds.safetensors")}
+    capsys.readouterr()
+    # the same command again: nothing to do
+    assert main(args) == 0
+    assert "0 concept(s)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and _states(out) == states
+    # the failed ones once more: they fail again, each now with two attempts
+    assert main([*args, "--retry-failed"]) == 0
+    after = _states(out)
+    assert all(after[k][1] == 2 and after[k][0] == "failed" for k in errors)
+    assert all(after[k] == states[k] for k in words)
+    assert main(["batch", "status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 done, 4 failed, 0 running, 0 pending" in printed and "failed bomb" in printed
+    # other settings into the same folder: refused before any work
+    assert main([*args[:-4], "--steps", "5", "--group", "2"]) == 2
+    assert "other settings (steps: 3 there, 5 now)" in capsys.readouterr().err
+    assert _states(out) == after
+
+
+@pytest.mark.slow
+def test_duplicate_tokens_and_words_of_the_vocabulary_are_refused_first(tiny_dirs, tmp_path, capsys):
+    src = tmp_path / "src"
+    make_concept_images(src / "a b", n=2)
+    make_concept_images(src / "a-b", n=2)  # both run folders would be a-b
+    assert main(["batch", str(src), "--out", str(tmp_path / "o"), *TINY, "--steps", "2"]) == 2
+    assert "would share the token" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "ledger.sqlite").exists()
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        json.dumps({"id": "x", "images": [str(p) for p in (src / "a-b").glob("*.png")], "token": "dog"})
+        + "\n"
+    )
+    assert main(["batch", str(manifest), "--out", str(tmp_path / "p"), *TINY, "--steps", "2"]) == 2
+    assert "already a word of the vocabulary" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_batch_continues_to_the_same_words(tiny_dirs, tmp_path):
+    """kill -9 in the middle (some concepts done, some part-way with checkpoints), then the same
+    command with another group size: every concept is done once, and every word is the word of an
+    uninterrupted run in groups of one (the engine's invariance and exact resume)."""
+    src = tmp_path / "src"
+    for i in range(6):
+        make_concept_images(src / f"c{i}", n=2 + i % 2)
+    common = ["batch", str(src), *TINY, "--steps", "30", "--save-every", "4"]
+    assert main([*common, "--out", str(tmp_path / "ref"), "--group", "1"]) == 0
+    reference = _words(tmp_path / "ref")
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "oneword.cli", *common, "--out", str(out), "--group", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, killed = time.time() + 240, False
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "ledger.sqlite").is_file():
+            states = _states(out)
+            done = [k for k, v in states.items() if v[0] == "done"]
+            partway = [
+                k
+                for k, v in states.items()
+                if v[0] == "running" and (out / "concepts" / k / "checkpoints" / "last.safetensors").is_file()
+            ]
+            if done and partway:
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed, "the run ended before it could be killed mid-way"
+    before = _states(out)
+    assert any(v[0] == "running" for v in before.values())
+    assert main([*common, "--out", str(out), "--group", "2"]) == 0
+    after = _states(out)
+    assert all(v[0] == "done" for v in after.values()) and len(after) == 6
+    for k, v in before.items():  # what was done is not done again
+        if v[0] == "done":
+            assert after[k][1] == v[1] == 1
+    words = _words(out)
+    assert set(words) == set(reference)
+    for name, ref in reference.items():
+        assert torch.allclose(words[name], ref, atol=3e-5, rtol=0), (name, (words[name] - ref).abs().max())
+    assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
+
+
+@pytest.mark.slow
+def test_toy_encode_chooses_initializers_without_asking(tmp_path, capsys):
+    """The default method on the shipped toy world: encoder + refinement, --init auto."""
+    from oneword.toy.concepts import write_concepts
+
+    folders, sheet = write_concepts(tmp_path / "src", 2, 3, seed=3, held_out=True)
+    sheet.unlink()
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "batch",
+                str(tmp_path / "src"),
+                "--out",
+                str(out),
+                "--refine",
+                "3",
+                "--no-progress",
+                "--log-json",
+            ]
+        )
+        == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["event"] for line in lines] == ["done", "done"] and lines[-1]["done"] == 2
+    for folder in folders:
+        meta = load_embedding(out / "concepts" / folder.name / "learned_embeds.safetensors").metadata
+        truth = json.loads((folder / "concept.json").read_text())["shape"]
+        assert meta["oneword.init_how"] == "auto" and meta["oneword.init"] == truth
+        assert meta["oneword.method"] == "encode" and meta["oneword.encoder"] == "encoder.safetensors"
