@@ -39,8 +39,9 @@ AUTO = "auto"
 SHORTLIST = 8
 #: Noise draws (each with its own timestep, spread over the schedule) of the diffusion rerank.
 DRAWS = 16
-#: Below this win rate over the runner-up the choice is reported as a warning.
-LOW_CONFIDENCE = 0.75
+#: Below this win rate over the runner-up the choice is reported as a warning (10 of 16 draws;
+#: on 84 held-out toy concepts every right choice won at least 11).
+LOW_CONFIDENCE = 0.625
 #: CLIP's logit scale (its learned temperature is 100 for OpenAI's models).
 LOGIT_SCALE = 100.0
 _TEMPLATES = ("a photo of a {}.", "a close-up photo of a {}.", "a photo of the {}.", "a good photo of a {}.")
