@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -56,6 +57,8 @@ class BatchSettings:
     """Candidate words of ``auto`` (default: see :mod:`oneword.encoder.autoinit`)."""
     save_every: int = 50
     """Checkpoint every slot every N steps (0: only what Ctrl-C saves)."""
+    preview_steps: int = 25
+    """Sampling steps of each word's ``preview.png``, rendered when every concept is done (0: none)."""
     retry_failed: bool = False
     progress: bool = True
     log_json: bool = False
@@ -68,8 +71,8 @@ class BatchSettings:
             raise ValueError("steps must be at least 1 with method invert (0 or more with encode)")
         if self.group < 1:
             raise ValueError("group must be at least 1")
-        if self.save_every < 0:
-            raise ValueError("save_every must be 0 or more")
+        if self.save_every < 0 or self.preview_steps < 0:
+            raise ValueError("save_every and preview_steps must be 0 or more")
 
 
 def token_of(spec: ConceptSpec) -> str:
@@ -265,13 +268,83 @@ def run_batch(
                         fail(job, res.error)
                     else:
                         finish(job, res.vectors, res.step, res.loss)
+        progress.close()
+        if settings.preview_steps:
+            write_previews(model, ledger, settings)
     except KeyboardInterrupt:
         interrupted = True
         for sid in jobs:
             save(sid)
     finally:
         progress.close()
+    write_report(out, ledger)
     return BatchResult(ledger.counts(), finished, time.perf_counter() - t0, interrupted)
+
+
+PREVIEW = "preview.png"
+REPORT = "report.md"
+SHEET = "contact_sheet.png"
+
+
+def write_previews(model, ledger: Ledger, settings: BatchSettings) -> None:
+    """``preview.png`` of every done concept that has none yet (after the optimization: the
+    word is added to the model's tokenizer only here, when no group is running)."""
+    from tqdm.auto import tqdm
+
+    from oneword.encoder.pipeline import render_preview
+    from oneword.inversion.embedding_io import load_embedding
+
+    rows = [r for r in ledger.rows("done") if r.output and not (Path(r.output).parent / PREVIEW).is_file()]
+    for row in tqdm(rows, desc="previews", unit="word", disable=not settings.progress, dynamic_ncols=True):
+        emb = load_embedding(row.output)
+        model.clear_placeholders()
+        model.add_placeholder(emb.token, emb.vectors)
+        render_preview(model, emb.token, Path(row.output).parent, settings.preview_steps)
+    model.clear_placeholders()
+
+
+def write_report(out: str | Path, ledger: Ledger, sheet_limit: int = 64) -> Path:
+    """``OUT/report.md``: counts, a contact sheet of the previews (``contact_sheet.png``), and a
+    row per concept (state, initializer, steps, loss, time, its files or its error)."""
+    from PIL import Image
+
+    from oneword.imagegrid import image_grid, save_png
+
+    out = Path(out)
+    rows, counts, settings = ledger.rows(), ledger.counts(), ledger.settings()
+    previews = [(r.id, Path(r.output).parent / PREVIEW) for r in rows if r.state == "done" and r.output]
+    previews = [(cid, p) for cid, p in previews if p.is_file()][:sheet_limit]
+    lines = [
+        f"# Batch report: {out.name}",
+        "",
+        f"{settings.get('method')} with {settings.get('steps')} steps on {settings.get('model')}; "
+        + ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "pending")),
+        "",
+    ]
+    if previews:
+        thumbs = []
+        for _, path in previews:
+            with Image.open(path) as im:
+                thumbs.append(im.convert("RGB").resize((256, round(256 * im.height / im.width))))
+        size = thumbs[0].size
+        thumbs = [t if t.size == size else t.resize(size) for t in thumbs]
+        save_png(
+            image_grid(thumbs, cols=min(4, len(thumbs)), labels=[cid for cid, _ in previews]), out / SHEET
+        )
+        more = f" (the first {sheet_limit})" if len(previews) == sheet_limit else ""
+        lines += [f"![previews{more}]({SHEET})", ""]
+    lines += [
+        "| concept | state | initializer | steps | loss | seconds | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        init = f"{r.init} ({r.init_how})" if r.init else ""
+        word = f" [word]({os.path.relpath(r.output, out)})" if r.output else ""
+        note = (r.error or r.warning or "").replace("|", "/")
+        loss = "" if r.loss is None else f"{r.loss:.4f}"
+        secs = "" if r.seconds is None else f"{r.seconds:.1f}"
+        lines.append(f"| {r.id}{word} | {r.state} | {init} | {r.steps or ''} | {loss} | {secs} | {note} |")
+    return atomic_write_text(out / REPORT, "\n".join(lines) + "\n")
 
 
 def _resume(engine, sid: int, job: _Job) -> None:

@@ -73,6 +73,12 @@ def build_parser(prog: str = "ti batch"):
     p.add_argument(
         "--save-every", type=int, default=50, help="checkpoint every concept in work every N steps"
     )
+    p.add_argument(
+        "--preview-steps",
+        type=int,
+        default=25,
+        help="sampling steps of each word's preview.png, rendered when all concepts are done (0: none)",
+    )
     p.add_argument("--log-json", action="store_true", help="one JSON line per finished concept on stdout")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     progress_option(p)
@@ -118,7 +124,7 @@ def _run(args) -> int:
     from oneword.batch.sources import read_source
     from oneword.encoder.autoinit import read_vocab
     from oneword.encoder.pipeline import REFINE_DEFAULTS, encoder_identity, encoder_path
-    from oneword.inversion.config import InversionConfig, weights_dtype
+    from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig, weights_dtype
     from oneword.inversion.runfolder import RunFolder
     from oneword.models import load_model
 
@@ -131,6 +137,7 @@ def _run(args) -> int:
             init=args.init,
             init_vocab=read_vocab(args.init_vocab) if args.init_vocab else None,
             save_every=args.save_every,
+            preview_steps=args.preview_steps,
             retry_failed=args.retry_failed,
             progress=not args.no_progress,
             log_json=args.log_json,
@@ -152,8 +159,8 @@ def _run(args) -> int:
             )
     elif not model_name:
         raise OneWordError("--method invert needs --model")
-    names = {f.name for f in dataclasses.fields(InversionConfig)}
-    base = {k: getattr(args, k) for k in names if hasattr(args, k) and k != "base_lr"}
+    names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"base_lr", "num_vectors"}
+    base = {k: getattr(args, k) for k in names}
     base["base_lr"] = (
         args.base_lr if args.base_lr is not None else (REFINE_DEFAULTS["base_lr"] if encode else 5e-3)
     )

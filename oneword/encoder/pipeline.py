@@ -243,7 +243,7 @@ def _encode_one(
                 result.kept_steps = steps
     if settings.preview_steps:
         result.files.append(
-            _preview(model, cfg.token, folder.path, settings.preview_steps, settings.sample_batch)
+            render_preview(model, cfg.token, folder.path, settings.preview_steps, settings.sample_batch)
         )
     result.files.append(_report(folder.path, concept, cfg, encoder_meta, model_name, result))
     return result
@@ -276,7 +276,8 @@ def _select(encoder, model, cfg, concept, prediction, settings: EncodeSettings, 
     return choice
 
 
-def _preview(model, token: str, out: Path, steps: int, batch: int) -> Path:
+def render_preview(model, token: str, out: Path, steps: int, batch: int = 4) -> Path:
+    """``out/preview.png``: "a photo of <token>" and a second prompt, four seeds each."""
     from oneword.sampling import SampleSettings, render_grid
 
     second = (

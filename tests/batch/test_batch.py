@@ -20,7 +20,7 @@ from oneword.cli import main
 from oneword.inversion.embedding_io import load_embedding
 
 TINY = ["--method", "invert", "--model", "tiny-sd1", "--init", "disc", "--resolution", "32"]
-TINY += ["--batch-size", "1", "--views-per-image", "1", "--no-progress"]
+TINY += ["--batch-size", "1", "--views-per-image", "1", "--no-progress", "--preview-steps", "0"]
 
 
 def _words(out) -> dict[str, torch.Tensor]:
@@ -94,6 +94,8 @@ def test_bad_concepts_fail_alone_and_reruns_skip_what_is_done(tiny_dirs, tmp_pat
     assert main(["batch", "status", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "4 done, 4 failed, 0 running, 0 pending" in printed and "failed bomb" in printed
+    report = (out / "report.md").read_text()
+    assert "| bomb | failed |" in report and "gone.png" in report and "skipped 1 of 2" in report
     # other settings into the same folder: refused before any work
     assert main([*args[:-4], "--steps", "5", "--group", "2"]) == 2
     assert "other settings (steps: 3 there, 5 now)" in capsys.readouterr().err
@@ -195,3 +197,7 @@ def test_toy_encode_chooses_initializers_without_asking(tmp_path, capsys):
         truth = json.loads((folder / "concept.json").read_text())["shape"]
         assert meta["oneword.init_how"] == "auto" and meta["oneword.init"] == truth
         assert meta["oneword.method"] == "encode" and meta["oneword.encoder"] == "encoder.safetensors"
+        assert (out / "concepts" / folder.name / "preview.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "2 done, 0 failed" in report and "(auto)" in report and "contact_sheet.png" in report
+    assert Image.open(out / "contact_sheet.png").size[0] > 256
