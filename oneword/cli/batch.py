@@ -159,7 +159,9 @@ def _run(args) -> int:
             )
     elif not model_name:
         raise OneWordError("--method invert needs --model")
-    names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"base_lr", "num_vectors"}
+    names = (
+        {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"base_lr", "num_vectors"}
+    )
     base = {k: getattr(args, k) for k in names}
     base["base_lr"] = (
         args.base_lr if args.base_lr is not None else (REFINE_DEFAULTS["base_lr"] if encode else 5e-3)
