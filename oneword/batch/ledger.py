@@ -90,9 +90,9 @@ class Ledger:
                 ledger.conn.execute("INSERT INTO meta VALUES ('settings', ?)", (wanted,))
                 ledger.conn.execute("INSERT INTO meta VALUES ('created', ?)", (repr(time.time()),))
         if row is not None and row[0] != wanted:
-            before = json.loads(row[0])
-            diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-            shown = "; ".join(f"{k}: {before.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
+            before, now = _flat(json.loads(row[0])), _flat(json.loads(wanted))
+            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            shown = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:4])
             ledger.close()
             raise InputError(
                 f"{out} holds a batch run with other settings ({shown}); rerun it with its own "
@@ -141,10 +141,22 @@ class Ledger:
                 )
             return self.conn.total_changes - before
 
-    def recover(self) -> int:
-        """Return the concepts a killed run left ``running`` to ``pending``; returns how many."""
+    def recover(self, max_attempts: int | None = None) -> int:
+        """Return the concepts a stopped run left ``running`` to ``pending``; those already tried
+        ``max_attempts`` times are failed instead (a concept that crashes every run it is in must
+        not stop the others forever). Returns how many were failed."""
         with self.conn:
-            return self.conn.execute("UPDATE concepts SET state = 'pending' WHERE state = 'running'").rowcount
+            failed = 0
+            if max_attempts is not None:
+                failed = self.conn.execute(
+                    "UPDATE concepts SET state = 'failed', error = ? WHERE state = 'running' AND attempts >= ?",
+                    (
+                        f"the run stopped while working on it {max_attempts} times (killed, or crashed by it)",
+                        max_attempts,
+                    ),
+                ).rowcount
+            self.conn.execute("UPDATE concepts SET state = 'pending' WHERE state = 'running'")
+            return failed
 
     def retry_failed(self) -> int:
         """Make every failed concept pending again (``--retry-failed``); returns how many."""
@@ -206,6 +218,17 @@ class Ledger:
 
 
 _COLUMNS = ", ".join(Row.__dataclass_fields__)
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict[str, object]:
+    """``{"inversion": {"seed": 0}}`` -> ``{"inversion.seed": 0}``: a difference names its field."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _connect(path: Path) -> sqlite3.Connection:

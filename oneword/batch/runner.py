@@ -108,12 +108,16 @@ def check_names(specs: Sequence[ConceptSpec], model) -> None:
         raise InputError(f"{len(bad)} concept token(s) cannot be used: {'; '.join(bad[:3])}{more}")
 
 
+_FREE = {"max_pixels", "gradient_checkpointing"}
+
+
 def identity(
     settings: BatchSettings, cfg: InversionConfig, model_name: str, encoder_meta: dict[str, str] | None
 ) -> dict[str, object]:
     """What makes a batch run's words: a rerun into the same OUT must match it (the group size,
-    checkpointing and progress options may change)."""
-    inv = {k: v for k, v in cfg.to_dict().items() if k not in PER_RUN_FIELDS}
+    checkpointing, progress, ``--max-pixels`` and gradient checkpointing may change: a failed
+    concept may be retried with a larger image limit)."""
+    inv = {k: v for k, v in cfg.to_dict().items() if k not in PER_RUN_FIELDS | _FREE}
     return {
         "method": settings.method,
         "steps": settings.steps,
@@ -199,23 +203,32 @@ def run_batch(
     space of ``auto`` initializers (default: the encoder's). Ctrl-C checkpoints every slot and
     returns ``interrupted``."""
     from oneword.inversion.group import GroupEngine
-    from oneword.inversion.train import sigterm_as_interrupt
 
     if settings.method == "encode" and encoder is None:
         raise ValueError("method encode needs an encoder")
     out = Path(out)
     by_id = {s.id: s for s in specs}
+    check_against_ledger(specs, ledger)
     ledger.add((s.id, token_of(s)) for s in specs)
-    if ledger.recover():
-        logger.info("continuing the concepts an earlier run left unfinished")
+    given_up = ledger.recover(MAX_ATTEMPTS)
+    if given_up:
+        logger.warning(
+            "%d concept(s) stopped %d runs while being worked on: recorded failed", given_up, MAX_ATTEMPTS
+        )
     if settings.retry_failed:
         logger.info("retrying %d failed concept(s)", ledger.retry_failed())
-    todo = deque(by_id[i] for i in ledger.pending() if i in by_id)
+    pending = ledger.pending()
+    todo = deque(by_id[i] for i in pending if i in by_id)
+    if len(todo) < len(pending):
+        logger.warning(
+            "%d pending concept(s) of %s are not in this SOURCE: left pending", len(pending) - len(todo), out
+        )
     counts = ledger.counts()
     progress = _Progress(sum(counts.values()), counts["done"] + counts["failed"], settings)
     engine = GroupEngine(model, settings.group) if settings.steps else None
     jobs: dict[int, _Job] = {}
     t0, finished, interrupted = time.perf_counter(), 0, False
+    spaces: dict[str, object] = {} if space is None else {"space": space}
 
     def fail(job: _Job, error: str) -> None:
         nonlocal finished
@@ -233,28 +246,47 @@ def run_batch(
         meta = word_metadata(model, job.cfg.token, job.cfg.init, steps, job.hashes, extra)
         files = RunFolder(job.folder).write_word(Embedding(job.cfg.token, vectors, meta))
         atomic_write_text(job.folder / CONFIG, job.cfg.to_yaml())
-        ledger.done(job.spec.id, time.perf_counter() - job.t0, steps, loss, str(files[0]), job.warning)
+        output = os.path.relpath(files[0], out)  # OUT may be moved, or the next run started elsewhere
+        ledger.done(job.spec.id, time.perf_counter() - job.t0, steps, loss, output, job.warning)
         finished += 1
         progress.finished(job.spec.id, "done", loss=loss, output=str(files[0]))
 
     def save(sid: int) -> None:
-        save_state(jobs[sid].folder / CHECKPOINT, engine.state(sid))
+        ts = engine.state(sid)
+        ts.meta = _fingerprint(jobs[sid])
+        save_state(jobs[sid].folder / CHECKPOINT, ts)
 
+    def join(job: _Job) -> None:
+        """Add a prepared concept to the group (continuing its checkpoint), or fail it alone."""
+        try:
+            sid = engine.add([im.image for im in job.images], job.cfg, job.start, name=job.spec.id)
+        except Exception as err:  # noqa: BLE001 - one concept's trouble (memory, odd sizes) is its own
+            logger.debug("adding %s", job.spec.id, exc_info=True)
+            fail(job, f"{type(err).__name__}: {err}")
+            return
+        jobs[sid] = job
+        if not _resume(engine, sid, job):
+            engine.remove(sid)  # a checkpoint that could not be used leaves nothing of itself
+            del jobs[sid]
+            join(job)
+
+    stop = _StopBetweenSteps()
     try:
-        with sigterm_as_interrupt():
+        with stop:
             while todo or jobs:
+                if stop.requested:
+                    interrupted = True
+                    for sid in jobs:  # states at a step boundary
+                        save(sid)
+                    break
                 free = settings.group - len(jobs)
                 if todo and free > 0:
                     wave = [todo.popleft() for _ in range(min(free, len(todo)))]
-                    for job in _prepare(wave, out, model, cfg, settings, ledger, encoder, space, fail):
+                    for job in _prepare(wave, out, model, cfg, settings, ledger, encoder, spaces, fail):
                         if engine is None:  # the encoder alone
                             finish(job, job.start, 0, None)
-                            continue
-                        sid = engine.add(
-                            [im.image for im in job.images], job.cfg, job.start, name=job.spec.id
-                        )
-                        jobs[sid] = job
-                        _resume(engine, sid, job)
+                        else:
+                            join(job)
                     continue
                 engine.step()
                 for sid in list(jobs):
@@ -268,17 +300,70 @@ def run_batch(
                         fail(job, res.error)
                     else:
                         finish(job, res.vectors, res.step, res.loss)
-        progress.close()
-        if settings.preview_steps:
-            write_previews(model, ledger, settings)
-    except KeyboardInterrupt:
+            progress.close()
+            if settings.preview_steps and not interrupted:
+                write_previews(model, ledger, settings, out, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C: the last periodic checkpoints stand
         interrupted = True
-        for sid in jobs:
-            save(sid)
     finally:
         progress.close()
     write_report(out, ledger)
     return BatchResult(ledger.counts(), finished, time.perf_counter() - t0, interrupted)
+
+
+#: A concept that was being worked on when this many runs stopped is failed (a crash it causes).
+MAX_ATTEMPTS = 5
+
+
+class _StopBetweenSteps:
+    """Ctrl-C and SIGTERM ask the loop to stop at the next step boundary (a state saved inside a
+    step would apply part of it twice on resume); a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stopping after this step (again to stop at once)")
+
+    def __enter__(self) -> _StopBetweenSteps:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_against_ledger(specs: Sequence[ConceptSpec], ledger: Ledger) -> None:
+    """A source's ids and tokens must not collide (ignoring case) with other concepts of the ledger."""
+    ids = {r.id.lower(): r.id for r in ledger.rows()}
+    tokens = {r.token.lower(): r.id for r in ledger.rows()}
+    for spec in specs:
+        other = ids.get(spec.id.lower(), spec.id)
+        if other != spec.id:
+            raise InputError(
+                f"{spec.id!r} and {other!r}, a concept of this batch already, differ only in case; rename one"
+            )
+        owner = tokens.get(token_of(spec).lower(), spec.id)
+        if owner != spec.id:
+            raise InputError(
+                f"{spec.id!r} would take the token {token_of(spec)!r} of {owner!r}, a concept of this batch already"
+            )
+
+
+def _fingerprint(job: _Job) -> dict[str, str]:
+    return {"images": json.dumps(sorted(job.hashes)), "init": job.cfg.init}
 
 
 PREVIEW = "preview.png"
@@ -286,7 +371,7 @@ REPORT = "report.md"
 SHEET = "contact_sheet.png"
 
 
-def write_previews(model, ledger: Ledger, settings: BatchSettings) -> None:
+def write_previews(model, ledger: Ledger, settings: BatchSettings, out: Path, stop=None) -> None:
     """``preview.png`` of every done concept that has none yet (after the optimization: the
     word is added to the model's tokenizer only here, when no group is running)."""
     from tqdm.auto import tqdm
@@ -294,12 +379,15 @@ def write_previews(model, ledger: Ledger, settings: BatchSettings) -> None:
     from oneword.encoder.pipeline import render_preview
     from oneword.inversion.embedding_io import load_embedding
 
-    rows = [r for r in ledger.rows("done") if r.output and not (Path(r.output).parent / PREVIEW).is_file()]
-    for row in tqdm(rows, desc="previews", unit="word", disable=not settings.progress, dynamic_ncols=True):
-        emb = load_embedding(row.output)
+    words = [out / r.output for r in ledger.rows("done") if r.output]
+    words = [w for w in words if not (w.parent / PREVIEW).is_file()]
+    for word in tqdm(words, desc="previews", unit="word", disable=not settings.progress, dynamic_ncols=True):
+        if stop is not None and stop.requested:
+            break
+        emb = load_embedding(word)
         model.clear_placeholders()
         model.add_placeholder(emb.token, emb.vectors)
-        render_preview(model, emb.token, Path(row.output).parent, settings.preview_steps)
+        render_preview(model, emb.token, word.parent, settings.preview_steps)
     model.clear_placeholders()
 
 
@@ -312,7 +400,7 @@ def write_report(out: str | Path, ledger: Ledger, sheet_limit: int = 64) -> Path
 
     out = Path(out)
     rows, counts, settings = ledger.rows(), ledger.counts(), ledger.settings()
-    previews = [(r.id, Path(r.output).parent / PREVIEW) for r in rows if r.state == "done" and r.output]
+    previews = [(r.id, (out / r.output).parent / PREVIEW) for r in rows if r.state == "done" and r.output]
     previews = [(cid, p) for cid, p in previews if p.is_file()][:sheet_limit]
     lines = [
         f"# Batch report: {out.name}",
@@ -339,7 +427,7 @@ def write_report(out: str | Path, ledger: Ledger, sheet_limit: int = 64) -> Path
     ]
     for r in rows:
         init = f"{r.init} ({r.init_how})" if r.init else ""
-        word = f" [word]({os.path.relpath(r.output, out)})" if r.output else ""
+        word = f" [word]({r.output})" if r.output else ""
         note = (r.error or r.warning or "").replace("|", "/")
         loss = "" if r.loss is None else f"{r.loss:.4f}"
         secs = "" if r.seconds is None else f"{r.seconds:.1f}"
@@ -347,18 +435,26 @@ def write_report(out: str | Path, ledger: Ledger, sheet_limit: int = 64) -> Path
     return atomic_write_text(out / REPORT, "\n".join(lines) + "\n")
 
 
-def _resume(engine, sid: int, job: _Job) -> None:
+def _resume(engine, sid: int, job: _Job) -> bool:
+    """Continue slot ``sid`` from its concept's checkpoint, if it has one made from the same images
+    and initializer; False when a checkpoint was there but could not be used (it is removed)."""
     path = job.folder / CHECKPOINT
     if not path.is_file():
-        return
+        return True
     try:
-        engine.load(sid, load_state(path))
-        logger.info("%s: continuing from step %d", job.spec.id, engine.slot(sid).step)
+        ts = load_state(path)
+        if ts.meta and ts.meta != _fingerprint(job):
+            raise InputError("it was made from other images or another initializer word")
+        engine.load(sid, ts)
     except (OneWordError, ValueError, KeyError, RuntimeError) as err:
         logger.warning("%s: its checkpoint cannot be used (%s); starting it over", job.spec.id, err)
+        path.unlink(missing_ok=True)
+        return False
+    logger.info("%s: continuing from step %d", job.spec.id, engine.slot(sid).step)
+    return True
 
 
-def _prepare(wave, out, model, cfg, settings, ledger, encoder, space, fail) -> list[_Job]:
+def _prepare(wave, out, model, cfg, settings, ledger, encoder, spaces, fail) -> list[_Job]:
     """Load a wave of concepts' images, choose their initializers and predict their words, in
     one batched pass each; concepts that cannot start are failed."""
     from oneword.data.images import load_files
@@ -383,16 +479,16 @@ def _prepare(wave, out, model, cfg, settings, ledger, encoder, space, fail) -> l
         return []
     given = [j.spec.init or settings.init for j in jobs]
     if any(g == AUTO for g in given):
-        if space is None:
-            space = encoder.space if encoder is not None else _default_space(model)
-        try:
-            choices = resolve_inits(
-                space, model, [[im.image for im in j.images] for j in jobs], given, settings.init_vocab
-            )
-        except OneWordError as err:  # e.g. no candidate word: every concept of the wave fails alike
-            for j in jobs:
-                fail(j, str(err))
-            return []
+        if "space" not in spaces:  # loaded once per run
+            spaces["space"] = encoder.space if encoder is not None else _default_space(model)
+        choices = resolve_inits(
+            spaces["space"],
+            model,
+            [[im.image for im in j.images] for j in jobs],
+            given,
+            settings.init_vocab,
+            names=[j.spec.id for j in jobs],
+        )
     else:
         choices = resolve_inits(None, model, [[] for _ in jobs], given)
     ready = []
@@ -412,11 +508,24 @@ def _prepare(wave, out, model, cfg, settings, ledger, encoder, space, fail) -> l
     if ready and encoder is not None and settings.method == "encode":
         from oneword.encoder.model import predict_embeddings
 
-        predicted = predict_embeddings(
-            encoder, model, [[im.image for im in j.images] for j in ready], [j.cfg.init for j in ready]
-        )
+        try:
+            predicted = predict_embeddings(
+                encoder, model, [[im.image for im in j.images] for j in ready], [j.cfg.init for j in ready]
+            )
+        except Exception:  # noqa: BLE001 - find the concept at fault: predict them one by one
+            logger.debug("batched prediction", exc_info=True)
+            predicted = []
+            for job in ready:
+                try:
+                    predicted += predict_embeddings(
+                        encoder, model, [[im.image for im in job.images]], [job.cfg.init]
+                    )
+                except Exception as err:  # noqa: BLE001
+                    fail(job, f"the encoder cannot read it: {type(err).__name__}: {err}")
+                    predicted.append(None)
         for job, vectors in zip(ready, predicted):
             job.start = vectors
+        ready = [j for j in ready if j.start is not None]
     return ready
 
 
@@ -447,20 +556,31 @@ def status(out: str | Path, failures: int = 10) -> str:
         f"{settings.get('model')})",
         "  " + ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "pending")),
     ]
-    ended = [r for r in rows if r.state in ("done", "failed") and r.finished and r.started]
-    if ended:
-        span = max(r.finished for r in ended) - min(r.started for r in ended)
-        per_hour = len(ended) / span * 3600 if span > 0 else float("inf")
-        left = counts["pending"] + counts["running"]
-        eta = f"; about {_duration(left / per_hour * 3600)} left" if left and per_hour else ""
-        lines.append(f"  {per_hour:.0f} concepts per hour over {_duration(span)}{eta}")
-        done = [r.seconds for r in rows if r.state == "done" and r.seconds]
-        if done:
+    try:
+        RunFolder(out).check_free()
+        if counts["running"]:
             lines.append(
-                f"  {sum(done) / len(done):.1f} s per concept in its slot (median loss "
-                f"{_median([r.loss for r in rows if r.loss is not None])})"
+                f"  {counts['running']} were being worked on when their run stopped: rerun the same "
+                "command to continue them"
             )
-    failed = [r for r in rows if r.state == "failed"]
+    except InputError as err:  # a process holds OUT: it is at work now
+        lines.append(f"  at work now: {err}".split("; wait")[0])
+    ended = sorted(
+        (r for r in rows if r.state in ("done", "failed") and r.finished), key=lambda r: r.finished
+    )
+    recent = ended[-50:]  # the recent pace, not the time between runs
+    if len(recent) >= 2 and recent[-1].finished > recent[0].finished:
+        per_hour = (len(recent) - 1) / (recent[-1].finished - recent[0].finished) * 3600
+        left = counts["pending"] + counts["running"]
+        eta = f"; about {_duration(left / per_hour * 3600)} left at that pace" if left else ""
+        lines.append(f"  {per_hour:.0f} concepts per hour over the last {len(recent)} finished{eta}")
+    done = [r.seconds for r in rows if r.state == "done" and r.seconds]
+    if done:
+        lines.append(
+            f"  {sum(done) / len(done):.1f} s per concept in its slot (median loss "
+            f"{_median([r.loss for r in rows if r.loss is not None])})"
+        )
+    failed = [r for r in ended if r.state == "failed"]
     for r in failed[-failures:]:
         lines.append(f"  failed {r.id}: {r.error}")
     if failed:

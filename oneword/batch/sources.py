@@ -3,7 +3,8 @@ its initializer word and token.
 
 A SOURCE is one of:
 
-- a **folder of concept folders**: every sub-folder holding images is a concept named after it;
+- a **folder of concept folders**: every sub-folder is a concept named after it (one without
+  image files fails alone); hidden folders and files, and a batch's own OUT inside it, are skipped;
 - a **manifest**: JSON Lines (``.jsonl``), one object per concept, or CSV (``.csv``) with a header.
   Fields: ``id``, ``images`` (JSONL: a list; CSV: paths separated by ``;``) or ``image`` (one path
   per row, rows of one id gathered in order), and optional ``init`` and ``token``. Relative paths
@@ -87,8 +88,13 @@ def check_ids(specs: list[ConceptSpec]) -> None:
 
 def _folder_source(root: Path) -> list[ConceptSpec]:
     specs = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for sub in sorted(p for p in subs if not (p / "ledger.sqlite").is_file()):  # not a batch's OUT
+        files = sorted(
+            p
+            for p in sub.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         spec = ConceptSpec(sub.name, files, where=str(sub))
         if not files:
             spec.problems.append(f"no image files in {sub}")

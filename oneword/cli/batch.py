@@ -122,7 +122,7 @@ def _run(args) -> int:
     from oneword.batch.ledger import Ledger
     from oneword.batch.runner import BatchSettings, check_names, identity, print_summary, run_batch
     from oneword.batch.sources import read_source
-    from oneword.encoder.autoinit import read_vocab
+    from oneword.encoder.autoinit import AUTO, candidate_words, read_vocab
     from oneword.encoder.pipeline import REFINE_DEFAULTS, encoder_identity, encoder_path
     from oneword.inversion.config import PER_RUN_FIELDS, InversionConfig, weights_dtype
     from oneword.inversion.runfolder import RunFolder
@@ -182,8 +182,15 @@ def _run(args) -> int:
             encoder.to(model.device)
             encoder.space.to(model.device)
         check_names(specs, model)
+        space = None
+        if any((spec.init or settings.init) == AUTO for spec in specs):
+            candidate_words(model, settings.init_vocab)  # fewer than two usable words: refused now
+            if encoder is None:  # invert: the model family's CLIP (ViT-B-32 for real models)
+                from oneword.eval.space import default_space_name, load_space
+
+                space = load_space(default_space_name(model.family), device=model.device)
         with Ledger.open(out, identity(settings, cfg, model_name, enc_meta)) as ledger:
-            result = run_batch(specs, out, model, cfg, settings, ledger, encoder, enc_meta)
+            result = run_batch(specs, out, model, cfg, settings, ledger, encoder, enc_meta, space)
     print_summary(result, out)
     if result.interrupted:
         print("rerun the same command to continue", file=sys.stderr)

@@ -217,7 +217,12 @@ def choose_inits(
 
 
 def resolve_inits(
-    space, model, image_sets: Sequence[Sequence[Image.Image]], given: Sequence[str | None], vocab=None
+    space,
+    model,
+    image_sets: Sequence[Sequence[Image.Image]],
+    given: Sequence[str | None],
+    vocab=None,
+    names: Sequence[str] | None = None,
 ) -> list[InitChoice]:
     """Each concept's initializer: its ``given`` word, or (where ``None`` or ``auto``) the
     zero-shot choice; a low-confidence choice is logged as a warning."""
@@ -231,8 +236,8 @@ def resolve_inits(
             out[i] = choice
             if choice.low_confidence:
                 logger.warning(
-                    "concept %d: initializer %s is a low-confidence guess; pass --init to choose",
-                    i + 1,
+                    "%s: initializer %s is a low-confidence guess; pass --init to choose",
+                    names[i] if names else f"concept {i + 1}",
                     choice.describe(),
                 )
     return [c for c in out if c is not None]

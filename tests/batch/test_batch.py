@@ -119,23 +119,12 @@ def test_duplicate_tokens_and_words_of_the_vocabulary_are_refused_first(tiny_dir
     assert "already a word of the vocabulary" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_a_killed_batch_continues_to_the_same_words(tiny_dirs, tmp_path):
-    """kill -9 in the middle (some concepts done, some part-way with checkpoints), then the same
-    command with another group size: every concept is done once, and every word is the word of an
-    uninterrupted run in groups of one (the engine's invariance and exact resume)."""
-    src = tmp_path / "src"
-    for i in range(6):
-        make_concept_images(src / f"c{i}", n=2 + i % 2)
-    common = ["batch", str(src), *TINY, "--steps", "30", "--save-every", "4"]
-    assert main([*common, "--out", str(tmp_path / "ref"), "--group", "1"]) == 0
-    reference = _words(tmp_path / "ref")
-
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "oneword.cli", *common, "--out", str(out), "--group", "3"]
+def _stop_midway(cmd, cwd, out, sig, done_before: int) -> int:
+    """Start ``cmd`` and send ``sig`` once more than ``done_before`` concepts are done and another
+    is part-way with a checkpoint; its exit code."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline, killed = time.time() + 240, False
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, sent = time.time() + 240, False
     while time.time() < deadline and proc.poll() is None:
         if (out / "ledger.sqlite").is_file():
             states = _states(out)
@@ -145,26 +134,78 @@ def test_a_killed_batch_continues_to_the_same_words(tiny_dirs, tmp_path):
                 for k, v in states.items()
                 if v[0] == "running" and (out / "concepts" / k / "checkpoints" / "last.safetensors").is_file()
             ]
-            if done and partway:
-                proc.send_signal(signal.SIGKILL)
-                killed = True
+            if len(done) > done_before and partway:
+                proc.send_signal(sig)
+                sent = True
                 break
         time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert killed, "the run ended before it could be killed mid-way"
+    _, err = proc.communicate(timeout=120)
+    assert sent, f"the run ended before it could be stopped mid-way: {err.decode()[-500:]}"
+    return proc.returncode
+
+
+@pytest.mark.slow
+def test_a_stopped_and_killed_batch_continues_to_the_same_words(tiny_dirs, tmp_path):
+    """SIGTERM in the middle (it stops at a step boundary and saves), then kill -9 in the middle of
+    the rerun, then the same command with another group size, from another directory: every
+    concept is done once, and every word is the word of an uninterrupted run in groups of one (the
+    engine's invariance and exact resume)."""
+    src = tmp_path / "src"
+    for i in range(8):
+        make_concept_images(src / f"c{i}", n=2 + i % 2)
+    common = ["batch", str(src), *TINY, "--steps", "40", "--save-every", "4"]
+    assert main([*common, "--out", str(tmp_path / "ref"), "--group", "1"]) == 0
+    reference = _words(tmp_path / "ref")
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "oneword.cli", *common, "--out", "out"]  # relative to tmp_path
+    assert _stop_midway([*cmd, "--group", "2"], tmp_path, out, signal.SIGTERM, 0) == 130
+    stopped = _states(out)
+    done_first = sum(v[0] == "done" for v in stopped.values())
+    assert 0 < done_first < 8
+    assert _stop_midway([*cmd, "--group", "2"], tmp_path, out, signal.SIGKILL, done_first) == -signal.SIGKILL
     before = _states(out)
-    assert any(v[0] == "running" for v in before.values())
-    assert main([*common, "--out", str(out), "--group", "2"]) == 0
+    assert main([*common, "--out", str(out), "--group", "3"]) == 0
     after = _states(out)
-    assert all(v[0] == "done" for v in after.values()) and len(after) == 6
+    assert all(v[0] == "done" for v in after.values()) and len(after) == 8
     for k, v in before.items():  # what was done is not done again
         if v[0] == "done":
-            assert after[k][1] == v[1] == 1
+            assert after[k][1] == v[1]
     words = _words(out)
     assert set(words) == set(reference)
     for name, ref in reference.items():
         assert torch.allclose(words[name], ref, atol=3e-5, rtol=0), (name, (words[name] - ref).abs().max())
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
+    with sqlite3.connect(out / "ledger.sqlite") as db:  # outputs are recorded relative to OUT
+        assert {r[0] for r in db.execute("SELECT output FROM concepts")} == {
+            f"concepts/c{i}/learned_embeds.safetensors" for i in range(8)
+        }
+
+
+@pytest.mark.slow
+def test_one_concepts_unexpected_error_fails_it_alone(tiny_dirs, tmp_path, monkeypatch, capsys):
+    from oneword.inversion import group
+
+    src = tmp_path / "src"
+    for i in range(3):
+        make_concept_images(src / f"c{i}", n=2)
+    real_add = group.GroupEngine.add
+
+    def add(self, images, cfg, start=None, anchor=None, name=""):
+        if name == "c1":
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return real_add(self, images, cfg, start, anchor, name)
+
+    monkeypatch.setattr(group.GroupEngine, "add", add)
+    out = tmp_path / "out"
+    assert main(["batch", str(src), "--out", str(out), *TINY, "--steps", "2", "--group", "2"]) == 0
+    states = _states(out)
+    assert states["c1"][0] == "failed" and "out of memory" in states["c1"][2]
+    assert states["c0"][0] == states["c2"][0] == "done"
+    # a later source whose id differs from a concept of the batch only in case is refused
+    make_concept_images(tmp_path / "src2" / "C0", n=2)
+    assert main(["batch", str(tmp_path / "src2"), "--out", str(out), *TINY, "--steps", "2"]) == 2
+    assert "differ only in case" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -17,6 +17,10 @@ def test_a_folder_of_concept_folders(tmp_path):
     make_concept_images(tmp_path / "src" / "a-cat", n=3)
     (tmp_path / "src" / "empty").mkdir()
     (tmp_path / "src" / ".hidden").mkdir()
+    (tmp_path / "src" / "a-cat" / "._img_0.png").write_bytes(b"macOS resource fork")
+    (tmp_path / "src" / "runs").mkdir()  # a batch's own OUT inside its SOURCE
+    (tmp_path / "src" / "runs" / "ledger.sqlite").write_bytes(b"")
+    (tmp_path / "src" / "runs" / "contact_sheet.png").write_bytes(b"")
     specs = read_source(tmp_path / "src")
     assert [s.id for s in specs] == ["a-cat", "b-mug", "empty"]
     assert [len(s.images) for s in specs] == [3, 2, 0]
@@ -94,11 +98,19 @@ def test_the_ledger_refuses_other_settings_and_keeps_states(tmp_path):
     with Ledger.open(tmp_path, {"steps": 5, "model": "m"}) as ledger:
         assert ledger.add([("a", "<a>"), ("b", "<b>"), ("c", "<c>")]) == 1  # a and b are known
         assert ledger.counts() == {"pending": 1, "running": 1, "done": 1, "failed": 0}
-        assert ledger.recover() == 1 and ledger.pending() == ["b", "c"]
+        assert ledger.recover(max_attempts=5) == 0 and ledger.pending() == ["b", "c"]
         ledger.fail("c", "bad\nthings  happened")
         assert ledger.row("c").error == "bad things happened" and ledger.row("c").attempts == 1
         assert ledger.row("a").attempts == 1 and ledger.row("b").attempts == 1
         assert ledger.retry_failed() == 1 and ledger.pending() == ["b", "c"]
+        for _ in range(3):  # a concept that every run stopped on is failed, not tried forever
+            ledger.start("b", "dog", "auto", [])
+            ledger.recover(max_attempts=3)
+        assert ledger.row("b").state == "failed" and "3 times" in ledger.row("b").error
+    with pytest.raises(InputError, match=r"inversion.seed: 0 there, 1 now"):
+        Ledger.open(tmp_path / "nested", {"inversion": {"seed": 0}}).close() or Ledger.open(
+            tmp_path / "nested", {"inversion": {"seed": 1}}
+        )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "ledger.sqlite").write_bytes(b"not a database at all" * 10)
     with pytest.raises(InputError, match="not a batch ledger"):
