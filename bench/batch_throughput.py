@@ -10,7 +10,7 @@ encoder + ``--refine`` steps with ``--init auto``:
 - ``loop``: one ``ti-encode FOLDER --refine N --select 0 --preview-steps 0`` process per concept
   (what a user without ``ti batch`` runs; the round trip and the preview are off so that it does
   the same work as the batch);
-- ``batch G=1``: ``ti batch SRC --refine N --group 1``;
+- ``batch G=1``: ``ti batch SRC --refine N --group 1 --preview-steps 0`` (no previews either);
 - ``batch G=g`` for each ``--groups`` value.
 
 Each method runs as its own child process: wall-clock seconds and the peak resident memory of the
@@ -112,7 +112,7 @@ def main() -> None:
     for g in [1, *args.groups]:
         methods[f"batch G={g}"] = [
             sys.executable, "-m", "oneword.cli", "batch", str(flat), "--out", str(out / f"batch G={g}"),
-            "--refine", str(args.refine), "--group", str(g), "--no-progress",
+            "--refine", str(args.refine), "--group", str(g), "--no-progress", "--preview-steps", "0",
         ]  # fmt: skip
     for name, cmd in methods.items():
         if name in done["methods"]:
