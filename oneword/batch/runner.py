@@ -466,12 +466,15 @@ def _prepare(wave, out, model, cfg, settings, ledger, encoder, spaces, fail) -> 
         if spec.problems:
             fail(job, "; ".join(spec.problems))
             continue
-        images, bad = load_files(spec.images, max_pixels=cfg.max_pixels)
+        if spec.loader is not None:  # shards
+            images, bad = spec.loader(cfg.max_pixels)
+        else:
+            images, bad = load_files(spec.images, max_pixels=cfg.max_pixels)
         if not images:
             fail(job, f"no usable images: {', '.join(bad[:3])}")
             continue
         if bad:
-            job.warning = f"skipped {len(bad)} of {len(spec.images)} images: {', '.join(bad[:3])}"
+            job.warning = f"skipped {len(bad)} of {len(images) + len(bad)} images: {', '.join(bad[:3])}"
             logger.warning("%s: %s", spec.id, job.warning)
         job.images, job.hashes = images, [im.sha256 for im in images]
         jobs.append(job)

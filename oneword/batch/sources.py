@@ -5,10 +5,14 @@ A SOURCE is one of:
 
 - a **folder of concept folders**: every sub-folder is a concept named after it (one without
   image files fails alone); hidden folders and files, and a batch's own OUT inside it, are skipped;
-- a **manifest**: JSON Lines (``.jsonl``), one object per concept, or CSV (``.csv``) with a header.
-  Fields: ``id``, ``images`` (JSONL: a list; CSV: paths separated by ``;``) or ``image`` (one path
-  per row, rows of one id gathered in order), and optional ``init`` and ``token``. Relative paths
-  are relative to the manifest's folder.
+- a **manifest**: JSON Lines (``.jsonl``) or Parquet (``.parquet``, with pyarrow), one record per
+  concept, or CSV (``.csv``) with a header. Fields: ``id``, ``images`` (a list; in CSV, paths
+  separated by ``;``) or ``image`` (CSV: one path per row, rows of one id gathered in order), and
+  optional ``init`` and ``token``. Relative paths are relative to the manifest's folder;
+- **webdataset shards** as ``ti data shards`` writes them: a ``.tar`` file, a folder of them, a
+  glob or a brace pattern (``concepts-{000000..000009}.tar``). A sample's key is its id, its
+  ``json`` member's ``init`` its initializer word; its images are read from the shard when the
+  concept's turn comes.
 
 Ids are checked before any work: none empty, none twice (ids that differ only in case count as
 the same: they name one run folder on case-insensitive file systems, and one token).
@@ -17,14 +21,17 @@ the same: they name one run folder on case-insensitive file systems, and one tok
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from oneword.data.images import IMAGE_SUFFIXES
 from oneword.errors import InputError
 
-MANIFEST_SUFFIXES = (".jsonl", ".csv")
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 
 
 @dataclass
@@ -39,6 +46,9 @@ class ConceptSpec:
     """Where the source describes it (a folder, or a manifest's line), for error messages."""
     problems: list[str] = field(default_factory=list)
     """What is wrong with it that does not stop the others (e.g. image files that do not exist)."""
+    loader: Callable[[int], tuple[list, list[str]]] | None = None
+    """Where the images are not files (shards): ``loader(max_pixels)`` gives the loaded images and
+    a line per unusable one, as :func:`oneword.data.images.load_files` does."""
 
 
 def read_source(source: str | Path) -> list[ConceptSpec]:
@@ -46,12 +56,16 @@ def read_source(source: str | Path) -> list[ConceptSpec]:
     read at all or whose ids collide. A concept with missing files is returned with ``problems``:
     it fails alone, the others go on."""
     path = Path(source)
-    if path.is_dir():
+    if _is_shards(source):
+        specs = _shard_source(str(source))
+    elif path.is_dir():
         specs = _folder_source(path)
     elif path.suffix.lower() == ".jsonl":
         specs = _jsonl_source(path)
     elif path.suffix.lower() == ".csv":
         specs = _csv_source(path)
+    elif path.suffix.lower() == ".parquet":
+        specs = _parquet_source(path)
     elif not path.exists():
         raise InputError(f"{source} does not exist (give a folder of concept folders or a manifest)")
     else:
@@ -61,7 +75,7 @@ def read_source(source: str | Path) -> list[ConceptSpec]:
     if not specs:
         raise InputError(f"{source} holds no concepts")
     check_ids(specs)
-    for spec in specs:
+    for spec in (s for s in specs if s.loader is None):
         missing = [str(p) for p in spec.images if not p.is_file()]
         if missing:
             spec.problems.append(
@@ -115,8 +129,24 @@ def _text(value, what: str, where: str) -> str | None:
     return str(value)
 
 
+def _row_spec(row: dict, base: Path, where: str) -> ConceptSpec:
+    """A JSONL or Parquet record as a concept."""
+    images = row.get("images", [row["image"]] if row.get("image") else None)
+    if isinstance(images, str):
+        images = [p.strip() for p in images.split(";") if p.strip()]
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise InputError(f"{where}: 'images' must be a list of paths")
+    return ConceptSpec(
+        _text(row.get("id"), "id", where) or "",
+        [base / i for i in images],
+        _text(row.get("init"), "init", where),
+        _text(row.get("token"), "token", where),
+        where,
+    )
+
+
 def _jsonl_source(path: Path) -> list[ConceptSpec]:
-    base, specs = path.parent, []
+    specs = []
     for n, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
@@ -127,19 +157,76 @@ def _jsonl_source(path: Path) -> list[ConceptSpec]:
             raise InputError(f"{where}: not a JSON object ({err})") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: not a JSON object")
-        images = row.get("images", [row["image"]] if "image" in row else None)
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise InputError(f"{where}: 'images' must be a list of paths")
-        specs.append(
-            ConceptSpec(
-                _text(row.get("id"), "id", where) or "",
-                [base / i for i in images],
-                _text(row.get("init"), "init", where),
-                _text(row.get("token"), "token", where),
-                where,
-            )
-        )
+        specs.append(_row_spec(row, path.parent, where))
     return specs
+
+
+def _parquet_source(path: Path) -> list[ConceptSpec]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(
+            f"reading the Parquet manifest {path} needs pyarrow: pip install 'oneword[batch]'"
+        ) from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for a bad file
+        raise InputError(
+            f"cannot read the Parquet manifest {path}: {' '.join(str(err).split())[:200]}"
+        ) from None
+    if rows and "id" not in rows[0]:
+        raise InputError(f"{path}: the manifest needs 'id' and 'images' columns, got {sorted(rows[0])}")
+    return [_row_spec(row, path.parent, f"{path}: row {n}") for n, row in enumerate(rows, 1)]
+
+
+def _is_shards(source: str | Path) -> bool:
+    text, path = str(source), Path(source)
+    if path.suffix == ".tar" or any(ch in text for ch in "*?[{"):
+        return True
+    return path.is_dir() and any(path.glob("*.tar")) and not any(p.is_dir() for p in path.iterdir())
+
+
+def _shard_source(spec: str) -> list[ConceptSpec]:
+    from oneword.data.shards import expand_shards
+
+    specs = []
+    for shard in expand_shards(spec):  # damaged shards are refused here, in one line
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.isfile():
+                    key, _, part = Path(member.name).name.partition(".")
+                    samples.setdefault(key, {})[part] = member
+            for key, parts in samples.items():
+                init = None
+                if "json" in parts:
+                    try:
+                        meta = json.loads(tar.extractfile(parts["json"]).read())
+                        init = (
+                            _text(meta.get("init"), "init", f"{shard}:{key}")
+                            if isinstance(meta, dict)
+                            else None
+                        )
+                    except ValueError:
+                        pass  # the concept fails alone when its images are read
+                names = sorted(
+                    (p for p in parts if p.endswith(".png") and p[:-4].isdigit()), key=lambda p: int(p[:-4])
+                )
+                where = f"{shard}:{key}"
+                spec_ = ConceptSpec(key, [], init, None, where)
+                spec_.loader = functools.partial(_load_sample, shard, [parts[n].name for n in names])
+                if not names:
+                    spec_.problems.append(f"no images in shard sample {where}")
+                specs.append(spec_)
+    return specs
+
+
+def _load_sample(shard: str, members: list[str], max_pixels: int) -> tuple[list, list[str]]:
+    from oneword.data.images import load_blobs
+
+    with tarfile.open(shard) as tar:
+        blobs = [(f"{Path(shard).name}:{name}", tar.extractfile(name).read()) for name in members]
+    return load_blobs(blobs, max_pixels=max_pixels)
 
 
 def _csv_source(path: Path) -> list[ConceptSpec]:

@@ -357,6 +357,23 @@ def _load_paths(paths: list[Path], max_pixels: int) -> tuple[list[LoadedImage], 
     return loaded, bad
 
 
+def load_blobs(
+    blobs: list[tuple[str, bytes]], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[LoadedImage], list[str]]:
+    """:func:`load_files` for images already in memory (``(name, bytes)``, e.g. a shard's members);
+    each loaded image's ``path`` is its name."""
+    _check_max_pixels(max_pixels)
+    loaded, bad = [], []
+    for name, data in blobs:
+        try:
+            image = _decode(data, max_pixels, name)
+        except _Unusable as problem:
+            bad.append(f"{name} ({problem.reason})")
+            continue
+        loaded.append(LoadedImage(path=Path(name), image=image, sha256=hashlib.sha256(data).hexdigest()))
+    return loaded, bad
+
+
 def load_files(
     paths: list[Path], *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[list[LoadedImage], list[str]]:

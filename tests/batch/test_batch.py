@@ -242,3 +242,44 @@ def test_toy_encode_chooses_initializers_without_asking(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "2 done, 0 failed" in report and "(auto)" in report and "contact_sheet.png" in report
     assert Image.open(out / "contact_sheet.png").size[0] > 256
+
+
+@pytest.mark.slow
+def test_shards_and_parquet_give_the_words_of_folders(tiny_dirs, tmp_path, capsys):
+    """The same concepts read from concept folders, from webdataset shards (`ti data shards`) and
+    from a Parquet manifest become the same words; a shard sample with a damaged image fails alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    src = tmp_path / "src"
+    folders = [make_concept_images(src / f"c{i}", n=2 + i) for i in range(2)]
+    run = [*TINY, "--steps", "3", "--group", "2"]
+    assert main(["batch", str(src), "--out", str(tmp_path / "folders"), *run]) == 0
+    expected = _words(tmp_path / "folders")
+
+    shards = tmp_path / "shards"
+    assert main(["data", "shards", *map(str, folders), "--init", "disc", "--out", str(shards)]) == 0
+    with wds.TarWriter(str(shards / "extra-000000.tar")) as tar:  # a sample whose image is damaged
+        png = (folders[0] / "img_0.png").read_bytes()
+        tar.write({"__key__": "broken", "json": b'{"init": "disc"}', "0.png": png[: len(png) // 2]})
+    capsys.readouterr()
+    assert main(["batch", str(shards), "--out", str(tmp_path / "from-shards"), *run]) == 0
+    states = _states(tmp_path / "from-shards")
+    assert states["broken"][0] == "failed" and "truncated" in states["broken"][2]
+    got = _words(tmp_path / "from-shards")
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=0), name
+
+    table = pa.table(
+        {
+            "id": [f.name for f in folders],
+            "images": [[str(p) for p in sorted(f.glob("*.png"))] for f in folders],
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    assert main(["batch", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "from-parquet"), *run]) == 0
+    got = _words(tmp_path / "from-parquet")
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=0), name

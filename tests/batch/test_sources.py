@@ -67,7 +67,7 @@ def test_manifests(tmp_path):
     [
         ('{"id": "a", "images": ["x.png"]}\n{"id": "A", "images": ["y.png"]}\n', "share the id 'A'"),
         ('{"id": "a", "images": ["x.png"]}\nnot json\n', "m.jsonl:2: not a JSON object"),
-        ('{"id": "a", "images": "x.png"}\n', "must be a list"),
+        ('{"id": "a", "images": 5}\n', "must be a list"),
         ('{"images": ["x.png"]}\n', "without an id"),
         ("[1, 2]\n", "not a JSON object"),
     ],
@@ -117,3 +117,44 @@ def test_the_ledger_refuses_other_settings_and_keeps_states(tmp_path):
         Ledger.read(tmp_path / "junk")
     with pytest.raises(InputError, match="no batch run"):
         Ledger.read(tmp_path / "none")
+
+
+def test_shards_as_a_source(tmp_path):
+    from oneword.data.shards import folder_samples, write_shards
+
+    folders = [make_concept_images(tmp_path / f"c{i}", n=2 + i) for i in range(3)]
+    paths = write_shards(folder_samples(folders, ["disc", "cat", "mug"]), tmp_path / "shards", per_shard=2)
+    assert len(paths) == 2
+    for source in (tmp_path / "shards", paths[0], str(tmp_path / "shards" / "*.tar")):
+        specs = read_source(source)
+        assert [s.id for s in specs][:2] == ["c0", "c1"] and specs[0].init == "disc"
+    specs = read_source(tmp_path / "shards")
+    images, bad = specs[2].loader(64 * 1024 * 1024)
+    assert len(images) == 4 and not bad and images[0].image.size == (48, 40)
+    assert images[0].sha256 != images[1].sha256
+    paths[1].write_bytes(paths[1].read_bytes()[:700])  # a damaged shard: refused before any work
+    with pytest.raises(InputError, match="damaged or truncated"):
+        read_source(tmp_path / "shards")
+
+
+def test_parquet_manifests(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    make_concept_images(tmp_path / "imgs", n=2)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", "b"],
+                "images": [["imgs/img_0.png"], ["imgs/img_1.png", "imgs/gone.png"]],
+                "init": ["cat", None],
+            }
+        ),
+        tmp_path / "m.parquet",
+    )
+    a, b = read_source(tmp_path / "m.parquet")
+    assert (a.id, a.init, a.images) == ("a", "cat", [tmp_path / "imgs/img_0.png"]) and b.init is None
+    assert "gone.png" in b.problems[0]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match="cannot read the Parquet manifest"):
+        read_source(tmp_path / "bad.parquet")
