@@ -60,6 +60,9 @@ class BatchSettings:
     preview_steps: int = 25
     """Sampling steps of each word's ``preview.png``, rendered when every concept is done (0: none)."""
     retry_failed: bool = False
+    format: Literal["folders", "shards"] = "folders"
+    """``shards``: also pack the done words as webdataset shards with a Parquet index (:mod:`.pack`)."""
+    per_shard: int = 1000
     progress: bool = True
     log_json: bool = False
     """One JSON line per finished concept on stdout."""
@@ -69,8 +72,10 @@ class BatchSettings:
             raise ValueError(f"method is encode or invert, got {self.method!r}")
         if self.steps < 0 or (self.method == "invert" and self.steps < 1):
             raise ValueError("steps must be at least 1 with method invert (0 or more with encode)")
-        if self.group < 1:
-            raise ValueError("group must be at least 1")
+        if self.group < 1 or self.per_shard < 1:
+            raise ValueError("group and per_shard must be at least 1")
+        if self.format not in ("folders", "shards"):
+            raise ValueError(f"format is folders or shards, got {self.format!r}")
         if self.save_every < 0 or self.preview_steps < 0:
             raise ValueError("save_every and preview_steps must be 0 or more")
 
@@ -303,6 +308,10 @@ def run_batch(
             progress.close()
             if settings.preview_steps and not interrupted:
                 write_previews(model, ledger, settings, out, stop)
+            if settings.format == "shards" and not interrupted:
+                from oneword.batch.pack import pack
+
+                pack(out, ledger, settings.per_shard)
     except KeyboardInterrupt:  # a second Ctrl-C: the last periodic checkpoints stand
         interrupted = True
     finally:

@@ -79,6 +79,14 @@ def build_parser(prog: str = "ti batch"):
         default=25,
         help="sampling steps of each word's preview.png, rendered when all concepts are done (0: none)",
     )
+    p.add_argument(
+        "--format",
+        choices=["folders", "shards"],
+        default="folders",
+        help="folders: a run folder per concept; shards: also OUT/shards/words-*.tar (webdataset: "
+        "<key>.safetensors, .json, .png) with index.parquet, written when all concepts are done",
+    )
+    p.add_argument("--per-shard", type=int, default=1000, help="with --format shards: concepts per shard")
     p.add_argument("--log-json", action="store_true", help="one JSON line per finished concept on stdout")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     progress_option(p)
@@ -138,12 +146,18 @@ def _run(args) -> int:
             init_vocab=read_vocab(args.init_vocab) if args.init_vocab else None,
             save_every=args.save_every,
             preview_steps=args.preview_steps,
+            format=args.format,
+            per_shard=args.per_shard,
             retry_failed=args.retry_failed,
             progress=not args.no_progress,
             log_json=args.log_json,
         )
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from None
+    if settings.format == "shards":
+        from oneword.batch.pack import require_pyarrow
+
+        require_pyarrow()
     specs = read_source(args.source)  # and its ids checked, before a model loads
     encoder = enc_meta = None
     model_name = args.model

@@ -283,3 +283,39 @@ def test_shards_and_parquet_give_the_words_of_folders(tiny_dirs, tmp_path, capsy
     got = _words(tmp_path / "from-parquet")
     for name in expected:
         assert torch.allclose(got[name], expected[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.slow
+def test_words_packed_as_shards_with_a_parquet_index(tiny_dirs, tmp_path):
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    src = tmp_path / "src"
+    for i in range(3):
+        make_concept_images(src / f"c.{i}", n=2)
+    (src / "empty").mkdir()
+    out = tmp_path / "out"
+    args = ["batch", str(src), "--out", str(out), *TINY, "--steps", "2", "--format", "shards"]
+    assert main([*args, "--per-shard", "2"]) == 0
+    shards = sorted((out / "shards").glob("words-*.tar"))
+    assert [p.name for p in shards] == ["words-000000.tar", "words-000001.tar"]
+    samples = [s for p in shards for s in wds.WebDataset(str(p), shardshuffle=False, empty_check=False)]
+    assert [s["__key__"] for s in samples] == ["c_0", "c_1", "c_2"]  # no dots in webdataset keys
+    for sample in samples:
+        record = json.loads(sample["json"])
+        word = tmp_path / f"{sample['__key__']}.safetensors"
+        word.write_bytes(sample["safetensors"])
+        packed = load_embedding(word)
+        folder = load_embedding(out / "concepts" / record["id"] / "learned_embeds.safetensors")
+        assert packed.token == folder.token == f"<{record['id']}>" and torch.equal(
+            packed.vectors[0], folder.vectors[0]
+        )
+        assert packed.metadata["oneword.batch_id"] == record["id"] and record["steps"] == 2
+    index = pq.read_table(out / "shards" / "index.parquet").to_pylist()
+    assert [(r["id"], r["shard"], r["key"]) for r in index] == [
+        ("c.0", "words-000000.tar", "c_0"),
+        ("c.1", "words-000000.tar", "c_1"),
+        ("c.2", "words-000001.tar", "c_2"),
+    ]
+    assert main([*args, "--per-shard", "10"]) == 0  # packed again, in one shard
+    assert [p.name for p in (out / "shards").glob("words-*.tar")] == ["words-000000.tar"]
