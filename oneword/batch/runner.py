@@ -207,11 +207,36 @@ def run_batch(
     steps are set per concept); ``encoder`` is needed with method encode; ``space`` is the CLIP
     space of ``auto`` initializers (default: the encoder's). Ctrl-C checkpoints every slot and
     returns ``interrupted``."""
-    from oneword.inversion.group import GroupEngine
-
     if settings.method == "encode" and encoder is None:
         raise ValueError("method encode needs an encoder")
     out = Path(out)
+    todo = _pending(specs, ledger, settings, out)
+    counts = ledger.counts()
+    recorder = Recording(ledger, _Progress(sum(counts.values()), counts["done"] + counts["failed"], settings))
+    t0, interrupted = time.perf_counter(), False
+    stop = _StopBetweenSteps()
+    try:
+        with stop:
+            interrupted = work(todo, out, model, cfg, settings, recorder, encoder, encoder_meta, space, stop)
+            recorder.progress.close()
+            if settings.preview_steps and not interrupted:
+                write_previews(model, ledger, settings, out, stop)
+            if settings.format == "shards" and not interrupted:
+                from oneword.batch.pack import pack
+
+                pack(out, ledger, settings.per_shard)
+    except KeyboardInterrupt:  # a second Ctrl-C: the last periodic checkpoints stand
+        interrupted = True
+    finally:
+        recorder.progress.close()
+    write_report(out, ledger)
+    return BatchResult(ledger.counts(), recorder.finished, time.perf_counter() - t0, interrupted)
+
+
+def _pending(
+    specs: Sequence[ConceptSpec], ledger: Ledger, settings: BatchSettings, out: Path
+) -> list[ConceptSpec]:
+    """Record the source's concepts, recover a stopped run's, and return what is to do, in order."""
     by_id = {s.id: s for s in specs}
     check_against_ledger(specs, ledger)
     ledger.add((s.id, token_of(s)) for s in specs)
@@ -223,28 +248,67 @@ def run_batch(
     if settings.retry_failed:
         logger.info("retrying %d failed concept(s)", ledger.retry_failed())
     pending = ledger.pending()
-    todo = deque(by_id[i] for i in pending if i in by_id)
+    todo = [by_id[i] for i in pending if i in by_id]
     if len(todo) < len(pending):
         logger.warning(
             "%d pending concept(s) of %s are not in this SOURCE: left pending", len(pending) - len(todo), out
         )
-    counts = ledger.counts()
-    progress = _Progress(sum(counts.values()), counts["done"] + counts["failed"], settings)
+    return todo
+
+
+class Recording:
+    """Where :func:`work` reports each concept: the ledger (and the progress bar)."""
+
+    def __init__(self, ledger: Ledger, progress: _Progress | None = None) -> None:
+        self.ledger, self.progress, self.finished = ledger, progress, 0
+
+    def start(self, cid: str, init: str | None, init_how: str | None, image_hashes: list[str]) -> None:
+        self.ledger.start(cid, init, init_how, image_hashes)
+
+    def done(
+        self, cid: str, seconds: float, steps: int, loss: float | None, output: str, warning: str | None
+    ) -> None:
+        self.ledger.done(cid, seconds, steps, loss, output, warning)
+        self.finished += 1
+        if self.progress is not None:
+            self.progress.finished(cid, "done", loss=loss, output=output)
+
+    def fail(self, cid: str, error: str, seconds: float | None = None) -> None:
+        self.ledger.fail(cid, error, seconds)
+        self.finished += 1
+        if self.progress is not None:
+            self.progress.finished(cid, "failed", error=error)
+
+
+def work(
+    specs: Sequence[ConceptSpec],
+    out: Path,
+    model,
+    cfg: InversionConfig,
+    settings: BatchSettings,
+    recorder,
+    encoder=None,
+    encoder_meta: dict[str, str] | None = None,
+    space=None,
+    stop=None,
+) -> bool:
+    """Turn ``specs`` into words on one loaded model, keeping the group full; each concept's
+    start, end or failure goes to ``recorder`` (a :class:`Recording`, or what a worker sends back)
+    after its files are written. Returns True when ``stop`` asked it to stop (every slot then
+    checkpointed at a step boundary)."""
+    from oneword.inversion.group import GroupEngine
+
+    todo = deque(specs)
     engine = GroupEngine(model, settings.group) if settings.steps else None
     jobs: dict[int, _Job] = {}
-    t0, finished, interrupted = time.perf_counter(), 0, False
     spaces: dict[str, object] = {} if space is None else {"space": space}
 
     def fail(job: _Job, error: str) -> None:
-        nonlocal finished
-        ledger.fail(job.spec.id, error, time.perf_counter() - job.t0 if job.t0 else None)
+        recorder.fail(job.spec.id, error, time.perf_counter() - job.t0 if job.t0 else None)
         (job.folder / CHECKPOINT).unlink(missing_ok=True)  # a retry starts over
         logger.warning("%s failed: %s", job.spec.id, error)
-        finished += 1
-        progress.finished(job.spec.id, "failed", error=error)
 
     def finish(job: _Job, vectors, steps: int, loss: float | None) -> None:
-        nonlocal finished
         extra = {**(encoder_meta or {}), "oneword.batch_id": job.spec.id, "oneword.method": settings.method}
         if job.choice is not None:
             extra.update(job.choice.metadata())
@@ -252,9 +316,7 @@ def run_batch(
         files = RunFolder(job.folder).write_word(Embedding(job.cfg.token, vectors, meta))
         atomic_write_text(job.folder / CONFIG, job.cfg.to_yaml())
         output = os.path.relpath(files[0], out)  # OUT may be moved, or the next run started elsewhere
-        ledger.done(job.spec.id, time.perf_counter() - job.t0, steps, loss, output, job.warning)
-        finished += 1
-        progress.finished(job.spec.id, "done", loss=loss, output=str(files[0]))
+        recorder.done(job.spec.id, time.perf_counter() - job.t0, steps, loss, output, job.warning)
 
     def save(sid: int) -> None:
         ts = engine.state(sid)
@@ -275,49 +337,33 @@ def run_batch(
             del jobs[sid]
             join(job)
 
-    stop = _StopBetweenSteps()
-    try:
-        with stop:
-            while todo or jobs:
-                if stop.requested:
-                    interrupted = True
-                    for sid in jobs:  # states at a step boundary
-                        save(sid)
-                    break
-                free = settings.group - len(jobs)
-                if todo and free > 0:
-                    wave = [todo.popleft() for _ in range(min(free, len(todo)))]
-                    for job in _prepare(wave, out, model, cfg, settings, ledger, encoder, spaces, fail):
-                        if engine is None:  # the encoder alone
-                            finish(job, job.start, 0, None)
-                        else:
-                            join(job)
-                    continue
-                engine.step()
-                for sid in list(jobs):
-                    slot = engine.slot(sid)
-                    if slot.active:
-                        if settings.save_every and slot.step % settings.save_every == 0:
-                            save(sid)
-                        continue
-                    job, res = jobs.pop(sid), engine.remove(sid)
-                    if res.error:
-                        fail(job, res.error)
-                    else:
-                        finish(job, res.vectors, res.step, res.loss)
-            progress.close()
-            if settings.preview_steps and not interrupted:
-                write_previews(model, ledger, settings, out, stop)
-            if settings.format == "shards" and not interrupted:
-                from oneword.batch.pack import pack
-
-                pack(out, ledger, settings.per_shard)
-    except KeyboardInterrupt:  # a second Ctrl-C: the last periodic checkpoints stand
-        interrupted = True
-    finally:
-        progress.close()
-    write_report(out, ledger)
-    return BatchResult(ledger.counts(), finished, time.perf_counter() - t0, interrupted)
+    while todo or jobs:
+        if stop is not None and stop.requested:
+            for sid in jobs:  # states at a step boundary
+                save(sid)
+            return True
+        free = settings.group - len(jobs)
+        if todo and free > 0:
+            wave = [todo.popleft() for _ in range(min(free, len(todo)))]
+            for job in _prepare(wave, out, model, cfg, settings, recorder, encoder, spaces, fail):
+                if engine is None:  # the encoder alone
+                    finish(job, job.start, 0, None)
+                else:
+                    join(job)
+            continue
+        engine.step()
+        for sid in list(jobs):
+            slot = engine.slot(sid)
+            if slot.active:
+                if settings.save_every and slot.step % settings.save_every == 0:
+                    save(sid)
+                continue
+            job, res = jobs.pop(sid), engine.remove(sid)
+            if res.error:
+                fail(job, res.error)
+            else:
+                finish(job, res.vectors, res.step, res.loss)
+    return False
 
 
 #: A concept that was being worked on when this many runs stopped is failed (a crash it causes).
@@ -463,7 +509,7 @@ def _resume(engine, sid: int, job: _Job) -> bool:
     return True
 
 
-def _prepare(wave, out, model, cfg, settings, ledger, encoder, spaces, fail) -> list[_Job]:
+def _prepare(wave, out, model, cfg, settings, recorder, encoder, spaces, fail) -> list[_Job]:
     """Load a wave of concepts' images, choose their initializers and predict their words, in
     one batched pass each; concepts that cannot start are failed."""
     from oneword.data.images import load_files
@@ -515,7 +561,7 @@ def _prepare(wave, out, model, cfg, settings, ledger, encoder, spaces, fail) -> 
         job.choice = choice
         job.cfg = _concept_cfg(cfg, job.spec, choice.word, settings)
         job.folder.mkdir(parents=True, exist_ok=True)
-        ledger.start(job.spec.id, choice.word, choice.how, job.hashes)
+        recorder.start(job.spec.id, choice.word, choice.how, job.hashes)
         ready.append(job)
     if ready and encoder is not None and settings.method == "encode":
         from oneword.encoder.model import predict_embeddings
