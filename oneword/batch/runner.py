@@ -201,13 +201,16 @@ def run_batch(
     encoder=None,
     encoder_meta: dict[str, str] | None = None,
     space=None,
+    remote=None,
 ) -> BatchResult:
     """Work through every pending concept of ``ledger`` that ``specs`` describe (see the module
     docstring). ``cfg`` holds the inversion settings shared by all concepts (token, initializer and
     steps are set per concept); ``encoder`` is needed with method encode; ``space`` is the CLIP
-    space of ``auto`` initializers (default: the encoder's). Ctrl-C checkpoints every slot and
-    returns ``interrupted``."""
-    if settings.method == "encode" and encoder is None:
+    space of ``auto`` initializers (default: the encoder's). ``remote(specs, recorder, stop)``, if
+    given, does the work elsewhere instead (:func:`oneword.batch.distributed.work_on_ray`: Ray
+    actors, each with its own model, which also render the previews); this process keeps the
+    ledger. Ctrl-C checkpoints every slot and returns ``interrupted``."""
+    if settings.method == "encode" and encoder is None and remote is None:
         raise ValueError("method encode needs an encoder")
     out = Path(out)
     todo = _pending(specs, ledger, settings, out)
@@ -217,9 +220,14 @@ def run_batch(
     stop = _StopBetweenSteps()
     try:
         with stop:
-            interrupted = work(todo, out, model, cfg, settings, recorder, encoder, encoder_meta, space, stop)
+            if remote is not None:
+                interrupted = remote(todo, recorder, stop)
+            else:
+                interrupted = work(
+                    todo, out, model, cfg, settings, recorder, encoder, encoder_meta, space, stop
+                )
             recorder.progress.close()
-            if settings.preview_steps and not interrupted:
+            if settings.preview_steps and not interrupted and remote is None:
                 write_previews(model, ledger, settings, out, stop)
             if settings.format == "shards" and not interrupted:
                 from oneword.batch.pack import pack
@@ -291,14 +299,16 @@ def work(
     encoder_meta: dict[str, str] | None = None,
     space=None,
     stop=None,
+    previews: bool = False,
 ) -> bool:
     """Turn ``specs`` into words on one loaded model, keeping the group full; each concept's
     start, end or failure goes to ``recorder`` (a :class:`Recording`, or what a worker sends back)
-    after its files are written. Returns True when ``stop`` asked it to stop (every slot then
-    checkpointed at a step boundary)."""
+    after its files are written; with ``previews``, their previews are rendered at the end. Returns
+    True when ``stop`` asked it to stop (every slot then checkpointed at a step boundary)."""
     from oneword.inversion.group import GroupEngine
 
     todo = deque(specs)
+    words: list[Path] = []
     engine = GroupEngine(model, settings.group) if settings.steps else None
     jobs: dict[int, _Job] = {}
     spaces: dict[str, object] = {} if space is None else {"space": space}
@@ -316,6 +326,8 @@ def work(
         files = RunFolder(job.folder).write_word(Embedding(job.cfg.token, vectors, meta))
         atomic_write_text(job.folder / CONFIG, job.cfg.to_yaml())
         output = os.path.relpath(files[0], out)  # OUT may be moved, or the next run started elsewhere
+        if previews and settings.preview_steps:
+            words.append(files[0])
         recorder.done(job.spec.id, time.perf_counter() - job.t0, steps, loss, output, job.warning)
 
     def save(sid: int) -> None:
@@ -363,6 +375,8 @@ def work(
                 fail(job, res.error)
             else:
                 finish(job, res.vectors, res.step, res.loss)
+    if words:
+        render_previews(model, words, settings.preview_steps)
     return False
 
 
@@ -429,20 +443,25 @@ SHEET = "contact_sheet.png"
 def write_previews(model, ledger: Ledger, settings: BatchSettings, out: Path, stop=None) -> None:
     """``preview.png`` of every done concept that has none yet (after the optimization: the
     word is added to the model's tokenizer only here, when no group is running)."""
+    words = [out / r.output for r in ledger.rows("done") if r.output]
+    words = [w for w in words if not (w.parent / PREVIEW).is_file()]
+    render_previews(model, words, settings.preview_steps, settings.progress, stop)
+
+
+def render_previews(model, words: Sequence[Path], steps: int, progress: bool = False, stop=None) -> None:
+    """``preview.png`` beside each of the word files ``words`` (no group may be running)."""
     from tqdm.auto import tqdm
 
     from oneword.encoder.pipeline import render_preview
     from oneword.inversion.embedding_io import load_embedding
 
-    words = [out / r.output for r in ledger.rows("done") if r.output]
-    words = [w for w in words if not (w.parent / PREVIEW).is_file()]
-    for word in tqdm(words, desc="previews", unit="word", disable=not settings.progress, dynamic_ncols=True):
+    for word in tqdm(words, desc="previews", unit="word", disable=not progress, dynamic_ncols=True):
         if stop is not None and stop.requested:
             break
         emb = load_embedding(word)
         model.clear_placeholders()
         model.add_placeholder(emb.token, emb.vectors)
-        render_preview(model, emb.token, word.parent, settings.preview_steps)
+        render_preview(model, emb.token, Path(word).parent, steps)
     model.clear_placeholders()
 
 
@@ -512,7 +531,6 @@ def _resume(engine, sid: int, job: _Job) -> bool:
 def _prepare(wave, out, model, cfg, settings, recorder, encoder, spaces, fail) -> list[_Job]:
     """Load a wave of concepts' images, choose their initializers and predict their words, in
     one batched pass each; concepts that cannot start are failed."""
-    from oneword.data.images import load_files
     from oneword.encoder.autoinit import AUTO, resolve_inits
 
     jobs = []
@@ -521,10 +539,7 @@ def _prepare(wave, out, model, cfg, settings, recorder, encoder, spaces, fail) -
         if spec.problems:
             fail(job, "; ".join(spec.problems))
             continue
-        if spec.loader is not None:  # shards
-            images, bad = spec.loader(cfg.max_pixels)
-        else:
-            images, bad = load_files(spec.images, max_pixels=cfg.max_pixels)
+        images, bad = spec.load(cfg.max_pixels)
         if not images:
             fail(job, f"no usable images: {', '.join(bad[:3])}")
             continue

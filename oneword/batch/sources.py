@@ -21,11 +21,9 @@ the same: they name one run folder on case-insensitive file systems, and one tok
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import tarfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from oneword.data.images import IMAGE_SUFFIXES
@@ -46,9 +44,29 @@ class ConceptSpec:
     """Where the source describes it (a folder, or a manifest's line), for error messages."""
     problems: list[str] = field(default_factory=list)
     """What is wrong with it that does not stop the others (e.g. image files that do not exist)."""
-    loader: Callable[[int], tuple[list, list[str]]] | None = None
-    """Where the images are not files (shards): ``loader(max_pixels)`` gives the loaded images and
-    a line per unusable one, as :func:`oneword.data.images.load_files` does."""
+    shard: str | None = None
+    """A shard source: the ``.tar`` file whose ``members`` are the images (``images`` is empty)."""
+    members: list[str] = field(default_factory=list)
+
+    def load(self, max_pixels: int) -> tuple[list, list[str]]:
+        """The usable images and a line per unusable one (:func:`oneword.data.images.load_files`)."""
+        from oneword.data.images import load_blobs, load_files
+
+        if self.shard is None:
+            return load_files(self.images, max_pixels=max_pixels)
+        with tarfile.open(self.shard) as tar:
+            blobs = [
+                (f"{Path(self.shard).name}:{name}", tar.extractfile(name).read()) for name in self.members
+            ]
+        return load_blobs(blobs, max_pixels=max_pixels)
+
+    def to_dict(self) -> dict:
+        """A JSON-able form (for workers in other processes); :meth:`from_dict` inverts it."""
+        return {**asdict(self), "images": [str(p) for p in self.images]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConceptSpec:
+        return cls(**{**d, "images": [Path(p) for p in d["images"]]})
 
 
 def read_source(source: str | Path) -> list[ConceptSpec]:
@@ -75,7 +93,7 @@ def read_source(source: str | Path) -> list[ConceptSpec]:
     if not specs:
         raise InputError(f"{source} holds no concepts")
     check_ids(specs)
-    for spec in (s for s in specs if s.loader is None):
+    for spec in (s for s in specs if s.shard is None):
         missing = [str(p) for p in spec.images if not p.is_file()]
         if missing:
             spec.problems.append(
@@ -213,20 +231,13 @@ def _shard_source(spec: str) -> list[ConceptSpec]:
                     (p for p in parts if p.endswith(".png") and p[:-4].isdigit()), key=lambda p: int(p[:-4])
                 )
                 where = f"{shard}:{key}"
-                spec_ = ConceptSpec(key, [], init, None, where)
-                spec_.loader = functools.partial(_load_sample, shard, [parts[n].name for n in names])
+                spec_ = ConceptSpec(
+                    key, [], init, None, where, shard=shard, members=[parts[n].name for n in names]
+                )
                 if not names:
                     spec_.problems.append(f"no images in shard sample {where}")
                 specs.append(spec_)
     return specs
-
-
-def _load_sample(shard: str, members: list[str], max_pixels: int) -> tuple[list, list[str]]:
-    from oneword.data.images import load_blobs
-
-    with tarfile.open(shard) as tar:
-        blobs = [(f"{Path(shard).name}:{name}", tar.extractfile(name).read()) for name in members]
-    return load_blobs(blobs, max_pixels=max_pixels)
 
 
 def _csv_source(path: Path) -> list[ConceptSpec]:

@@ -89,6 +89,17 @@ def build_parser(prog: str = "ti batch"):
     p.add_argument("--per-shard", type=int, default=1000, help="with --format shards: concepts per shard")
     p.add_argument("--log-json", action="store_true", help="one JSON line per finished concept on stdout")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run the work in Ray actors (one per GPU, else CPU actors): alone, a local Ray instance; "
+        "with an address (auto, ray://host:10001), that cluster (pip install 'oneword[ray]')",
+    )
+    p.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per GPU, else 2)")
+    p.add_argument("--ray-cpus", type=int, default=1, help="CPU threads of each CPU actor")
     progress_option(p)
     add_dataclass_options(
         p,
@@ -159,7 +170,7 @@ def _run(args) -> int:
 
         require_pyarrow()
     specs = read_source(args.source)  # and its ids checked, before a model loads
-    encoder = enc_meta = None
+    encoder = enc_meta = enc_path = None
     model_name = args.model
     if encode:
         from oneword.encoder.model import TRAIN_ONE, check_fits, load_encoder
@@ -184,7 +195,9 @@ def _run(args) -> int:
         base["num_vectors"] = encoder.cfg.num_vectors
     out = Path(args.out)
     with RunFolder(out):  # one batch process per OUT
-        model = load_model(model_name, device=args.device, dtype=weights_dtype(args.mixed_precision))
+        # with --ray the actors load the model where they run; this process needs its tokenizers only
+        device = "cpu" if args.ray else args.device
+        model = load_model(model_name, device=device, dtype=weights_dtype(args.mixed_precision))
         if model.family == "toy" and base.get("template") == "object":
             base["template"] = "toy"  # the toy text encoder knows only toy-caption words
         try:
@@ -203,8 +216,29 @@ def _run(args) -> int:
                 from oneword.eval.space import default_space_name, load_space
 
                 space = load_space(default_space_name(model.family), device=model.device)
+        remote = None
+        if args.ray:
+            import functools
+
+            from oneword.batch.distributed import RayPlan, WorkerSpec, work_on_ray
+
+            plan = RayPlan(None if args.ray == "local" else args.ray, args.ray_workers, args.ray_cpus)
+            worker = WorkerSpec(
+                str(out.resolve()),
+                str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
+                weights_dtype(args.mixed_precision),
+                cfg.to_dict(),
+                dataclasses.asdict(settings),
+                str(enc_path.resolve()) if encoder is not None else None,
+                enc_meta,
+                use_gpu=False,
+                threads=args.ray_cpus,
+            )
+            remote = functools.partial(
+                work_on_ray, worker=worker, plan=plan, group=settings.group, progress=settings.progress
+            )
         with Ledger.open(out, identity(settings, cfg, model_name, enc_meta)) as ledger:
-            result = run_batch(specs, out, model, cfg, settings, ledger, encoder, enc_meta, space)
+            result = run_batch(specs, out, model, cfg, settings, ledger, encoder, enc_meta, space, remote)
     print_summary(result, out)
     if result.interrupted:
         print("rerun the same command to continue", file=sys.stderr)

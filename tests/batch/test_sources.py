@@ -8,7 +8,7 @@ import pytest
 from conftest import make_concept_images
 
 from oneword.batch.ledger import Ledger
-from oneword.batch.sources import read_source
+from oneword.batch.sources import ConceptSpec, read_source
 from oneword.errors import InputError
 
 
@@ -129,7 +129,8 @@ def test_shards_as_a_source(tmp_path):
         specs = read_source(source)
         assert [s.id for s in specs][:2] == ["c0", "c1"] and specs[0].init == "disc"
     specs = read_source(tmp_path / "shards")
-    images, bad = specs[2].loader(64 * 1024 * 1024)
+    images, bad = specs[2].load(64 * 1024 * 1024)
+    assert ConceptSpec.from_dict(json.loads(json.dumps(specs[2].to_dict()))) == specs[2]
     assert len(images) == 4 and not bad and images[0].image.size == (48, 40)
     assert images[0].sha256 != images[1].sha256
     paths[1].write_bytes(paths[1].read_bytes()[:700])  # a damaged shard: refused before any work
