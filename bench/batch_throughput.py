@@ -14,7 +14,8 @@ encoder + ``--refine`` steps with ``--init auto``:
 - ``batch G=g`` for each ``--groups`` value.
 
 Each method runs as its own child process: wall-clock seconds and the peak resident memory of the
-child and its children (``wait4``). Quality is the attribute oracle's ``recon_oracle`` of every
+largest single process among the child and its descendants (``wait4``; with ``--ray-workers``,
+Ray runs several actors and daemons at once, so their sum is larger). Quality is the attribute oracle's ``recon_oracle`` of every
 word (the evaluation protocol's CPU preset), paired per concept with the loop's. Each method's
 result is saved as soon as it is measured (``progress.json`` in ``--out``): rerun the same command
 to finish an interrupted run.
@@ -53,7 +54,7 @@ def _loop(folders: list[Path], out: Path, refine: int) -> None:
 
 
 def _words(out: Path, method: str, names: list[str]) -> dict[str, Path]:
-    base = out / method / ("concepts" if method.startswith("batch") else "")
+    base = out / method / ("concepts" if not method.startswith("loop") else "")
     return {n: base / n / "learned_embeds.safetensors" for n in names}
 
 
@@ -62,6 +63,12 @@ def main() -> None:
     p.add_argument("--concepts", type=int, default=24, help="held-out toy concepts (draws of 12)")
     p.add_argument("--refine", type=int, default=200)
     p.add_argument("--groups", type=int, nargs="+", default=[8, 16])
+    p.add_argument(
+        "--no-loop", action="store_true", help="only the batch groups (and Ray); the first is the baseline"
+    )
+    p.add_argument(
+        "--ray-workers", type=int, default=0, help="also ti batch --ray with N one-thread CPU actors"
+    )
     p.add_argument("--out", default="runs/bench-batch")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench" / "batch_throughput.json"))
     p.add_argument("--loop-child", nargs="+", help=argparse.SUPPRESS)
@@ -76,6 +83,8 @@ def main() -> None:
     from oneword.toy.concepts import write_bench_concepts
 
     plan = {"concepts": args.concepts, "refine": args.refine, "groups": args.groups}
+    if args.no_loop or args.ray_workers:
+        plan.update(no_loop=args.no_loop, ray_workers=args.ray_workers)
     progress_file = out / "progress.json"
     done = json.loads(progress_file.read_text()) if progress_file.is_file() else {"plan": plan, "methods": {}}
     if done["plan"] != plan:
@@ -97,22 +106,33 @@ def main() -> None:
             (flat / f.name).symlink_to(f.resolve())
     names = [f.name for f in folders]
     log = out / "log.txt"
-    methods = {
-        "loop": [
-            sys.executable,
-            __file__,
-            "--out",
-            str(out),
-            "--refine",
-            str(args.refine),
-            "--loop-child",
-            *map(str, folders),
-        ]
-    }
-    for g in [1, *args.groups]:
+    methods = (
+        {}
+        if args.no_loop
+        else {
+            "loop": [
+                sys.executable,
+                __file__,
+                "--out",
+                str(out),
+                "--refine",
+                str(args.refine),
+                "--loop-child",
+                *map(str, folders),
+            ]
+        }
+    )
+    for g in ([] if args.no_loop else [1]) + args.groups:
         methods[f"batch G={g}"] = [
             sys.executable, "-m", "oneword.cli", "batch", str(flat), "--out", str(out / f"batch G={g}"),
             "--refine", str(args.refine), "--group", str(g), "--no-progress", "--preview-steps", "0",
+        ]  # fmt: skip
+    if args.ray_workers:
+        g, name = max(args.groups), f"ray G={max(args.groups)} x{args.ray_workers}"
+        methods[name] = [
+            sys.executable, "-m", "oneword.cli", "batch", str(flat), "--out", str(out / name),
+            "--refine", str(args.refine), "--group", str(g), "--no-progress", "--preview-steps", "0",
+            "--ray", "--ray-workers", str(args.ray_workers), "--ray-cpus", "1",
         ]  # fmt: skip
     for name, cmd in methods.items():
         if name in done["methods"]:
@@ -169,26 +189,28 @@ def _report(done: dict, names: list[str], args, made_by: dict) -> None:
         for m, by_concept in done["quality"].items()
         for c, q in by_concept.items()
     ]
-    loop = done["methods"]["loop"]
+    first = next(iter(done["methods"]))  # the baseline: the loop, or the first group
+    loop = done["methods"][first]
     table = []
     for m, r in done["methods"].items():
-        gap = None if m == "loop" else paired_gap(rows, (m, 0), ("loop", 0), "q")
+        gap = None if m == first else paired_gap(rows, (m, 0), (first, 0), "q")
         q = done["quality"][m]
         table.append(
             {
                 "method": m,
                 "seconds": round(r["seconds"], 1),
                 "concepts_per_hour": round(r["per_hour"], 1),
-                "speedup_vs_loop": round(r["per_hour"] / loop["per_hour"], 2),
+                "baseline": first,
+                "speedup_vs_baseline": round(r["per_hour"] / loop["per_hour"], 2),
                 "peak_mb": round(r["peak_mb"]),
                 "recon_oracle": round(sum(q.values()) / len(q), 4),
-                "minus_loop": None if gap is None else {k: round(v, 4) for k, v in gap.items()},
+                "minus_baseline": None if gap is None else {k: round(v, 4) for k, v in gap.items()},
             }
         )
     for t in table:
-        gap = t["minus_loop"]
+        gap = t["minus_baseline"]
         paired = "" if gap is None else f"  {gap['gap']:+.3f} [{gap['lo']:+.3f}, {gap['hi']:+.3f}]"
-        print(f"{t['method']:>12}: {t['concepts_per_hour']:7.0f}/h  x{t['speedup_vs_loop']:.2f}  "
+        print(f"{t['method']:>12}: {t['concepts_per_hour']:7.0f}/h  x{t['speedup_vs_baseline']:.2f}  "
               f"{t['peak_mb']:5d} MB  recon_oracle {t['recon_oracle']:.3f}{paired}")  # fmt: skip
     doc = {
         "provenance": made_by,
