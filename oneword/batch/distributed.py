@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,10 @@ def work_on_ray(
     """Do ``specs`` in Ray actors and report every event to ``recorder`` (the ledger) as it comes
     back; True when ``stop`` asked to stop (the actors are let go; their concepts' checkpoints of
     the last ``--save-every`` steps stand)."""
+    if not plan.address:
+        # a local instance serves this machine only: its sockets on loopback (Ray reads this
+        # documented switch when it is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -136,8 +141,6 @@ def work_on_ray(
         if plan.address:
             ray.init(address=plan.address, logging_level=logging.WARNING)
         else:
-            import os
-
             ray.init(num_cpus=os.cpu_count(), logging_level=logging.WARNING, include_dashboard=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0

@@ -126,7 +126,7 @@ def run(args) -> int:
 
 
 def _status(args) -> int:
-    from oneword.batch.runner import status
+    from oneword.batch.report import status
 
     target = args.target or args.out
     if not target:

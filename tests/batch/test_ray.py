@@ -34,8 +34,6 @@ def _states(out):
 
 @pytest.mark.slow
 def test_ray_actors_give_the_words_of_one_process_and_reruns_skip(tiny_dirs, tmp_path, capsys):
-    import ray  # the dev install has the ray extra
-
     src = tmp_path / "src"
     for i in range(5):
         make_concept_images(src / f"c{i}", n=2 + i % 3)
@@ -56,5 +54,11 @@ def test_ray_actors_give_the_words_of_one_process_and_reruns_skip(tiny_dirs, tmp
         capsys.readouterr()
         assert main(args) == 0  # the same command again: nothing to do, nothing recorded twice
         assert "0 concept(s)" in capsys.readouterr().err and _states(tmp_path / "ray") == states
+        # the local instance listened on loopback only
+        import ray  # the dev install has the ray extra (imported here: ti batch sets it up first)
+
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     finally:
+        import ray
+
         ray.shutdown()
