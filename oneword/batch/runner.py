@@ -312,7 +312,7 @@ def work(
     words: list[Path] = []
     engine = GroupEngine(model, settings.group) if settings.steps else None
     jobs: dict[int, _Job] = {}
-    spaces: dict[str, object] = {} if space is None else {"space": space}
+    cache: dict[str, object] = {} if space is None else {"space": space}
 
     def fail(job: _Job, error: str) -> None:
         recorder.fail(job.spec.id, error, time.perf_counter() - job.t0 if job.t0 else None)
@@ -358,7 +358,7 @@ def work(
         free = settings.group - len(jobs)
         if todo and free > 0:
             wave = [todo.popleft() for _ in range(min(free, len(todo)))]
-            for job in _prepare(wave, out, model, cfg, settings, recorder, encoder, spaces, fail):
+            for job in _prepare(wave, out, model, cfg, settings, recorder, encoder, cache, fail):
                 if engine is None:  # the encoder alone
                     finish(job, job.start, 0, None)
                 else:
@@ -455,7 +455,7 @@ def _resume(engine, sid: int, job: _Job) -> bool:
     return True
 
 
-def _prepare(wave, out, model, cfg, settings, recorder, encoder, spaces, fail) -> list[_Job]:
+def _prepare(wave, out, model, cfg, settings, recorder, encoder, cache, fail) -> list[_Job]:
     """Load a wave of concepts' images, choose their initializers and predict their words, in
     one batched pass each; concepts that cannot start are failed."""
     from oneword.encoder.autoinit import AUTO, resolve_inits
@@ -479,15 +479,16 @@ def _prepare(wave, out, model, cfg, settings, recorder, encoder, spaces, fail) -
         return []
     given = [j.spec.init or settings.init for j in jobs]
     if any(g == AUTO for g in given):
-        if "space" not in spaces:  # loaded once per run
-            spaces["space"] = encoder.space if encoder is not None else _default_space(model)
+        if "space" not in cache:  # loaded once per run
+            cache["space"] = encoder.space if encoder is not None else _default_space(model)
         choices = resolve_inits(
-            spaces["space"],
+            cache["space"],
             model,
             [[im.image for im in j.images] for j in jobs],
             given,
             settings.init_vocab,
             names=[j.spec.id for j in jobs],
+            cache=cache,  # the CLIP space, candidates and their text features: once per run
         )
     else:
         choices = resolve_inits(None, model, [[] for _ in jobs], given)

@@ -151,9 +151,21 @@ def text_features(space, words: Sequence[str], family: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_probabilities(space, image_sets: Sequence[Sequence[Image.Image]], words: Sequence[str], family: str):
-    """``[concepts, words]`` zero-shot probabilities (one pass over all images)."""
-    classes = text_features(space, words, family)
+def clip_probabilities(
+    space,
+    image_sets: Sequence[Sequence[Image.Image]],
+    words: Sequence[str],
+    family: str,
+    cache: dict | None = None,
+):
+    """``[concepts, words]`` zero-shot probabilities (one pass over all images). ``cache`` keeps
+    the words' text features between calls with the same space and words (``ti batch``'s waves)."""
+    key = ("text_features", id(space), tuple(words), family)
+    classes = cache.get(key) if cache is not None else None
+    if classes is None:
+        classes = text_features(space, words, family)
+        if cache is not None:
+            cache[key] = classes
     flat = F.normalize(space.images([im for s in image_sets for im in s]).float(), dim=-1)
     rows, i = [], 0
     for images in image_sets:
@@ -199,11 +211,12 @@ def choose_inits(
     words: Sequence[str],
     shortlist: int = SHORTLIST,
     draws: int = DRAWS,
+    cache: dict | None = None,
 ) -> list[InitChoice]:
     """The initializer of each concept among ``words``: CLIP's ``shortlist``, reranked by ``model``."""
     if len(words) < 2:
         raise ValueError("zero-shot needs at least two candidate words")
-    probs = clip_probabilities(space, image_sets, words, model.family)
+    probs = clip_probabilities(space, image_sets, words, model.family, cache)
     choices = []
     for images, p in zip(image_sets, probs):
         short = torch.topk(p, min(max(2, shortlist), len(words))).indices.tolist()
@@ -223,6 +236,7 @@ def resolve_inits(
     given: Sequence[str | None],
     vocab=None,
     names: Sequence[str] | None = None,
+    cache: dict | None = None,
 ) -> list[InitChoice]:
     """Each concept's initializer: its ``given`` word, or (where ``None`` or ``auto``) the
     zero-shot choice; a low-confidence choice is logged as a warning."""
@@ -231,8 +245,14 @@ def resolve_inits(
         None if i in todo else InitChoice(str(given[i]), "given") for i in range(len(given))
     ]
     if todo:
-        words = candidate_words(model, vocab)
-        for i, choice in zip(todo, choose_inits(space, model, [image_sets[i] for i in todo], words)):
+        key = ("candidates", id(model), tuple(vocab) if vocab is not None else None)
+        words = cache.get(key) if cache is not None else None
+        if words is None:
+            words = candidate_words(model, vocab)
+            if cache is not None:
+                cache[key] = words
+        chosen = choose_inits(space, model, [image_sets[i] for i in todo], words, cache=cache)
+        for i, choice in zip(todo, chosen):
             out[i] = choice
             if choice.low_confidence:
                 logger.warning(

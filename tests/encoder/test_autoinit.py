@@ -124,3 +124,20 @@ def test_ti_encode_on_a_plain_folder_needs_no_init(tiny_dirs, concept_dir, tmp_p
     vocab.write_text("great white shark\nqzxjvkw\n")
     assert main([*common, "--init-vocab", str(vocab), "--out", str(tmp_path / "bad")]) == 2
     assert "at least two candidate words" in capsys.readouterr().err
+
+
+def test_a_cache_keeps_the_candidates_text_features_between_waves(tiny_dirs, concept_dir, monkeypatch):
+    from oneword.data.images import load_folder
+    from oneword.encoder import autoinit
+
+    encoder, model = tiny_encoder("sd1")
+    images = [im.image for im in load_folder(concept_dir)]
+    calls = []
+    real = autoinit.text_features
+    monkeypatch.setattr(autoinit, "text_features", lambda *a: calls.append(a) or real(*a))
+    cache: dict = {}
+    first = resolve_inits(encoder.space, model, [images], [AUTO], ["dog", "cat", "car"], cache=cache)
+    again = resolve_inits(encoder.space, model, [images], [AUTO], ["dog", "cat", "car"], cache=cache)
+    assert len(calls) == 1 and first == again
+    resolve_inits(encoder.space, model, [images], [AUTO], ["dog", "cat", "car"])  # no cache: computed
+    assert len(calls) == 2
