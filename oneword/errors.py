@@ -19,6 +19,9 @@ class InputError(OneWordError):
 class ImageError(InputError):
     """An image file cannot be used (corrupt, truncated, not an image, too large, ...)."""
 
+    kind: str = "bad"
+    """``too_large`` (pixels or memory), ``not_image``, or ``bad`` (corrupt, truncated, odd)."""
+
 
 class EmbeddingFileError(InputError):
     """An embedding file cannot be read, or does not fit the model it is used with."""

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -264,6 +265,27 @@ class FrozenLDM:
             emb.vectors.detach()[_rows(emb, ids)].float().cpu().clone()
             for emb, ids in zip(self.placeholder_embeddings(), self.token_ids(token))
         ]
+
+    def placeholder_tables(
+        self, words: Sequence[Mapping[str, Sequence[torch.Tensor]]], repeats: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """``batch_vectors`` for :meth:`encode_text`: per text encoder, a ``[samples, new tokens,
+        width]`` table. Row group ``i`` (``repeats[i]`` samples, default 1) reads the stored vectors,
+        except for the placeholders named in ``words[i]``, which read the vectors given there (one
+        ``[n, width]`` tensor per text encoder; gradients flow through them). This is how several
+        concepts share one forward pass without any of them being stored in the model."""
+        out = []
+        for j, emb in enumerate(self.placeholder_embeddings()):
+            base = emb.vectors.detach()
+            tables = []
+            for i, given in enumerate(words):
+                table = base
+                for token, vectors in given.items():
+                    rows = _rows(emb, self.token_ids(token)[j])
+                    table = table.index_put((rows,), vectors[j].to(base.device, base.dtype))
+                tables.append(table.unsqueeze(0).expand(repeats[i] if repeats else 1, -1, -1))
+            out.append(torch.cat(tables))
+        return out
 
     def set_vectors(self, token: str, vectors: list[torch.Tensor]) -> None:
         """Overwrite ``token``'s vectors (one ``[n, width]`` tensor per text encoder, as

@@ -94,7 +94,6 @@ def generate_images(
     generators make seeds portable across devices. ``progress`` is called with each prompt's image
     count when its images are drawn. Images the model's safety checker blacked out are counted in a
     warning (they would silently lower any score made from them)."""
-    pipe = model.pipeline
     size = settings.resolution or model.resolution
     images: list[Image.Image] = []
     flagged = 0
@@ -105,21 +104,17 @@ def generate_images(
         for prompt in prompts:
             conds = {n: model.encode_text([prompt] * n) for n in sizes}
             for seeds in chunks:
-                cond, neg = conds[len(seeds)], uncond[len(seeds)]
-                kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=neg.hidden_states)
-                if cond.pooled is not None:
-                    kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)
-                out = pipe(
-                    num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance,
-                    height=size,
-                    width=size,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                    output_type="pil",
-                    **kwargs,
+                drawn, blacked = sample_conditioned(
+                    model,
+                    conds[len(seeds)],
+                    uncond[len(seeds)],
+                    seeds,
+                    settings.steps,
+                    settings.guidance,
+                    size,
                 )
-                images.extend(out.images)
-                flagged += sum(bool(f) for f in (getattr(out, "nsfw_content_detected", None) or []))
+                images.extend(drawn)
+                flagged += blacked
             if progress is not None:
                 progress(len(settings.seeds))
     if flagged:
@@ -130,6 +125,34 @@ def generate_images(
             len(images),
         )
     return images
+
+
+@torch.no_grad()
+def sample_conditioned(
+    model: FrozenLDM,
+    cond: TextConditioning,
+    negative: TextConditioning,
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float,
+    size: int,
+) -> tuple[list[Image.Image], int]:
+    """One pipeline call: an image per seed (its own CPU generator) from prompt embeddings already
+    made (``len(seeds)`` rows each), with the model's current scheduler; returns the images and how
+    many the safety checker blacked out."""
+    kwargs = dict(prompt_embeds=cond.hidden_states, negative_prompt_embeds=negative.hidden_states)
+    if cond.pooled is not None:
+        kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=negative.pooled)
+    out = model.pipeline(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=size,
+        width=size,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="pil",
+        **kwargs,
+    )
+    return list(out.images), sum(bool(f) for f in (getattr(out, "nsfw_content_detected", None) or []))
 
 
 def render_grid(

@@ -19,6 +19,7 @@ COMMANDS = {
     "encode": "oneword.cli.encode",
     "invert": "oneword.cli.invert",
     "batch": "oneword.cli.batch",
+    "serve": "oneword.cli.serve",
     "generate": "oneword.cli.generate",
     "info": "oneword.cli.info",
     "toy": "oneword.cli.toy",

@@ -79,10 +79,11 @@ class LoadedImage:
 class _Unusable(Exception):
     """Internal: why a file cannot be used (``reason``) and what to do about it (``advice``)."""
 
-    def __init__(self, reason: str, advice: str) -> None:
+    def __init__(self, reason: str, advice: str, kind: str = "bad") -> None:
         super().__init__(reason)
         self.reason = reason
         self.advice = advice
+        self.kind = kind
 
 
 def _one_line(text: str) -> str:
@@ -93,11 +94,14 @@ def _one_line(text: str) -> str:
 def _too_large(pixels: int | None, max_pixels: int, size: str = "") -> _Unusable:
     """The problem of an image over the pixel cap (ours, or Pillow's own bomb limit)."""
     if pixels is not None and pixels <= max_pixels:  # only Pillow's hard limit was hit
-        return _Unusable(f"{size}{pixels} pixels, over Pillow's decompression-bomb limit", "downscale it")
+        return _Unusable(
+            f"{size}{pixels} pixels, over Pillow's decompression-bomb limit", "downscale it", "too_large"
+        )
     shown = f"{size}{pixels} pixels" if pixels is not None else "too many pixels"
     return _Unusable(
         f"{shown}, over the --max-pixels cap of {max_pixels}",
         "downscale it, or raise --max-pixels if you trust the file",
+        "too_large",
     )
 
 
@@ -108,9 +112,9 @@ def _classify(err: BaseException, max_pixels: int) -> _Unusable:
         found = re.search(r"\((\d+) pixels\)", detail)
         return _too_large(int(found.group(1)) if found else None, max_pixels)
     if isinstance(err, UnidentifiedImageError):
-        return _Unusable("not an image", "remove it, or convert it to PNG or JPEG")
+        return _Unusable("not an image", "remove it, or convert it to PNG or JPEG", "not_image")
     if isinstance(err, MemoryError):
-        return _Unusable("not enough memory to decode it", "downscale it")
+        return _Unusable("not enough memory to decode it", "downscale it", "too_large")
     if isinstance(err, (OSError, EOFError)) and "truncat" in detail.lower():
         return _Unusable("truncated file", "re-download or re-export it, or remove it")
     if isinstance(err, EOFError):
@@ -276,7 +280,9 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     try:
         return _decode(data, max_pixels, name)
     except _Unusable as bad:
-        raise ImageError(_one_line(f"cannot use image {name}: {bad.reason}; {bad.advice}")) from bad
+        error = ImageError(_one_line(f"cannot use image {name}: {bad.reason}; {bad.advice}"))
+        error.kind = bad.kind
+        raise error from bad
 
 
 def _listed(names: list[str]) -> str:

@@ -299,17 +299,9 @@ class GroupEngine:
     def _batch_vectors(self, members: list[Slot]) -> list[torch.Tensor]:
         """Per text encoder, ``[samples, new tokens, width]``: every sample's table of placeholder
         vectors, holding its slot's vectors at its group token's rows."""
-        ids = {n: self.model.token_ids(group_token(n)) for n in {s.num_vectors for s in members}}
-        out = []
-        for j, emb in enumerate(self.model.placeholder_embeddings()):
-            base = emb.vectors.detach()
-            tables = []
-            for s in members:
-                rows = torch.tensor(ids[s.num_vectors][j], device=base.device) - emb.first_new_id
-                table = base.index_put((rows,), s.params[j])
-                tables.append(table.unsqueeze(0).expand(s.cfg.batch_size, -1, -1))
-            out.append(torch.cat(tables))
-        return out
+        return self.model.placeholder_tables(
+            [{group_token(s.num_vectors): s.params} for s in members], [s.cfg.batch_size for s in members]
+        )
 
     def _ensure_token(self, n: int) -> None:
         name = group_token(n)

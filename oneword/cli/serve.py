@@ -1,0 +1,118 @@
+"""``ti serve``: the personalization service over HTTP; ``ti serve keys add NAME --keys FILE``.
+
+    ti serve                                               # the toy world on 127.0.0.1:8000
+    ti serve --model sd15 --encoder enc.safetensors --keys keys.txt --host 0.0.0.0
+    ti serve keys add alice --keys keys.txt                # prints alice's key once
+
+The library side is :mod:`oneword.serve`; the API is documented at /docs while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from oneword.cli.options import add_dataclass_options, new_parser
+from oneword.errors import OneWordError
+
+HELP = "serve word learning and generation over HTTP (FastAPI); ti serve keys add NAME --keys FILE"
+
+
+def build_parser(prog: str = "ti serve"):
+    from oneword.serve.config import ServeSettings
+
+    p = new_parser(
+        prog,
+        "Serve many users' words on one model: POST photos to /v1/words and get a provisional word "
+        "within about a second and the refined one when the group engine is done; draw images with "
+        "POST /v1/images. State lives in --data (SQLite and content-addressed files): a restarted "
+        "server continues every accepted job. API documentation at http://HOST:PORT/docs.",
+    )
+    p.add_argument(
+        "action", nargs="*", default=[], metavar="keys add NAME", help="make an API key (see --keys)"
+    )
+    p.add_argument(
+        "--model", default=None, help="diffusion model (default: the encoder's; toy with the toy encoder)"
+    )
+    p.add_argument("--encoder", default=None, help="encoder file (default: toy, the shipped toy encoder)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="weights' dtype on the device"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (without --keys: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--keys",
+        default=None,
+        metavar="FILE",
+        help="API keys file ('NAME sha256:HEX' lines; make keys with ti serve keys add NAME --keys FILE); "
+        "each key is a tenant that sees only its own jobs and words",
+    )
+    add_dataclass_options(p, ServeSettings)
+    return p
+
+
+def run(args) -> int:
+    if args.action:
+        return _keys(args)
+    import dataclasses
+
+    from oneword.serve.config import ServeSettings
+    from oneword.serve.server import check_binding, load_world, serve
+    from oneword.serve.service import Service
+
+    try:
+        settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    except ValueError as err:
+        raise OneWordError(f"invalid setting: {err}") from None
+    keys = check_binding(args.host, args.keys)  # before the model loads
+    _json_logs()
+    world, model_name = load_world(args.model, args.encoder, args.device, args.mixed_precision)
+    service = Service(world, settings, keys, model_name)
+    logging.getLogger("oneword.serve").info(
+        "serving %s on http://%s:%d (API docs at /docs; data in %s)",
+        model_name,
+        args.host,
+        args.port,
+        settings.data,
+    )
+    return serve(service, args.host, args.port)
+
+
+def _keys(args) -> int:
+    from oneword.serve.auth import add_key
+
+    if len(args.action) != 3 or args.action[:2] != ["keys", "add"]:
+        raise OneWordError(
+            f"unknown action {' '.join(args.action)!r}; the one action is: ti serve keys add NAME --keys FILE"
+        )
+    if not args.keys:
+        raise OneWordError("give the keys file: ti serve keys add NAME --keys FILE")
+    key = add_key(args.keys, args.action[2])
+    print(f"API key of {args.action[2]} (shown only now; {args.keys} keeps its hash):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _json_logs() -> None:
+    """One JSON object per log line on stderr (the request lines carry their request id)."""
+    import json
+    import time
+
+    class Json(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            message = record.getMessage()
+            line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                    "level": record.levelname.lower(), "logger": record.name}  # fmt: skip
+            try:
+                parsed = json.loads(message) if message.startswith("{") else None
+            except ValueError:
+                parsed = None
+            line.update(parsed if isinstance(parsed, dict) else {"message": message})
+            if record.exc_info:
+                line["exception"] = self.formatException(record.exc_info)
+            return json.dumps(line)
+
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(Json())

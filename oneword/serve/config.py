@@ -1,0 +1,77 @@
+"""The service's settings: limits, queue sizes and defaults of ``ti serve``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1 << 20
+
+
+@dataclass
+class ServeSettings:
+    """How ``ti serve`` accepts and runs work (the model and encoder aside)."""
+
+    data: str = "serve-data"
+    """Folder of the job store (``jobs.sqlite``), the content-addressed files and the checkpoints."""
+    group: int = 8
+    """Words refined together (one UNet pass per step for the whole group)."""
+    refine: int = 200
+    """Refinement steps of a word whose request names none."""
+    max_refine: int = 1000
+    """The most refinement steps a request may ask for."""
+    max_queue: int = 64
+    """Jobs waiting (all keys together); over it, new jobs get 429 with Retry-After."""
+    max_per_key: int = 16
+    """Unfinished jobs (waiting or running) of one API key."""
+    min_files: int = 1
+    """The fewest reference images a word request may send."""
+    max_files: int = 8
+    """The most reference images a word request may send."""
+    max_file_bytes: int = 16 * MIB
+    """Bytes of one reference image file."""
+    max_request_bytes: int = 64 * MIB
+    """Whole request bodies (multipart uploads included); over it, 413 before anything is read."""
+    max_pixels: int = 16_000_000
+    """Pixels of one reference image (checked from its header, before decoding)."""
+    save_every: int = 25
+    """Checkpoint every running word every N steps (kill -9 costs at most this many steps)."""
+    max_images: int = 4
+    """Images per generation request (``n``)."""
+    max_sample_steps: int = 100
+    """Denoising steps a generation request may ask for."""
+    max_generation_queue: int = 32
+    """Generation requests waiting for the worker; over it, 429."""
+    generation_batch: int = 8
+    """Images drawn in one pipeline call (several requests with the same steps and guidance)."""
+    drain_seconds: float = 30.0
+    """On SIGTERM: the most time given to checkpoint running words before the process exits."""
+    max_attempts: int = 5
+    """A job that was running when this many server processes stopped is failed (a crash it causes)."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "group": self.group,
+            "max_queue": self.max_queue,
+            "max_per_key": self.max_per_key,
+            "min_files": self.min_files,
+            "max_files": self.max_files,
+            "max_file_bytes": self.max_file_bytes,
+            "max_request_bytes": self.max_request_bytes,
+            "max_pixels": self.max_pixels,
+            "max_images": self.max_images,
+            "max_sample_steps": self.max_sample_steps,
+            "max_generation_queue": self.max_generation_queue,
+            "generation_batch": self.generation_batch,
+            "max_attempts": self.max_attempts,
+        }
+        bad = [k for k, v in positive.items() if v < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be at least 1")
+        if self.min_files > self.max_files:
+            raise ValueError(f"min_files ({self.min_files}) is above max_files ({self.max_files})")
+        if not 0 <= self.refine <= self.max_refine:
+            raise ValueError(
+                f"refine must be between 0 and max_refine ({self.max_refine}), got {self.refine}"
+            )
+        if self.save_every < 0 or self.drain_seconds <= 0:
+            raise ValueError("save_every must be 0 or more and drain_seconds above 0")

@@ -1,0 +1,453 @@
+"""The service's durable state: jobs and words in SQLite, files content-addressed on disk.
+
+One SQLite database (``DATA/jobs.sqlite``, WAL, ``synchronous=FULL``) holds every job and word;
+a row is committed before the request that made it is answered, so an accepted job survives
+``kill -9``. Uploaded images and word files live under ``DATA/blobs/<2 hex>/<sha256>``, written
+atomically and named by the SHA-256 of their bytes (the same photo uploaded twice is stored once).
+
+Every read and write that a tenant can reach takes the tenant: a row of another tenant is as
+absent as a row that does not exist. One connection serves all threads behind a lock (a request
+holds it for a few milliseconds; the worker writes once per job state change, not per step).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from oneword.fileio import atomic_write_bytes
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    tenant TEXT NOT NULL,
+    state TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    token TEXT NOT NULL,
+    token_key TEXT NOT NULL,
+    init TEXT,
+    init_how TEXT,
+    refine INTEGER NOT NULL,
+    images TEXT NOT NULL,
+    word_id TEXT,
+    step INTEGER NOT NULL DEFAULT 0,
+    loss REAL,
+    error TEXT,
+    cancel INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    idem_key TEXT,
+    body_sha256 TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    provisional_at REAL,
+    finished REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(tenant, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, stage, seq);
+CREATE TABLE IF NOT EXISTS words (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    token TEXT NOT NULL,
+    token_key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    kept TEXT NOT NULL,
+    steps INTEGER NOT NULL,
+    files TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS words_token ON words(tenant, token_key);
+"""
+
+ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "canceled")
+#: ``cancel`` values: keep the best word so far, or keep nothing (the word was deleted).
+CANCEL_KEEP, CANCEL_DISCARD = 1, 2
+
+
+class Conflict(Exception):
+    """The request contradicts what is stored (a reused idempotency key, a token in use): 409."""
+
+
+class Busy(Exception):
+    """The queue (or the key's share of it) is full: 429."""
+
+    def __init__(self, message: str, queued: int) -> None:
+        super().__init__(message)
+        self.queued = queued
+
+
+@dataclass
+class Job:
+    id: str
+    tenant: str
+    state: str
+    stage: str
+    token: str
+    init: str | None
+    init_how: str | None
+    refine: int
+    images: list[str]
+    word_id: str | None
+    step: int
+    loss: float | None
+    error: str | None
+    cancel: int
+    attempts: int
+    created: float
+    started: float | None
+    provisional_at: float | None
+    finished: float | None
+    seq: int
+
+
+@dataclass
+class Word:
+    id: str
+    tenant: str
+    token: str
+    job_id: str
+    status: str
+    """``provisional`` (the encoder's prediction, refinement under way) or ``final``."""
+    kept: str
+    """``encoder``, ``refined``, or ``partial`` (a canceled refinement's last vectors)."""
+    steps: int
+    files: dict[str, str]
+    """Layout -> SHA-256 of the file's bytes."""
+    meta: dict
+    created: float
+    updated: float
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+class Store:
+    """Jobs and words of ``data`` (see the module docstring)."""
+
+    def __init__(self, data: str | Path) -> None:
+        self.data = Path(data)
+        self.data.mkdir(parents=True, exist_ok=True)
+        (self.data / "blobs").mkdir(exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.data / "jobs.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: Sequence = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ----------------------------------------------------------------- blobs
+    def blob_path(self, sha: str) -> Path:
+        return self.data / "blobs" / sha[:2] / sha
+
+    def put_blob(self, sha: str, data: bytes) -> None:
+        path = self.blob_path(sha)
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, data)
+
+    def read_blob(self, sha: str) -> bytes:
+        return self.blob_path(sha).read_bytes()
+
+    def _drop_unused_blobs(self, shas: Sequence[str]) -> None:
+        """Remove word files no word and no job refers to any more (called inside a transaction)."""
+        for sha in set(shas):
+            used = self._db.execute(
+                "SELECT 1 FROM words WHERE files LIKE ? UNION SELECT 1 FROM jobs WHERE images LIKE ? LIMIT 1",
+                (f"%{sha}%", f"%{sha}%"),
+            ).fetchone()
+            if used is None:
+                self.blob_path(sha).unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- jobs
+    def create_job(
+        self,
+        tenant: str,
+        token: str,
+        init: str | None,
+        refine: int,
+        images: Sequence[tuple[str, bytes]],
+        idem_key: str | None,
+        body_sha256: str,
+        max_queue: int,
+        max_per_key: int,
+    ) -> tuple[Job, bool]:
+        """Store a new job and its images, or return the job an earlier request with the same
+        idempotency key made (``created`` False). Raises :class:`Conflict` (the key was used with
+        another body, or the token is the tenant's already) and :class:`Busy` (queue full); nothing
+        is stored then."""
+        key = token.lower()
+        with self._tx() as db:
+            if idem_key is not None:
+                row = db.execute(
+                    "SELECT * FROM jobs WHERE tenant = ? AND idem_key = ?", (tenant, idem_key)
+                ).fetchone()
+                if row is not None:
+                    if row["body_sha256"] != body_sha256:
+                        raise Conflict(
+                            "this Idempotency-Key was used for a different request; use a new key for new work"
+                        )
+                    return _job(row), False
+            clash = db.execute(
+                "SELECT id FROM words WHERE tenant = ? AND token_key = ? UNION "
+                "SELECT id FROM jobs WHERE tenant = ? AND token_key = ? AND state IN ('queued', 'running')",
+                (tenant, key, tenant, key),
+            ).fetchone()
+            if clash is not None:
+                raise Conflict(
+                    f"you already have a word or job with the token {token!r} ({clash['id']}); "
+                    "delete it or pick another token"
+                )
+            queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+            if queued >= max_queue:
+                raise Busy(f"the queue is full ({queued} jobs waiting); retry later", queued)
+            mine = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN ('queued', 'running')", (tenant,)
+            ).fetchone()[0]
+            if mine >= max_per_key:
+                raise Busy(
+                    f"this key has {mine} unfinished jobs, the most allowed; wait for one to finish", queued
+                )
+            for sha, data in images:
+                self.put_blob(sha, data)
+            jid = new_id("job")
+            db.execute(
+                "INSERT INTO jobs (id, tenant, state, stage, token, token_key, init, refine, images, "
+                "idem_key, body_sha256, created) VALUES (?, ?, 'queued', 'encode', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (jid, tenant, token, key, init, refine, json.dumps([s for s, _ in images]), idem_key,
+                 body_sha256, time.time()),
+            )  # fmt: skip
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (jid,)).fetchone()
+        return _job(row), True
+
+    def job(self, job_id: str, tenant: str | None = None) -> Job | None:
+        """The job, if it exists and belongs to ``tenant`` (any tenant's with ``None``: the worker)."""
+        row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            return None
+        return _job(row)
+
+    def jobs(self, tenant: str, limit: int = 100) -> list[Job]:
+        rows = self._all("SELECT * FROM jobs WHERE tenant = ? ORDER BY seq DESC LIMIT ?", (tenant, limit))
+        return [_job(r) for r in rows]
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job to start; None once it runs."""
+        if job.state != "queued":
+            return None
+        row = self._one("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (job.seq,))
+        return int(row[0]) + 1
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(ACTIVE + FINAL, 0)
+        for row in self._all("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            out[row[0]] = int(row[1])
+        return out
+
+    def queued(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")[0])
+
+    def claim(self, stage: str, limit: int) -> list[Job]:
+        """The oldest ``limit`` queued jobs of ``stage``, marked running (the worker's)."""
+        if limit < 1:
+            return []
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' AND stage = ? ORDER BY seq LIMIT ?", (stage, limit)
+            ).fetchall()
+            now = time.time()
+            for row in rows:
+                db.execute(
+                    "UPDATE jobs SET state = 'running', started = COALESCE(started, ?) WHERE id = ?",
+                    (now, row["id"]),
+                )
+            ids = [r["id"] for r in rows]
+        return [self.job(i) for i in ids]
+
+    def set_init(self, job_id: str, init: str, init_how: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET init = ?, init_how = ? WHERE id = ?", (init, init_how, job_id))
+
+    def recover(self, max_attempts: int) -> tuple[int, int]:
+        """After a restart: jobs a stopped process was running wait again (their checkpoints
+        continue them); those that were running in ``max_attempts`` stopped processes fail.
+        Returns (requeued, failed)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE state = 'running'")
+            failed = db.execute(
+                "UPDATE jobs SET state = 'failed', finished = ?, error = ? "
+                "WHERE state = 'running' AND attempts >= ?",
+                (time.time(), f"the server stopped {max_attempts} times while working on it", max_attempts),
+            ).rowcount
+            requeued = db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+        return requeued, failed
+
+    def request_cancel(self, tenant: str, job_id: str, how: int = CANCEL_KEEP) -> Job | None:
+        """Ask a job to stop. A job that waits for the encoder is canceled at once; one whose word
+        exists or is being refined is marked, and the worker stops it between steps."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)).fetchone()
+            if row is None:
+                return None
+            if row["state"] == "queued":
+                db.execute(
+                    "UPDATE jobs SET state = 'canceled', cancel = ?, finished = ? WHERE id = ?",
+                    (how, time.time(), job_id),
+                )  # a word the encoder made is kept as it is
+                db.execute("UPDATE words SET status = 'final' WHERE job_id = ?", (job_id,))
+            elif row["state"] == "running":
+                db.execute("UPDATE jobs SET cancel = MAX(cancel, ?) WHERE id = ?", (how, job_id))
+        return self.job(job_id)
+
+    def end_job(
+        self,
+        job_id: str,
+        state: str,
+        error: str | None = None,
+        step: int | None = None,
+        loss: float | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, finished = ?, step = COALESCE(?, step), "
+                "loss = COALESCE(?, loss) WHERE id = ?",
+                (state, error, time.time(), step, loss, job_id),
+            )
+
+    # ----------------------------------------------------------------- words
+    def put_word(
+        self,
+        job: Job,
+        files: dict[str, bytes],
+        meta: dict,
+        status: str,
+        kept: str,
+        steps: int,
+        end: tuple[str, float | None] | None = None,
+        requeue: bool = False,
+    ) -> Word:
+        """Store the job's word (a new one, or its next version) and, in the same transaction, end
+        the job with ``end`` (state, loss), or with ``requeue`` make it wait for a refinement slot."""
+        shas = {layout: _sha256(data) for layout, data in files.items()}
+        for layout, data in files.items():
+            self.put_blob(shas[layout], data)
+        now = time.time()
+        with self._tx() as db:
+            old = db.execute("SELECT files FROM words WHERE job_id = ?", (job.id,)).fetchone()
+            if old is None:
+                wid = job.word_id or new_id("word")
+                db.execute(
+                    "INSERT INTO words (id, tenant, token, token_key, job_id, status, kept, steps, files, "
+                    "meta, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (wid, job.tenant, job.token, job.token.lower(), job.id, status, kept, steps,
+                     json.dumps(shas), json.dumps(meta), now, now),
+                )  # fmt: skip
+                db.execute(
+                    "UPDATE jobs SET word_id = ?, provisional_at = COALESCE(provisional_at, ?) WHERE id = ?",
+                    (wid, now, job.id),
+                )
+            else:
+                db.execute(
+                    "UPDATE words SET status = ?, kept = ?, steps = ?, files = ?, meta = ?, updated = ? "
+                    "WHERE job_id = ?",
+                    (status, kept, steps, json.dumps(shas), json.dumps(meta), now, job.id),
+                )
+            if requeue:
+                db.execute("UPDATE jobs SET state = 'queued', stage = 'refine' WHERE id = ?", (job.id,))
+            if end is not None:
+                db.execute(
+                    "UPDATE jobs SET state = ?, finished = ?, step = ?, loss = ? WHERE id = ?",
+                    (end[0], now, steps, end[1], job.id),
+                )
+            if old is not None:
+                self._drop_unused_blobs(list(json.loads(old["files"]).values()))
+            row = db.execute("SELECT * FROM words WHERE job_id = ?", (job.id,)).fetchone()
+        return _word(row)
+
+    def word(self, word_id: str, tenant: str) -> Word | None:
+        row = self._one("SELECT * FROM words WHERE id = ? AND tenant = ?", (word_id, tenant))
+        return None if row is None else _word(row)
+
+    def word_of_job(self, job_id: str) -> Word | None:
+        row = self._one("SELECT * FROM words WHERE job_id = ?", (job_id,))
+        return None if row is None else _word(row)
+
+    def words(self, tenant: str) -> list[Word]:
+        return [
+            _word(r) for r in self._all("SELECT * FROM words WHERE tenant = ? ORDER BY created", (tenant,))
+        ]
+
+    def delete_word(self, tenant: str, word_id: str) -> Word | None:
+        """Remove a word (and its files, when nothing else uses them); a job still refining it is
+        canceled without keeping anything."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM words WHERE id = ? AND tenant = ?", (word_id, tenant)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM words WHERE id = ?", (word_id,))
+            db.execute(
+                "UPDATE jobs SET cancel = ? WHERE id = ? AND state IN ('queued', 'running')",
+                (CANCEL_DISCARD, row["job_id"]),
+            )
+            db.execute(
+                "UPDATE jobs SET state = 'canceled', finished = ? WHERE id = ? AND state = 'queued'",
+                (time.time(), row["job_id"]),
+            )
+            self._drop_unused_blobs(list(json.loads(row["files"]).values()))
+        return _word(row)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _job(row: sqlite3.Row) -> Job:
+    d = dict(row)
+    d["images"] = json.loads(d["images"])
+    for k in ("token_key", "idem_key", "body_sha256"):
+        d.pop(k)
+    return Job(**d)
+
+
+def _word(row: sqlite3.Row) -> Word:
+    d = dict(row)
+    d.pop("token_key")
+    d["files"], d["meta"] = json.loads(d["files"]), json.loads(d["meta"])
+    return Word(**d)

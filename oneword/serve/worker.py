@@ -1,0 +1,455 @@
+"""The worker: the one thread that owns the model, learning words and drawing images in turn.
+
+It is a driver of the :class:`~oneword.inversion.group.GroupEngine`, like ``ti batch``'s, fed by
+the job store instead of a dataset. Each turn of its loop, in order of who waits most
+impatiently:
+
+1. draws the waiting generation requests (batched by steps and guidance), so an interactive
+   request waits for at most one refinement step;
+2. stops canceled words between steps (keeping their last vectors);
+3. gives a wave of newly accepted jobs their initializer word and the encoder's prediction in one
+   batched pass, and stores that prediction at once as a usable ``provisional`` word;
+4. fills the group's free slots with jobs whose provisional word exists;
+5. makes one step of the group, checkpointing each slot every ``save_every`` steps and storing
+   the refined word of each slot that finished.
+
+A job's trajectory does not depend on its neighbours in the group (the engine's guarantee), so a
+word is the same whether it was refined alone or among fifteen others.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from oneword.errors import OneWordError
+from oneword.inversion.checkpoint import load_state, save_state
+from oneword.inversion.config import InversionConfig
+from oneword.inversion.embedding_io import DIFFUSERS_FILE, DIFFUSERS_FILE_2, Embedding, load_embedding
+from oneword.inversion.runfolder import RunFolder, word_metadata
+from oneword.serve import events as ev
+from oneword.serve.config import ServeSettings
+from oneword.serve.store import CANCEL_DISCARD, Job, Store
+
+logger = logging.getLogger("oneword.serve")
+
+#: New jobs given their provisional word per pass (small waves: the first word comes sooner).
+ENCODE_WAVE = 4
+
+
+@dataclass
+class World:
+    """What the worker serves: the frozen model, the encoder, and the inversion settings."""
+
+    model: object
+    encoder: object
+    encoder_meta: dict[str, str]
+    cfg: InversionConfig
+    """Shared by every job; token, initializer, steps and seed are set per job."""
+    space: object = None
+    """CLIP space of ``auto`` initializers (default: the encoder's)."""
+    cache: dict = field(default_factory=dict)
+    """Auto-init's candidate words and their text features, made once."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    n: int
+    steps: int
+    guidance: float
+    seed: int
+    words: dict[str, list[torch.Tensor]]
+    """The caller's words (token -> vectors per text encoder) that the prompts use."""
+    size: int
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    accepted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Active:
+    job: Job
+    cfg: InversionConfig
+    fingerprint: dict[str, str]
+
+
+class Worker(threading.Thread):
+    """See the module docstring. ``observe(name, value)`` receives measurements (metrics)."""
+
+    def __init__(self, world: World, store: Store, hub: ev.EventHub, settings: ServeSettings, observe=None):
+        super().__init__(name="oneword-worker", daemon=True)
+        self.world, self.store, self.hub, self.settings = world, store, hub, settings
+        self.observe = observe or (lambda name, value: None)
+        self.generation: queue.Queue[GenerationRequest] = queue.Queue(settings.max_generation_queue)
+        self.error: BaseException | None = None
+        self.steps_per_second: float | None = None
+        """Group steps per second (a moving average): each running word advances one step per group step."""
+        self.finished_at: deque[float] = deque(maxlen=50)
+        self.occupancy = 0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._look = True  # the store may hold work
+        self._cancels: set[str] = set()
+        self._engine = None
+        self._active: dict[int, _Active] = {}
+
+    # ----------------------------------------------------------------- from other threads
+    def notify(self, cancel: str | None = None) -> None:
+        """New work in the store, or a job to stop."""
+        if cancel is not None:
+            self._cancels.add(cancel)
+        self._look = True
+        self._wake.set()
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        """Queue a generation request; raises :class:`queue.Full` when too many wait."""
+        self.generation.put_nowait(request)
+        self._wake.set()
+        return request.future
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Checkpoint every running word at a step boundary and end; True when it ended in time."""
+        self._stopping.set()
+        self._wake.set()
+        self.join(timeout)
+        return not self.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        return self.is_alive() and self.error is None and not self._stopping.is_set()
+
+    def words_per_second(self) -> float | None:
+        """Words finished per second over the recent ones."""
+        if len(self.finished_at) < 2:
+            return None
+        span = self.finished_at[-1] - self.finished_at[0]
+        return (len(self.finished_at) - 1) / span if span > 0 else None
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> None:
+        from oneword.inversion.group import GroupEngine
+
+        try:
+            self._engine = GroupEngine(self.world.model, self.settings.group)
+            while not self._stopping.is_set():
+                self._wake.clear()
+                busy = self._generate()
+                self._cancel()
+                if self._look:
+                    self._look = False
+                    busy = self._encode() or busy
+                    self._admit()
+                if self._engine.active:
+                    self._step()
+                elif not busy:
+                    self._wake.wait(1.0)
+                    self._look = True
+            for sid in list(self._active):  # a step boundary: the states continue exactly
+                self._save(sid)
+        except BaseException as err:  # noqa: BLE001 - readiness reports it; jobs resume on restart
+            self.error = err
+            logger.exception("the worker stopped")
+        finally:
+            self._fail_generation("the server is stopping" if self.error is None else "the worker failed")
+
+    # ----------------------------------------------------------------- generation
+    def _generate(self) -> bool:
+        from oneword.sampling import sample_conditioned
+        from oneword.serve.prompts import condition, condition_negative
+
+        requests: list[GenerationRequest] = []
+        while len(requests) < 64:
+            try:
+                requests.append(self.generation.get_nowait())
+            except queue.Empty:
+                break
+        if not requests:
+            return False
+        model = self.world.model
+        groups: dict[tuple, list[tuple[GenerationRequest, int]]] = {}
+        for r in requests:
+            for i in range(r.n):
+                groups.setdefault((r.steps, r.guidance, r.size), []).append((r, r.seed + i))
+        done: dict[int, list] = {id(r): [] for r in requests}
+        for (steps, guidance, size), items in groups.items():
+            batch = self.settings.generation_batch
+            for chunk in (items[i : i + batch] for i in range(0, len(items), batch)):
+                try:
+                    with torch.no_grad():
+                        words = [r.words for r, _ in chunk]
+                        cond = condition(model, [r.prompt for r, _ in chunk], words)
+                        neg = condition_negative(model, [r.negative_prompt for r, _ in chunk], words)
+                        images, _ = sample_conditioned(
+                            model, cond, neg, [s for _, s in chunk], steps, guidance, size
+                        )
+                except Exception as err:  # noqa: BLE001 - these requests fail; the worker goes on
+                    logger.exception("generation failed")
+                    for r, _ in chunk:
+                        if not r.future.done():
+                            r.future.set_exception(err)
+                    continue
+                for (r, seed), image in zip(chunk, images):
+                    done[id(r)].append((seed, image))
+        for r in requests:
+            if not r.future.done():
+                r.future.set_result(done[id(r)])
+                self.observe("generation_seconds", time.perf_counter() - r.accepted)
+        return True
+
+    def _fail_generation(self, why: str) -> None:
+        while True:
+            try:
+                r = self.generation.get_nowait()
+            except queue.Empty:
+                return
+            r.future.set_exception(RuntimeError(why))
+
+    # ----------------------------------------------------------------- encode
+    def _encode(self) -> bool:
+        """Give the oldest new jobs their provisional words; True when there were any."""
+        from oneword.encoder.autoinit import AUTO, resolve_inits
+        from oneword.encoder.model import predict_embeddings
+
+        jobs = self.store.claim("encode", ENCODE_WAVE)
+        if not jobs:
+            return False
+        self._look = True  # more may wait
+        world, ready = self.world, []
+        for job in jobs:
+            self._publish(job, ev.ENCODING, "encoding", state="running", stage="encode")
+            try:
+                ready.append((job, self._images(job)))
+            except Exception as err:  # noqa: BLE001 - this job's trouble is its own
+                self._fail(job, f"its images cannot be read: {err}")
+        if not ready:
+            return True
+        try:
+            given = [job.init or AUTO for job, _ in ready]
+            space = world.space if world.space is not None else world.encoder.space
+            choices = resolve_inits(
+                space if AUTO in given else None,
+                world.model,
+                [imgs for _, imgs in ready],
+                given,
+                names=[job.id for job, _ in ready],
+                cache=world.cache,
+            )
+            starts = predict_embeddings(
+                world.encoder, world.model, [imgs for _, imgs in ready], [c.word for c in choices]
+            )
+        except Exception as err:  # noqa: BLE001
+            logger.exception("encoding a wave")
+            for job, _ in ready:
+                self._fail(job, f"the encoder failed: {type(err).__name__}: {err}")
+            return True
+        for (job, _), choice, start in zip(ready, choices, starts):
+            self.store.set_init(job.id, choice.word, choice.how)
+            job = self.store.job(job.id)
+            extra = choice.metadata()
+            if job.cancel == CANCEL_DISCARD:
+                self.store.end_job(job.id, "canceled")
+                continue
+            final = job.refine == 0 or job.cancel or job.id in self._cancels
+            end = ("succeeded" if job.refine == 0 else "canceled", None) if final else None
+            self._store_word(job, start, 0, "encoder", extra, end=end, requeue=not final)
+            job = self.store.job(job.id)
+            self.observe("provisional_seconds", (job.provisional_at or time.time()) - job.created)
+            self._publish(job, ev.PROVISIONAL, "provisional", stage="refine")
+            if final:
+                self._ended(job)
+        return True
+
+    def _images(self, job: Job) -> list:
+        from oneword.data.images import decode_image
+
+        return [decode_image(self.store.read_blob(sha), sha[:12]) for sha in job.images]
+
+    # ----------------------------------------------------------------- refine
+    def _job_cfg(self, job: Job) -> InversionConfig:
+        return replace(
+            self.world.cfg,
+            token=job.token,
+            init=job.init,
+            steps=max(1, job.refine),
+            save_every=0,
+            preview_every=0,
+        )
+
+    def _admit(self) -> None:
+        engine = self._engine
+        for job in self.store.claim("refine", engine.capacity - len(engine)):
+            word = self.store.word_of_job(job.id)
+            if word is None or job.cancel:
+                self._stop_job(job, None)
+                continue
+            try:
+                start = self._load_word(word.files["a1111"])
+                cfg = self._job_cfg(job)
+                sid = engine.add(self._images(job), cfg, start, name=job.id)
+            except Exception as err:  # noqa: BLE001
+                logger.debug("adding %s", job.id, exc_info=True)
+                self._fail(job, f"{type(err).__name__}: {err}")
+                continue
+            act = self._active[sid] = _Active(
+                job, cfg, {"images": ",".join(job.images), "start": word.files["a1111"]}
+            )
+            self._resume(sid, act)
+        self.occupancy = len(engine)
+
+    def _load_word(self, sha: str) -> list[torch.Tensor]:
+        return load_embedding(self.store.blob_path(sha)).vectors
+
+    def _checkpoint(self, job: Job) -> Path:
+        return self.store.data / "jobs" / job.id / "last.safetensors"
+
+    def _resume(self, sid: int, act: _Active) -> None:
+        path = self._checkpoint(act.job)
+        if not path.is_file():
+            return
+        try:
+            ts = load_state(path)
+            if ts.meta != act.fingerprint:
+                raise OneWordError("it was made from another start")
+            self._engine.load(sid, ts)
+            logger.info("%s: continuing from step %d", act.job.id, ts.step)
+        except (OneWordError, ValueError, KeyError, RuntimeError) as err:
+            logger.warning("%s: its checkpoint cannot be used (%s); refining from the start", act.job.id, err)
+            path.unlink(missing_ok=True)
+
+    def _save(self, sid: int) -> None:
+        act = self._active[sid]
+        ts = self._engine.state(sid)
+        ts.meta = act.fingerprint
+        path = self._checkpoint(act.job)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_state(path, ts)
+
+    def _step(self) -> None:
+        engine, t0 = self._engine, time.perf_counter()
+        try:
+            losses = engine.step()
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory: the group's words fail
+            logger.exception("a group step failed")
+            for sid in list(self._active):
+                act = self._active.pop(sid)
+                engine.remove(sid)
+                self._fail(act.job, f"the refinement failed: {type(err).__name__}: {err}", keep=True)
+            return
+        took = time.perf_counter() - t0
+        rate = 1.0 / took if took > 0 else 0.0
+        self.steps_per_second = (
+            rate if self.steps_per_second is None else 0.9 * self.steps_per_second + 0.1 * rate
+        )
+        self.observe("refine_steps", len(losses))
+        for sid in list(self._active):
+            act, slot = self._active[sid], engine.slot(sid)
+            if sid in losses:
+                self._publish(
+                    act.job, ev.progress_id(slot.step), "progress", state="running", stage="refine",
+                    step=slot.step, loss=losses[sid],
+                )  # fmt: skip
+            if slot.active:
+                if self.settings.save_every and slot.step % self.settings.save_every == 0:
+                    self._save(sid)
+                continue
+            self._active.pop(sid)
+            res = engine.remove(sid)
+            if res.error:
+                self._fail(act.job, res.error, keep=True)
+            else:
+                self._store_word(act.job, res.vectors, res.step, "refined", end=("succeeded", res.loss))
+                self._ended(self.store.job(act.job.id))
+        self.occupancy = len(engine)
+
+    def _cancel(self) -> None:
+        if not self._cancels:
+            return
+        for sid, act in list(self._active.items()):
+            if act.job.id in self._cancels:
+                self._active.pop(sid)
+                self._stop_job(self.store.job(act.job.id), self._engine.remove(sid))
+        self._cancels = {
+            c for c in self._cancels if (j := self.store.job(c)) is not None and j.state == "running"
+        }
+        self.occupancy = len(self._engine)
+
+    def _stop_job(self, job: Job, res) -> None:
+        """End a canceled job: keep its last vectors (after at least one step) unless the word was deleted."""
+        if job.cancel != CANCEL_DISCARD and res is not None and res.step > 0 and not res.error:
+            self._store_word(job, res.vectors, res.step, "partial", end=("canceled", res.loss))
+        elif job.cancel != CANCEL_DISCARD and self.store.word_of_job(job.id) is not None:
+            word = self.store.word_of_job(job.id)
+            self._store_word(job, self._load_word(word.files["a1111"]), 0, "encoder", end=("canceled", None))
+        else:
+            self.store.end_job(job.id, "canceled")
+        self._ended(self.store.job(job.id))
+
+    # ----------------------------------------------------------------- endings
+    def _fail(self, job: Job, error: str, keep: bool = False) -> None:
+        """Fail a job; with ``keep``, its provisional word stays as a final word."""
+        logger.warning("%s failed: %s", job.id, error)
+        word = self.store.word_of_job(job.id) if keep else None
+        if word is not None:
+            self._store_word(job, self._load_word(word.files["a1111"]), 0, "encoder", end=("failed", None))
+        self.store.end_job(job.id, "failed", error=error)
+        self._ended(self.store.job(job.id))
+
+    def _ended(self, job: Job) -> None:
+        self._checkpoint(job).unlink(missing_ok=True)
+        self._cancels.discard(job.id)
+        if job.state == "succeeded":
+            self.finished_at.append(time.perf_counter())
+            self.observe("job_seconds", (job.finished or time.time()) - job.created)
+        self._look = True  # a slot is free
+        self._publish(job, ev.final_id(job.refine), job.state)
+
+    def _store_word(self, job, vectors, steps: int, kept: str, extra=None, end=None, requeue=False) -> None:
+        world = self.world
+        meta = word_metadata(
+            world.model,
+            job.token,
+            job.init,
+            steps,
+            job.images,
+            {**world.encoder_meta, **(extra or _init_meta(self.store, job)), "oneword.kept": kept,
+             "oneword.job": job.id},
+        )  # fmt: skip
+        files = word_files(Embedding(job.token, vectors, meta))
+        status = "provisional" if requeue else "final"
+        self.store.put_word(job, files, meta, status, kept, steps, end=end, requeue=requeue)
+
+    def _publish(self, job: Job, eid: int, kind: str, **live) -> None:
+        word = self.store.word_of_job(job.id) if kind != "progress" else None
+        fresh = self.store.job(job.id) if kind != "progress" else job
+        self.hub.publish(job.id, ev.Event(eid, kind, ev.snapshot(fresh, word, **live)))
+
+
+def _init_meta(store: Store, job: Job) -> dict[str, str]:
+    """The initializer facts of a job's earlier word (a refined word keeps its provisional's)."""
+    word = store.word_of_job(job.id)
+    if word is None:
+        return {}
+    return {k: v for k, v in word.meta.items() if k.startswith("oneword.init_")}
+
+
+def word_files(embedding: Embedding) -> dict[str, bytes]:
+    """The bytes ``ti invert`` writes for a word, by layout: ``diffusers`` (and ``diffusers_2``,
+    SDXL's second text encoder) and ``a1111`` (the single file)."""
+    with tempfile.TemporaryDirectory(prefix="oneword-word-") as tmp:
+        folder = RunFolder(tmp)
+        folder.write_word(embedding)
+        out = {"diffusers": (Path(tmp) / DIFFUSERS_FILE).read_bytes()}
+        if (Path(tmp) / DIFFUSERS_FILE_2).is_file():
+            out["diffusers_2"] = (Path(tmp) / DIFFUSERS_FILE_2).read_bytes()
+        out["a1111"] = folder.single_file(embedding.token).read_bytes()
+    return out

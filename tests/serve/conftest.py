@@ -1,0 +1,120 @@
+"""The service on the shipped toy world, in process (FastAPI's TestClient) or as a `ti serve` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The toy model and encoder, loaded once (each service's worker uses it in turn)."""
+    from oneword.serve.server import load_world
+
+    world, _ = load_world(None, None, "cpu")
+    return world
+
+
+@pytest.fixture(scope="session")
+def concepts(tmp_path_factory) -> list[Path]:
+    """Four held-out toy concepts, three photos each."""
+    from oneword.toy.concepts import write_concepts
+
+    folders, _ = write_concepts(tmp_path_factory.mktemp("concepts"), 4, 3, seed=3, held_out=True)
+    return [Path(f) for f in folders]
+
+
+def photos(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(folder.glob("*.png"))]
+
+
+def make_service(world, data: Path, keys=None, **settings):
+    from oneword.serve.config import ServeSettings
+    from oneword.serve.service import Service
+
+    return Service(world, ServeSettings(data=str(data), **settings), keys, "toy")
+
+
+def client(service):
+    from fastapi.testclient import TestClient
+
+    from oneword.serve.app import create_app
+
+    return TestClient(create_app(service))
+
+
+def wait_for(c, job_id: str, until, timeout: float = 120, headers=None) -> dict:
+    """Poll the job (bounded in time) until ``until(job)``; returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = c.get(f"/v1/jobs/{job_id}", headers=headers or {}).json()
+        if until(job):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} did not get there in {timeout} s: {job}"
+        time.sleep(0.05)
+
+
+def done(job: dict) -> bool:
+    return job["state"] in ("succeeded", "failed", "canceled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``ti serve`` in a child process on 127.0.0.1, its log in ``data/../server-N.log``."""
+
+    def __init__(self, data: Path, *args: str) -> None:
+        self.data, self.args, self.port, self.proc, self.runs = data, args, free_port(), None, 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> ServerProcess:
+        import httpx
+
+        self.runs += 1
+        self.log = self.data.parent / f"server-{self.runs}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "oneword.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data",
+            str(self.data),
+        ]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([*cmd, *self.args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"ti serve exited: {self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"ti serve not ready in {timeout} s"
+            time.sleep(0.2)
+
+    def kill(self, sig=signal.SIGKILL, timeout: float = 60) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
