@@ -43,6 +43,7 @@ def build_parser(prog: str = "ti serve"):
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--keys",
+        dest="keys_file",
         default=None,
         metavar="FILE",
         help="API keys file ('NAME sha256:HEX' lines; make keys with ti serve keys add NAME --keys FILE); "
@@ -65,7 +66,7 @@ def run(args) -> int:
         settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from None
-    keys = check_binding(args.host, args.keys)  # before the model loads
+    keys = check_binding(args.host, args.keys_file)  # before the model loads
     _json_logs()
     world, model_name = load_world(args.model, args.encoder, args.device, args.mixed_precision)
     service = Service(world, settings, keys, model_name)
@@ -86,10 +87,10 @@ def _keys(args) -> int:
         raise OneWordError(
             f"unknown action {' '.join(args.action)!r}; the one action is: ti serve keys add NAME --keys FILE"
         )
-    if not args.keys:
+    if not args.keys_file:
         raise OneWordError("give the keys file: ti serve keys add NAME --keys FILE")
-    key = add_key(args.keys, args.action[2])
-    print(f"API key of {args.action[2]} (shown only now; {args.keys} keeps its hash):", file=sys.stderr)
+    key = add_key(args.keys_file, args.action[2])
+    print(f"API key of {args.action[2]} (shown only now; {args.keys_file} keeps its hash):", file=sys.stderr)
     print(key)
     return 0
 

@@ -1,0 +1,67 @@
+"""``ti serve`` as a process on 127.0.0.1: kill -9 loses no accepted job; SIGTERM drains."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+import torch
+
+from tests.serve.conftest import ServerProcess, done, photos, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _vectors(c, word_id: str) -> torch.Tensor:
+    from safetensors.torch import load
+
+    return load(c.get(f"/v1/words/{word_id}/file", params={"layout": "a1111"}).content)["emb_params"]
+
+
+def test_kill_9_then_restart_loses_no_accepted_job(concepts, tmp_path):
+    server = ServerProcess(tmp_path / "data", "--refine", "80", "--save-every", "10", "--group", "2")
+    try:
+        server.start()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            jobs = [c.post("/v1/words", files=photos(f), data={"init": "circle"}).json()["id"] for f in concepts[:3]]
+            wait_for(c, jobs[0], lambda j: j["step"] >= 25)
+            assert server.kill(signal.SIGKILL) == -signal.SIGKILL
+        server.start()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            finished = [wait_for(c, j, done, timeout=300) for j in jobs]
+            assert [j["state"] for j in finished] == ["succeeded"] * 3
+            assert all(j["step"] == 80 for j in finished)
+            log = server.log.read_text()
+            assert "continuing from step" in log
+            # the interrupted word equals the same word refined without interruption
+            again = c.post("/v1/words", files=photos(concepts[0]), data={"init": "circle"}).json()["id"]
+            again = wait_for(c, again, done, timeout=300)
+            torch.testing.assert_close(
+                _vectors(c, finished[0]["word_id"]), _vectors(c, again["word_id"]), atol=3e-5, rtol=0
+            )
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_then_the_jobs_continue(concepts, tmp_path):
+    server = ServerProcess(tmp_path / "data", "--refine", "400", "--save-every", "1000", "--drain-seconds", "20")
+    try:
+        server.start()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            job = c.post("/v1/words", files=photos(concepts[1])).json()["id"]
+            at = wait_for(c, job, lambda j: j["step"] >= 5)["step"]
+            t0 = time.monotonic()
+            assert server.kill(signal.SIGTERM, timeout=30) == 0
+            assert time.monotonic() - t0 < 25
+        log = server.log.read_text()
+        assert "draining" in log
+        assert list((tmp_path / "data" / "jobs").glob("*/last.safetensors")), "no checkpoint at the drain"
+        server.start()
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            resumed = wait_for(c, job, lambda j: j["state"] == "running" and j["step"] > 0, timeout=120)
+            assert resumed["step"] >= at  # continued from the drain's checkpoint, not from step 0
+            assert wait_for(c, job, done, timeout=300)["state"] == "succeeded"
+    finally:
+        server.stop()
