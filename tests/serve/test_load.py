@@ -46,7 +46,9 @@ def test_32_clients_64_words_200_generations(concepts, tmp_path):
                 assert r.status_code == 202, r.text
                 accepted.append(r.json()["id"])
             for g in gens:
-                r = call(c, "POST", "/v1/images", json={"prompt": "a photo of a circle", "steps": 5, "seed": g})
+                r = call(
+                    c, "POST", "/v1/images", json={"prompt": "a photo of a circle", "steps": 5, "seed": g}
+                )
                 assert r.status_code == 200, r.text
                 assert len(r.json()["images"]) == 1
             return [wait_for(c, job, done, timeout=max(1.0, deadline - time.monotonic())) for job in accepted]

@@ -25,7 +25,10 @@ def test_kill_9_then_restart_loses_no_accepted_job(concepts, tmp_path):
     try:
         server.start()
         with httpx.Client(base_url=server.url, timeout=30) as c:
-            jobs = [c.post("/v1/words", files=photos(f), data={"init": "circle"}).json()["id"] for f in concepts[:3]]
+            jobs = [
+                c.post("/v1/words", files=photos(f), data={"init": "circle"}).json()["id"]
+                for f in concepts[:3]
+            ]
             wait_for(c, jobs[0], lambda j: j["step"] >= 25)
             assert server.kill(signal.SIGKILL) == -signal.SIGKILL
         server.start()
@@ -46,7 +49,9 @@ def test_kill_9_then_restart_loses_no_accepted_job(concepts, tmp_path):
 
 
 def test_sigterm_drains_then_the_jobs_continue(concepts, tmp_path):
-    server = ServerProcess(tmp_path / "data", "--refine", "400", "--save-every", "1000", "--drain-seconds", "20")
+    server = ServerProcess(
+        tmp_path / "data", "--refine", "400", "--save-every", "1000", "--drain-seconds", "20"
+    )
     try:
         server.start()
         with httpx.Client(base_url=server.url, timeout=30) as c:
