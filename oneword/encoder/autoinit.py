@@ -177,10 +177,11 @@ def clip_probabilities(
 
 @torch.no_grad()
 def denoising_losses(
-    model, images: Sequence[Image.Image], words: Sequence[str], draws: int = DRAWS
+    model, images: Sequence[Image.Image], words: Sequence[str], draws: int = DRAWS, chunk: int = 64
 ) -> torch.Tensor:
     """``[words, draws]``: the model's denoising loss on ``images`` under each word's prompt, with
-    the same latents, noise and timesteps for every word (seeded: the same call gives the same losses)."""
+    the same latents, noise and timesteps for every word (seeded: the same call gives the same
+    losses), several words per UNet call (up to ``chunk`` samples)."""
     from oneword.inversion.bank import AugmentConfig, build_bank
     from oneword.inversion.loss import denoising_loss
     from oneword.models import TextConditioning
@@ -193,14 +194,20 @@ def denoising_losses(
     steps = model.pipeline.scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0.05 * steps, 0.95 * steps, draws).long()  # spread over the schedule
     prompts = [_prompts(w, model.family)[0] for w in words]
+    text = model.encode_text(prompts)
+    per_call = max(1, chunk // draws)  # words per UNet call: the same draws for each, in one batch
     out = []
-    for prompt in prompts:
-        cond = model.encode_text([prompt])
-        cond = TextConditioning(
-            cond.hidden_states.expand(draws, *cond.hidden_states.shape[1:]),
-            None if cond.pooled is None else cond.pooled.expand(draws, *cond.pooled.shape[1:]),
+    for i in range(0, len(prompts), per_call):
+        k = min(per_call, len(prompts) - i)
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[i : i + k].repeat_interleave(draws, 0)
+
+        cond = TextConditioning(rows(text.hidden_states), rows(text.pooled))
+        losses = denoising_loss(
+            model, latents.repeat(k, 1, 1, 1), cond, None, timesteps.repeat(k), noise.repeat(k, 1, 1, 1)
         )
-        out.append(denoising_loss(model, latents, cond, None, timesteps, noise).float().cpu())
+        out += list(losses.float().cpu().view(k, draws))
     return torch.stack(out)
 
 

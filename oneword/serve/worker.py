@@ -147,7 +147,10 @@ class Worker(threading.Thread):
                 self._cancel()
                 if self._look:
                     self._look = False
-                    busy = self._encode() or busy
+                    while self._encode():  # provisional words before refinement steps
+                        busy = True
+                        if not self.generation.empty():
+                            break
                     self._admit()
                 if self._engine.active:
                     self._step()
