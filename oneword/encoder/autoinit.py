@@ -200,10 +200,8 @@ def denoising_losses(
     for i in range(0, len(prompts), per_call):
         k = min(per_call, len(prompts) - i)
 
-        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[i : i + k].repeat_interleave(draws, 0)
-
-        cond = TextConditioning(rows(text.hidden_states), rows(text.pooled))
+        pooled = None if text.pooled is None else text.pooled[i : i + k].repeat_interleave(draws, 0)
+        cond = TextConditioning(text.hidden_states[i : i + k].repeat_interleave(draws, 0), pooled)
         losses = denoising_loss(
             model, latents.repeat(k, 1, 1, 1), cond, None, timesteps.repeat(k), noise.repeat(k, 1, 1, 1)
         )
