@@ -242,9 +242,11 @@ def resolve_inits(
     vocab=None,
     names: Sequence[str] | None = None,
     cache: dict | None = None,
+    draws: int = DRAWS,
 ) -> list[InitChoice]:
     """Each concept's initializer: its ``given`` word, or (where ``None`` or ``auto``) the
-    zero-shot choice; a low-confidence choice is logged as a warning."""
+    zero-shot choice (``draws`` noise draws per shortlisted word); a low-confidence choice is
+    logged as a warning."""
     todo = [i for i, w in enumerate(given) if w is None or w == AUTO]
     out: list[InitChoice | None] = [
         None if i in todo else InitChoice(str(given[i]), "given") for i in range(len(given))
@@ -256,7 +258,7 @@ def resolve_inits(
             words = candidate_words(model, vocab)
             if cache is not None:
                 cache[key] = words
-        chosen = choose_inits(space, model, [image_sets[i] for i in todo], words, cache=cache)
+        chosen = choose_inits(space, model, [image_sets[i] for i in todo], words, draws=draws, cache=cache)
         for i, choice in zip(todo, chosen):
             out[i] = choice
             if choice.low_confidence:

@@ -246,6 +246,7 @@ class Worker(threading.Thread):
                 given,
                 names=[job.id for job, _ in ready],
                 cache=world.cache,
+                draws=self.settings.init_draws,
             )
             starts = predict_embeddings(
                 world.encoder, world.model, [imgs for _, imgs in ready], [c.word for c in choices]
