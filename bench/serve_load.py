@@ -95,7 +95,9 @@ def _cell(url: str, clients: int, words: int, folders: list[Path]) -> dict:
                     i = counter[0]
                     counter[0] += 1
                 folder = folders[i % len(folders)]
-                files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(folder.glob("*.png"))]
+                files = [
+                    ("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(folder.glob("*.png"))
+                ]
                 t0 = time.perf_counter()
                 r = c.post("/v1/words", files=files, data={"token": f"<c{i}>"})
                 while r.status_code == 429:
@@ -144,7 +146,9 @@ def _cell(url: str, clients: int, words: int, folders: list[Path]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--words", type=int, nargs="+", default=[3, 8, 32], help="words per cell, one per --clients")
+    p.add_argument(
+        "--words", type=int, nargs="+", default=[3, 8, 32], help="words per cell, one per --clients"
+    )
     p.add_argument("--refine", type=int, default=200)
     p.add_argument("--group", type=int, default=16, help="the group size of 'on'")
     p.add_argument("--out", default="runs/bench-serve")
