@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-fast lint format bench venv clean
+.PHONY: demo test test-fast lint format bench serve venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ demo: $(STAMP)
 		--prompt "a photo of <red-circle-stripes-silver>" "a photo of <red-circle-stripes-silver> on a teal background" \
 		-n 4 --steps 25 --guidance 5 --out runs/demo/generated.png
 	@echo "demo done: see runs/demo/red-circle-stripes-silver/ (report.md, preview.png, loss.csv, loss.png) and runs/demo/generated.png"
+
+serve: $(STAMP)  # the toy world's service on http://127.0.0.1:8000 (API docs at /docs); see docs/serve.md
+	$(BIN)/ti serve --data runs/serve
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_speed.py --steps 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -62,6 +63,10 @@ def test_sigterm_drains_then_the_jobs_continue(concepts, tmp_path):
             assert time.monotonic() - t0 < 25
         log = server.log.read_text()
         assert "draining" in log
+        lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        requests = [r for r in lines if r.get("event") == "request"]
+        assert requests and all(r["request_id"] and r["status"] for r in requests)
+        assert any(r["path"] == "/v1/words" and r["status"] == 202 for r in requests)
         assert list((tmp_path / "data" / "jobs").glob("*/last.safetensors")), "no checkpoint at the drain"
         server.start()
         with httpx.Client(base_url=server.url, timeout=30) as c:

@@ -1,0 +1,133 @@
+"""The service's parts without a model: keys, binding, prompt rewriting, the job store, settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oneword.errors import InputError, OneWordError
+
+
+def test_keys_file_holds_hashes_and_names_tenants(tmp_path):
+    from oneword.serve.auth import Keys, add_key
+
+    path = tmp_path / "keys.txt"
+    alice, bob = add_key(path, "alice"), add_key(path, "bob")
+    text = path.read_text()
+    assert alice not in text and bob not in text and text.count("sha256:") == 2
+    assert oct(path.stat().st_mode)[-3:] == "600"
+    keys = Keys.load(path)
+    assert keys.tenant(alice) == "alice" and keys.tenant(bob) == "bob"
+    assert keys.tenant(alice + "x") is None and keys.tenant("") is None and keys.tenant(None) is None
+    with pytest.raises(InputError, match="already"):
+        add_key(path, "alice")
+    with pytest.raises(InputError, match="key name"):
+        add_key(path, "no spaces please")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("alice sha256:abc\n")
+    with pytest.raises(InputError, match="line 1"):
+        Keys.load(bad)
+    bad.write_text("# only a comment\n")
+    with pytest.raises(InputError, match="no keys"):
+        Keys.load(bad)
+
+
+def test_without_keys_only_loopback(tmp_path):
+    from oneword.serve.server import check_binding
+
+    assert check_binding("127.0.0.1", None) is None and check_binding("::1", None) is None
+    with pytest.raises(OneWordError, match="loopback only"):
+        check_binding("0.0.0.0", None)
+
+
+def test_ti_serve_keys_add_prints_a_key_once(tmp_path, capsys):
+    from oneword.cli import main
+
+    assert main(["serve", "keys", "add", "carol", "--keys", str(tmp_path / "k.txt")]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("ow_") and key not in (tmp_path / "k.txt").read_text()
+    assert main(["serve", "keys", "remove", "carol", "--keys", str(tmp_path / "k.txt")]) == 2
+
+
+def test_prompts_bind_each_callers_words_to_internal_tokens():
+    from oneword.serve.prompts import bind, words_in
+
+    assert words_in("a <Cat> and a <cat-red>", ["<cat>", "<cat-red>", "<dog>"]) == ["<cat>", "<cat-red>"]
+    one, two = [torch.ones(1, 4)], [torch.zeros(2, 4)]
+    text, table = bind("<CAT> next to <cat-red>, <cat>", {"<cat>": one, "<cat-red>": two})
+    assert text == "<ow-use-0-1> next to <ow-use-1-2>, <ow-use-0-1>"
+    assert table == {"<ow-use-0-1>": one, "<ow-use-1-2>": two}
+    assert bind("a plain prompt", {"<cat>": one}) == ("a plain prompt", {})
+
+
+def _job(store, tenant="t", token="<a>", key=None, body="x", queue=10, per_key=10):
+    return store.create_job(tenant, token, None, 5, [("ab" * 32, b"photo")], key, body, queue, per_key)
+
+
+def test_store_idempotency_conflicts_limits_and_recovery(tmp_path):
+    from oneword.serve.store import Busy, Conflict, Store
+
+    store = Store(tmp_path)
+    job, created = _job(store, key="k1")
+    again, created_again = _job(store, key="k1")
+    assert created and not created_again and again.id == job.id
+    with pytest.raises(Conflict, match="Idempotency-Key"):
+        _job(store, key="k1", body="other")
+    with pytest.raises(Conflict, match="token"):
+        _job(store, token="<A>")
+    other, _ = _job(store, tenant="u", token="<a>")  # another tenant may use the same token
+    assert store.job(other.id, "t") is None and store.job(other.id, "u").id == other.id
+    with pytest.raises(Busy, match="queue is full"):
+        _job(store, token="<b>", queue=2)
+    with pytest.raises(Busy, match="this key"):
+        _job(store, token="<b>", per_key=1)
+    assert store.read_blob("ab" * 32) == b"photo"
+
+    claimed = store.claim("encode", 5)
+    assert [j.id for j in claimed] == [job.id, other.id] and all(j.state == "running" for j in claimed)
+    for attempt in range(1, 4):  # a job running in 3 stopped processes is failed
+        requeued, failed = store.recover(3)
+        assert (requeued, failed) == ((2, 0) if attempt < 3 else (0, 2))
+        if attempt < 3:
+            assert store.job(job.id).state == "queued"
+            store.claim("encode", 5)
+    assert store.job(job.id).state == "failed" and "3 times" in store.job(job.id).error
+    store.close()
+
+
+def test_store_words_replace_their_files_and_cancel_keeps_them(tmp_path):
+    from oneword.serve.store import CANCEL_DISCARD, Store
+
+    store = Store(tmp_path)
+    job, _ = _job(store)
+    store.claim("encode", 1)
+    word = store.put_word(
+        store.job(job.id), {"a1111": b"first"}, {"m": "1"}, "provisional", "encoder", 0, requeue=True
+    )
+    first = store.blob_path(word.files["a1111"])
+    assert first.is_file() and store.job(job.id).state == "queued" and store.job(job.id).stage == "refine"
+    assert store.queue_position(store.job(job.id)) == 1
+    canceled = store.request_cancel("t", job.id)
+    assert canceled.state == "canceled" and store.word_of_job(job.id).status == "final"
+    store.put_word(store.job(job.id), {"a1111": b"second"}, {}, "final", "partial", 3)
+    assert not first.exists()  # no word uses the old file any more
+    gone = store.delete_word("t", word.id)
+    assert (
+        gone is not None
+        and store.word(word.id, "t") is None
+        and not store.blob_path(gone.files["a1111"]).exists()
+    )
+    job2, _ = _job(store, token="<b>")
+    store.claim("encode", 1)
+    store.put_word(store.job(job2.id), {"a1111": b"third"}, {}, "provisional", "encoder", 0)
+    store.delete_word("t", store.word_of_job(job2.id).id)
+    assert store.job(job2.id).cancel == CANCEL_DISCARD
+    store.close()
+
+
+def test_settings_check_themselves():
+    from oneword.serve.config import ServeSettings
+
+    for bad in ({"group": 0}, {"min_files": 5, "max_files": 2}, {"refine": 2000}, {"drain_seconds": 0}):
+        with pytest.raises(ValueError):
+            ServeSettings(**bad)
