@@ -100,8 +100,14 @@ class EventHub:
                 while len(self._history) > self._kept:
                     self._history.popitem(last=False)
             subscribers = list(self._subscribers.get(job_id, ()))
+        self._deliver(job_id, subscribers, event)
+
+    def _deliver(self, job_id: str, subscribers, event: Event | None) -> None:
         for loop, queue in subscribers:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # its event loop is closed: a stream that was never finished
+                self.unsubscribe(job_id, queue)
 
     def progress(self, job_id: str) -> list[Event]:
         with self._lock:
@@ -130,6 +136,6 @@ class EventHub:
         """Wake every stream so that it ends (the server is stopping)."""
         with self._lock:
             self.closed = True
-            subscribers = [s for subs in self._subscribers.values() for s in subs]
-        for loop, queue in subscribers:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            subscribers = {job: list(subs) for job, subs in self._subscribers.items()}
+        for job_id, subs in subscribers.items():
+            self._deliver(job_id, subs, None)

@@ -4,11 +4,13 @@ It is a driver of the :class:`~oneword.inversion.group.GroupEngine`, like ``ti b
 the job store instead of a dataset. Each turn of its loop, in order of who waits most
 impatiently:
 
-1. draws the waiting generation requests (batched by steps and guidance), so an interactive
-   request waits for at most one refinement step;
-2. stops canceled words between steps (keeping their last vectors);
-3. gives a wave of newly accepted jobs their initializer word and the encoder's prediction in one
-   batched pass, and stores that prediction at once as a usable ``provisional`` word;
+1. stops canceled words between steps (keeping their last vectors);
+2. gives newly accepted jobs, in waves of up to 4, their initializer word and the encoder's
+   prediction in one batched pass each, and stores that prediction at once as a usable
+   ``provisional`` word (a short piece of work per word, so it goes first);
+3. draws one pipeline call of waiting images (requests with the same steps and guidance share
+   it), and starts the turn again while images wait, so an interactive request never waits
+   behind the refinement;
 4. fills the group's free slots with jobs whose provisional word exists;
 5. makes one step of the group, checkpointing each slot every ``save_every`` steps and storing
    the refined word of each slot that finished.
@@ -74,6 +76,8 @@ class GenerationRequest:
     size: int
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     accepted: float = field(default_factory=time.perf_counter)
+    drawn: list = field(default_factory=list)
+    """``(seed, image)`` pairs drawn so far."""
 
 
 @dataclass
@@ -102,6 +106,7 @@ class Worker(threading.Thread):
         self._cancels: set[str] = set()
         self._engine = None
         self._active: dict[int, _Active] = {}
+        self._queued_images: list[tuple[GenerationRequest, int]] = []  # images waiting to be drawn
 
     # ----------------------------------------------------------------- from other threads
     def notify(self, cancel: str | None = None) -> None:
@@ -143,15 +148,16 @@ class Worker(threading.Thread):
             self._engine = GroupEngine(self.world.model, self.settings.group)
             while not self._stopping.is_set():
                 self._wake.clear()
-                busy = self._generate()
                 self._cancel()
-                if self._look:
+                busy = False
+                if self._look:  # new words first: each is a short, bounded piece of work
                     self._look = False
-                    while self._encode():  # provisional words before refinement steps
+                    while self._encode():
                         busy = True
-                        if not self.generation.empty():
-                            break
-                    self._admit()
+                if self._generate():  # then one pipeline call of images
+                    busy = True
+                    continue  # new words may have come meanwhile
+                self._admit()
                 if self._engine.active:
                     self._step()
                 elif not busy:
@@ -167,55 +173,58 @@ class Worker(threading.Thread):
 
     # ----------------------------------------------------------------- generation
     def _generate(self) -> bool:
+        """Draw one pipeline call's images (up to ``generation_batch``, all with the steps,
+        guidance and size of the oldest waiting image); True when there were any."""
         from oneword.sampling import sample_conditioned
         from oneword.serve.prompts import condition, condition_negative
 
-        requests: list[GenerationRequest] = []
-        while len(requests) < 64:
-            try:
-                requests.append(self.generation.get_nowait())
-            except queue.Empty:
-                break
-        if not requests:
-            return False
-        model = self.world.model
-        groups: dict[tuple, list[tuple[GenerationRequest, int]]] = {}
-        for r in requests:
-            for i in range(r.n):
-                groups.setdefault((r.steps, r.guidance, r.size), []).append((r, r.seed + i))
-        done: dict[int, list] = {id(r): [] for r in requests}
-        for (steps, guidance, size), items in groups.items():
-            batch = self.settings.generation_batch
-            for chunk in (items[i : i + batch] for i in range(0, len(items), batch)):
-                try:
-                    with torch.no_grad():
-                        words = [r.words for r, _ in chunk]
-                        cond = condition(model, [r.prompt for r, _ in chunk], words)
-                        neg = condition_negative(model, [r.negative_prompt for r, _ in chunk], words)
-                        images, _ = sample_conditioned(
-                            model, cond, neg, [s for _, s in chunk], steps, guidance, size
-                        )
-                except Exception as err:  # noqa: BLE001 - these requests fail; the worker goes on
-                    logger.exception("generation failed")
-                    for r, _ in chunk:
-                        if not r.future.done():
-                            r.future.set_exception(err)
-                    continue
-                for (r, seed), image in zip(chunk, images):
-                    done[id(r)].append((seed, image))
-        for r in requests:
-            if not r.future.done():
-                r.future.set_result(done[id(r)])
-                self.observe("generation_seconds", time.perf_counter() - r.accepted)
-        return True
-
-    def _fail_generation(self, why: str) -> None:
         while True:
             try:
                 r = self.generation.get_nowait()
             except queue.Empty:
-                return
-            r.future.set_exception(RuntimeError(why))
+                break
+            self._queued_images.extend((r, r.seed + i) for i in range(r.n))
+        if not self._queued_images:
+            return False
+        first = self._queued_images[0][0]
+        key = (first.steps, first.guidance, first.size)
+        chunk = [it for it in self._queued_images if (it[0].steps, it[0].guidance, it[0].size) == key]
+        chunk = chunk[: self.settings.generation_batch]
+        taken = {id(it) for it in chunk}
+        self._queued_images = [it for it in self._queued_images if id(it) not in taken]
+        try:
+            with torch.no_grad():
+                words = [r.words for r, _ in chunk]
+                cond = condition(self.world.model, [r.prompt for r, _ in chunk], words)
+                neg = condition_negative(self.world.model, [r.negative_prompt for r, _ in chunk], words)
+                images, _ = sample_conditioned(self.world.model, cond, neg, [s for _, s in chunk], *key)
+        except Exception as err:  # noqa: BLE001 - these requests fail; the worker goes on
+            logger.exception("generation failed")
+            failed = {id(r): r for r, _ in chunk}
+            self._queued_images = [it for it in self._queued_images if id(it[0]) not in failed]
+            for r in failed.values():
+                if not r.future.done():
+                    r.future.set_exception(err)
+            return True
+        for (r, seed), image in zip(chunk, images):
+            r.drawn.append((seed, image))
+            if len(r.drawn) == r.n and not r.future.done():
+                r.future.set_result(sorted(r.drawn, key=lambda d: d[0]))
+                self.observe("generation_seconds", time.perf_counter() - r.accepted)
+        return True
+
+    def _fail_generation(self, why: str) -> None:
+        waiting = {id(r): r for r, _ in self._queued_images}
+        while True:
+            try:
+                r = self.generation.get_nowait()
+            except queue.Empty:
+                break
+            waiting[id(r)] = r
+        self._queued_images = []
+        for r in waiting.values():
+            if not r.future.done():
+                r.future.set_exception(RuntimeError(why))
 
     # ----------------------------------------------------------------- encode
     def _encode(self) -> bool:

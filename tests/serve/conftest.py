@@ -57,6 +57,7 @@ def wait_for(c, job_id: str, until, timeout: float = 120, headers=None) -> dict:
         job = c.get(f"/v1/jobs/{job_id}", headers=headers or {}).json()
         if until(job):
             return job
+        assert not done(job), f"job {job_id} ended without getting there: {job}"
         assert time.monotonic() < deadline, f"job {job_id} did not get there in {timeout} s: {job}"
         time.sleep(0.05)
 

@@ -131,3 +131,21 @@ def test_settings_check_themselves():
     for bad in ({"group": 0}, {"min_files": 5, "max_files": 2}, {"refine": 2000}, {"drain_seconds": 0}):
         with pytest.raises(ValueError):
             ServeSettings(**bad)
+
+
+def test_events_keep_progress_and_drop_streams_whose_loop_closed():
+    import asyncio
+
+    from oneword.serve.events import Event, EventHub
+
+    hub = EventHub()
+
+    async def subscribe():
+        return hub.subscribe("job")
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(subscribe())
+    loop.close()
+    hub.publish("job", Event(4, "progress", {"step": 1}))  # the worker's thread must not fail here
+    assert [e.id for e in hub.progress("job")] == [4] and hub.latest("job").data == {"step": 1}
+    assert not hub._subscribers
