@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-fast lint format bench serve venv clean
+.PHONY: demo test test-fast lint format bench serve venv chromium clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q --durations=15
+
+# The web page's test drives Debian's chromium through Playwright (its own browser download cannot
+# work on machines that reach only the package registries).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 test-fast: $(STAMP)  # skips the end-to-end and shipped-weight tests (marker `slow`)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -17,13 +17,15 @@ import queue
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from oneword.serve import events as ev
@@ -47,6 +49,9 @@ from oneword.serve.store import Busy, Conflict
 from oneword.serve.uploads import Rejected, check_uploads
 
 logger = logging.getLogger("oneword.serve")
+
+STATIC = Path(__file__).resolve().parent / "static"
+"""The web page: plain HTML, CSS and JavaScript shipped in the package (no build step)."""
 
 _DESCRIBED = {
     401: "No API key, or an unknown one.",
@@ -284,6 +289,13 @@ def create_app(service: Service) -> FastAPI:
             raise Rejected(503, f"{err}; retry in a moment", {"Retry-After": "5"}) from None
         images = [ImageOut(seed=seed, png_base64=_png(image, body, seed)) for seed, image in drawn]
         return ImagesOut(images=images, words=[w.id for w in used], seconds=time.perf_counter() - t0)
+
+    # ----------------------------------------------------------------- the page
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # ----------------------------------------------------------------- operations
     @app.get("/healthz", summary="Alive")
