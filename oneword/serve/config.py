@@ -13,6 +13,9 @@ class ServeSettings:
 
     data: str = "serve-data"
     """Folder of the job store (``jobs.sqlite``), the content-addressed files and the checkpoints."""
+    db: str | None = None
+    """The job store: a ``postgresql://`` URL, or nothing for SQLite in ``data`` (files stay in
+    ``data`` either way)."""
     group: int = 8
     """Words refined together (one UNet pass per step for the whole group)."""
     refine: int = 200

@@ -1,8 +1,9 @@
-"""The service's durable state: jobs and words in SQLite, files content-addressed on disk.
+"""The service's durable state: jobs and words in SQL, files content-addressed on disk.
 
-One SQLite database (``DATA/jobs.sqlite``, WAL, ``synchronous=FULL``) holds every job and word;
-a row is committed before the request that made it is answered, so an accepted job survives
-``kill -9``. Uploaded images and word files live under ``DATA/blobs/<2 hex>/<sha256>``, written
+One database holds every job and word: SQLite by default (``DATA/jobs.sqlite``, WAL,
+``synchronous=FULL``), or PostgreSQL (``db="postgresql://..."``; the same statements, with
+``FOR UPDATE SKIP LOCKED`` where workers claim jobs). A row is committed before the request that
+made it is answered, so an accepted job survives ``kill -9``. Uploaded images and word files live under ``DATA/blobs/<2 hex>/<sha256>``, written
 atomically and named by the SHA-256 of their bytes (the same photo uploaded twice is stored once).
 
 Every read and write that a tenant can reach takes the tenant: a row of another tenant is as
@@ -136,26 +137,34 @@ def new_id(prefix: str) -> str:
 class Store:
     """Jobs and words of ``data`` (see the module docstring)."""
 
-    def __init__(self, data: str | Path) -> None:
+    def __init__(self, data: str | Path, db: str | None = None) -> None:
         self.data = Path(data)
         self.data.mkdir(parents=True, exist_ok=True)
         (self.data / "blobs").mkdir(exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.data / "jobs.sqlite", check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        self.postgres = bool(db) and str(db).startswith(("postgresql://", "postgres://"))
+        if db and not self.postgres:
+            raise ValueError(
+                f"db is a postgresql:// URL (or nothing, for SQLite in the data folder), got {db!r}"
+            )
+        self._db = _Connection(
+            _connect_postgres(db) if self.postgres else _connect_sqlite(self.data), self.postgres
+        )
+        if self.postgres:
+            with self._tx() as tx:  # one schema, made once, whichever node starts first
+                tx.execute("SELECT pg_advisory_xact_lock(715517)")
+                tx.script(_postgres_schema(SCHEMA))
+        else:
+            self._db.script(SCHEMA)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[_Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
@@ -163,11 +172,11 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
-    def _one(self, sql: str, args: Sequence = ()) -> sqlite3.Row | None:
+    def _one(self, sql: str, args: Sequence = ()):
         with self._lock:
             return self._db.execute(sql, args).fetchone()
 
-    def _all(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
+    def _all(self, sql: str, args: Sequence = ()) -> list:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -233,12 +242,13 @@ class Store:
                     f"you already have a word or job with the token {token!r} ({clash['id']}); "
                     "delete it or pick another token"
                 )
-            queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+            queued = db.execute("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued'").fetchone()["n"]
             if queued >= max_queue:
                 raise Busy(f"the queue is full ({queued} jobs waiting); retry later", queued)
             mine = db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN ('queued', 'running')", (tenant,)
-            ).fetchone()[0]
+                "SELECT COUNT(*) AS n FROM jobs WHERE tenant = ? AND state IN ('queued', 'running')",
+                (tenant,),
+            ).fetchone()["n"]
             if mine >= max_per_key:
                 raise Busy(
                     f"this key has {mine} unfinished jobs, the most allowed; wait for one to finish", queued
@@ -270,17 +280,17 @@ class Store:
         """1 for the next job to start; None once it runs."""
         if job.state != "queued":
             return None
-        row = self._one("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (job.seq,))
-        return int(row[0]) + 1
+        row = self._one("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued' AND seq < ?", (job.seq,))
+        return int(row["n"]) + 1
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(ACTIVE + FINAL, 0)
-        for row in self._all("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-            out[row[0]] = int(row[1])
+        for row in self._all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            out[row["state"]] = int(row["n"])
         return out
 
     def queued(self) -> int:
-        return int(self._one("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")[0])
+        return int(self._one("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued'")["n"])
 
     def claim(self, stage: str, limit: int) -> list[Job]:
         """The oldest ``limit`` queued jobs of ``stage``, marked running (the worker's)."""
@@ -288,7 +298,9 @@ class Store:
             return []
         with self._tx() as db:
             rows = db.execute(
-                "SELECT * FROM jobs WHERE state = 'queued' AND stage = ? ORDER BY seq LIMIT ?", (stage, limit)
+                "SELECT * FROM jobs WHERE state = 'queued' AND stage = ? ORDER BY seq LIMIT ?"
+                + (" FOR UPDATE SKIP LOCKED" if self.postgres else ""),  # two workers never take one job
+                (stage, limit),
             ).fetchall()
             now = time.time()
             for row in rows:
@@ -331,7 +343,10 @@ class Store:
                 )  # a word the encoder made is kept as it is
                 db.execute("UPDATE words SET status = 'final' WHERE job_id = ?", (job_id,))
             elif row["state"] == "running":
-                db.execute("UPDATE jobs SET cancel = MAX(cancel, ?) WHERE id = ?", (how, job_id))
+                db.execute(
+                    "UPDATE jobs SET cancel = CASE WHEN cancel > ? THEN cancel ELSE ? END WHERE id = ?",
+                    (how, how, job_id),
+                )
         return self.job(job_id)
 
     def end_job(
@@ -438,7 +453,52 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _job(row: sqlite3.Row) -> Job:
+class _Connection:
+    """A SQLite or psycopg connection behind one interface: ``?`` parameters, rows by column name."""
+
+    def __init__(self, raw, postgres: bool) -> None:
+        self.raw, self.postgres = raw, postgres
+
+    def execute(self, sql: str, args: Sequence = ()):
+        return self.raw.execute(sql.replace("?", "%s") if self.postgres else sql, tuple(args))
+
+    def script(self, sql: str) -> None:
+        if self.postgres:
+            for statement in filter(str.strip, sql.split(";")):
+                self.raw.execute(statement)
+        else:
+            self.raw.executescript(sql)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _connect_sqlite(data: Path):
+    db = sqlite3.connect(data / "jobs.sqlite", check_same_thread=False, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=10000")
+    return db
+
+
+def _connect_postgres(url: str):
+    try:
+        import psycopg
+        from psycopg.rows import dict_row
+    except ImportError as err:
+        raise ImportError("a PostgreSQL store needs psycopg: pip install 'oneword[postgres]'") from err
+    return psycopg.connect(url, autocommit=True, row_factory=dict_row)
+
+
+def _postgres_schema(sqlite_schema: str) -> str:
+    """The schema in PostgreSQL's types (timestamps in double precision: its REAL is 4 bytes)."""
+    return sqlite_schema.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY").replace(
+        " REAL", " DOUBLE PRECISION"
+    )
+
+
+def _job(row) -> Job:
     d = dict(row)
     d["images"] = json.loads(d["images"])
     for k in ("token_key", "idem_key", "body_sha256"):
@@ -446,7 +506,7 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(**d)
 
 
-def _word(row: sqlite3.Row) -> Word:
+def _word(row) -> Word:
     d = dict(row)
     d.pop("token_key")
     d["files"], d["meta"] = json.loads(d["files"]), json.loads(d["meta"])

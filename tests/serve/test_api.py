@@ -40,12 +40,13 @@ def _vectors(c, word_id: str) -> torch.Tensor:
     return load(c.get(f"/v1/words/{word_id}/file?layout=a1111").content)["emb_params"]
 
 
-def test_a_word_from_photos_to_images(world, concepts, tmp_path):
+def test_a_word_from_photos_to_images(world, concepts, tmp_path, store_db):
     """202 with Location; a provisional word, then the refined one; events in order and replayable
-    from Last-Event-ID; provenance; both file layouts load; generation uses the word."""
+    from Last-Event-ID; provenance; both file layouts load; generation uses the word. On SQLite and
+    on PostgreSQL."""
     from oneword.inversion.embedding_io import load_embedding
 
-    with client(make_service(world, tmp_path / "data", refine=12, save_every=5)) as c:
+    with client(make_service(world, tmp_path / "data", db=store_db, refine=12, save_every=5)) as c:
         r = c.post("/v1/words", files=photos(concepts[0]), data={"token": "<thing>"})
         assert r.status_code == 202, r.text
         job = r.json()

@@ -64,10 +64,10 @@ def _job(store, tenant="t", token="<a>", key=None, body="x", queue=10, per_key=1
     return store.create_job(tenant, token, None, 5, [("ab" * 32, b"photo")], key, body, queue, per_key)
 
 
-def test_store_idempotency_conflicts_limits_and_recovery(tmp_path):
+def test_store_idempotency_conflicts_limits_and_recovery(tmp_path, store_db):
     from oneword.serve.store import Busy, Conflict, Store
 
-    store = Store(tmp_path)
+    store = Store(tmp_path, store_db)
     job, created = _job(store, key="k1")
     again, created_again = _job(store, key="k1")
     assert created and not created_again and again.id == job.id
@@ -95,10 +95,10 @@ def test_store_idempotency_conflicts_limits_and_recovery(tmp_path):
     store.close()
 
 
-def test_store_words_replace_their_files_and_cancel_keeps_them(tmp_path):
+def test_store_words_replace_their_files_and_cancel_keeps_them(tmp_path, store_db):
     from oneword.serve.store import CANCEL_DISCARD, Store
 
-    store = Store(tmp_path)
+    store = Store(tmp_path, store_db)
     job, _ = _job(store)
     store.claim("encode", 1)
     word = store.put_word(
@@ -149,3 +149,32 @@ def test_events_keep_progress_and_drop_streams_whose_loop_closed():
     hub.publish("job", Event(4, "progress", {"step": 1}))  # the worker's thread must not fail here
     assert [e.id for e in hub.progress("job")] == [4] and hub.latest("job").data == {"step": 1}
     assert not hub._subscribers
+
+
+def test_two_workers_claiming_at_once_take_each_job_exactly_once(tmp_path, store_db):
+    """Two stores on one database (two connections: two workers' processes) claim in parallel."""
+    import threading
+
+    from oneword.serve.store import Store
+
+    first = Store(tmp_path, store_db)
+    ids = {_job(first, token=f"<t{i}>", per_key=100, queue=100)[0].id for i in range(40)}
+    second = Store(tmp_path, store_db)
+    taken: dict[str, list[str]] = {"a": [], "b": []}
+
+    def work(store, name):
+        for _ in range(100):  # bounded
+            got = store.claim("encode", 3)
+            if not got:
+                return
+            taken[name] += [j.id for j in got]
+
+    threads = [threading.Thread(target=work, args=a) for a in ((first, "a"), (second, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    claimed = taken["a"] + taken["b"]
+    assert sorted(claimed) == sorted(ids) and len(set(claimed)) == len(claimed)
+    first.close()
+    second.close()
