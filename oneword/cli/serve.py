@@ -57,13 +57,16 @@ def run(args) -> int:
     if args.action:
         return _keys(args)
     import dataclasses
+    import socket
 
     from oneword.serve.config import ServeSettings
     from oneword.serve.server import check_binding, load_world, serve
     from oneword.serve.service import Service
 
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)}
+    given["owner"] = given["owner"] or f"{socket.gethostname()}:{args.port}"
     try:
-        settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+        settings = ServeSettings(**given)
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from None
     keys = check_binding(args.host, args.keys_file)  # before the model loads

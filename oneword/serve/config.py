@@ -16,6 +16,12 @@ class ServeSettings:
     db: str | None = None
     """The job store: a ``postgresql://`` URL, or nothing for SQLite in ``data`` (files stay in
     ``data`` either way)."""
+    owner: str | None = None
+    """Who this server's job claims belong to (default: this host and port). A restarted server
+    with the same owner takes its running jobs back at once; others take them over when their
+    lease expires."""
+    lease_seconds: float = 30.0
+    """How long a claimed job stays this server's without a renewal (the worker renews as it works)."""
     group: int = 8
     """Words refined together (one UNet pass per step for the whole group)."""
     refine: int = 200
@@ -81,5 +87,5 @@ class ServeSettings:
             raise ValueError(
                 f"refine must be between 0 and max_refine ({self.max_refine}), got {self.refine}"
             )
-        if self.save_every < 0 or self.drain_seconds <= 0:
-            raise ValueError("save_every must be 0 or more and drain_seconds above 0")
+        if self.save_every < 0 or self.drain_seconds <= 0 or self.lease_seconds <= 0:
+            raise ValueError("save_every must be 0 or more, drain_seconds and lease_seconds above 0")

@@ -31,7 +31,7 @@ class Service:
 
     def __init__(self, world: World, settings: ServeSettings, keys: Keys | None, model_name: str) -> None:
         self.world, self.settings, self.keys, self.model_name = world, settings, keys, model_name
-        self.store = Store(settings.data, settings.db)
+        self.store = Store(settings.data, settings.db, settings.owner, settings.lease_seconds)
         requeued, failed = self.store.recover(settings.max_attempts)
         if requeued or failed:
             logger.info("%d unfinished job(s) continue; %d failed after too many restarts", requeued, failed)

@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     idem_key TEXT,
     body_sha256 TEXT,
+    owner TEXT,
+    lease_until REAL,
     created REAL NOT NULL,
     started REAL,
     provisional_at REAL,
@@ -137,8 +139,15 @@ def new_id(prefix: str) -> str:
 class Store:
     """Jobs and words of ``data`` (see the module docstring)."""
 
-    def __init__(self, data: str | Path, db: str | None = None) -> None:
+    def __init__(
+        self, data: str | Path, db: str | None = None, owner: str | None = None, lease_seconds: float = 30.0
+    ) -> None:
         self.data = Path(data)
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.owner = owner or _owner_id(self.data)
+        """Who this store's claims belong to: stable for one ``data`` folder on one host, so a
+        restarted server takes its own running jobs back at once."""
+        self.lease_seconds = lease_seconds
         self.data.mkdir(parents=True, exist_ok=True)
         (self.data / "blobs").mkdir(exist_ok=True)
         self._lock = threading.RLock()
@@ -156,6 +165,13 @@ class Store:
                 tx.script(_postgres_schema(SCHEMA))
         else:
             self._db.script(SCHEMA)
+        columns = self._db.execute("SELECT * FROM jobs LIMIT 0").description
+        if "owner" not in {c[0] for c in columns}:  # a store made before leases
+            for column in (
+                "owner TEXT",
+                "lease_until DOUBLE PRECISION" if self.postgres else "lease_until REAL",
+            ):
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
 
     def close(self) -> None:
         with self._lock:
@@ -293,7 +309,8 @@ class Store:
         return int(self._one("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued'")["n"])
 
     def claim(self, stage: str, limit: int) -> list[Job]:
-        """The oldest ``limit`` queued jobs of ``stage``, marked running (the worker's)."""
+        """The oldest ``limit`` queued jobs of ``stage``, marked running under this store's
+        owner, with a lease of ``lease_seconds`` that :meth:`renew` extends."""
         if limit < 1:
             return []
         with self._tx() as db:
@@ -305,8 +322,9 @@ class Store:
             now = time.time()
             for row in rows:
                 db.execute(
-                    "UPDATE jobs SET state = 'running', started = COALESCE(started, ?) WHERE id = ?",
-                    (now, row["id"]),
+                    "UPDATE jobs SET state = 'running', started = COALESCE(started, ?), owner = ?, "
+                    "lease_until = ? WHERE id = ?",
+                    (now, self.owner, now + self.lease_seconds, row["id"]),
                 )
             ids = [r["id"] for r in rows]
         return [self.job(i) for i in ids]
@@ -315,18 +333,37 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE jobs SET init = ?, init_how = ? WHERE id = ?", (init, init_how, job_id))
 
-    def recover(self, max_attempts: int) -> tuple[int, int]:
-        """After a restart: jobs a stopped process was running wait again (their checkpoints
-        continue them); those that were running in ``max_attempts`` stopped processes fail.
-        Returns (requeued, failed)."""
+    def renew(self, job_ids: Sequence[str]) -> None:
+        """Extend the leases of this owner's running jobs (the worker calls it as it works)."""
+        if not job_ids:
+            return
         with self._tx() as db:
-            db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE state = 'running'")
+            db.execute(
+                f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND state = 'running' "
+                f"AND id IN ({', '.join('?' * len(job_ids))})",
+                (time.time() + self.lease_seconds, self.owner, *job_ids),
+            )
+
+    def recover(self, max_attempts: int, mine: bool = True) -> tuple[int, int]:
+        """Jobs whose worker stopped wait again (their checkpoints continue them): with ``mine``
+        (at start) this owner's running jobs, and always those of any owner whose lease expired (a
+        worker that died elsewhere). A job that was running in ``max_attempts`` stopped workers
+        fails (a job that crashes them). Returns (requeued, failed)."""
+        stopped = "state = 'running' AND (lease_until IS NULL OR lease_until < ?" + (
+            " OR owner = ?)" if mine else ")"
+        )
+        args = (time.time(), self.owner) if mine else (time.time(),)
+        with self._tx() as db:
+            db.execute(f"UPDATE jobs SET attempts = attempts + 1, owner = 'stopped' WHERE {stopped}", args)
             failed = db.execute(
                 "UPDATE jobs SET state = 'failed', finished = ?, error = ? "
-                "WHERE state = 'running' AND attempts >= ?",
+                "WHERE owner = 'stopped' AND state = 'running' AND attempts >= ?",
                 (time.time(), f"the server stopped {max_attempts} times while working on it", max_attempts),
             ).rowcount
-            requeued = db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+            requeued = db.execute(
+                "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "
+                "WHERE owner = 'stopped' AND state = 'running'"
+            ).rowcount
         return requeued, failed
 
     def request_cancel(self, tenant: str, job_id: str, how: int = CANCEL_KEEP) -> Job | None:
@@ -473,6 +510,16 @@ class _Connection:
         self.raw.close()
 
 
+def _owner_id(data: Path) -> str:
+    """``host:<id kept in DATA/owner>``: the same after a restart of this server."""
+    import socket
+
+    path = data / "owner"
+    if not path.is_file():
+        atomic_write_bytes(path, uuid.uuid4().hex[:12].encode())
+    return f"{socket.gethostname()}:{path.read_text().strip()}"
+
+
 def _connect_sqlite(data: Path):
     db = sqlite3.connect(data / "jobs.sqlite", check_same_thread=False, isolation_level=None)
     db.row_factory = sqlite3.Row
@@ -501,8 +548,8 @@ def _postgres_schema(sqlite_schema: str) -> str:
 def _job(row) -> Job:
     d = dict(row)
     d["images"] = json.loads(d["images"])
-    for k in ("token_key", "idem_key", "body_sha256"):
-        d.pop(k)
+    for k in ("token_key", "idem_key", "body_sha256", "owner", "lease_until"):
+        d.pop(k, None)
     return Job(**d)
 
 

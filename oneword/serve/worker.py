@@ -107,6 +107,7 @@ class Worker(threading.Thread):
         self._engine = None
         self._active: dict[int, _Active] = {}
         self._queued_images: list[tuple[GenerationRequest, int]] = []  # images waiting to be drawn
+        self._renewed = time.monotonic()
 
     # ----------------------------------------------------------------- from other threads
     def notify(self, cancel: str | None = None) -> None:
@@ -148,6 +149,7 @@ class Worker(threading.Thread):
             self._engine = GroupEngine(self.world.model, self.settings.group)
             while not self._stopping.is_set():
                 self._wake.clear()
+                self._keep_leases()
                 self._cancel()
                 busy = False
                 if self._look:  # new words first: each is a short, bounded piece of work
@@ -170,6 +172,21 @@ class Worker(threading.Thread):
             logger.exception("the worker stopped")
         finally:
             self._fail_generation("the server is stopping" if self.error is None else "the worker failed")
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of the jobs in work, and take back jobs whose worker stopped elsewhere
+        (their leases expired), a few times per lease."""
+        now = time.monotonic()
+        if now - self._renewed < self.store.lease_seconds / 4:
+            return
+        self._renewed = now
+        self.store.renew([act.job.id for act in self._active.values()])
+        requeued, failed = self.store.recover(self.settings.max_attempts, mine=False)
+        if requeued or failed:
+            logger.warning(
+                "took over %d job(s) whose worker stopped; %d failed after too many", requeued, failed
+            )
+            self._look = True
 
     # ----------------------------------------------------------------- generation
     def _generate(self) -> bool:

@@ -73,7 +73,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``ti serve`` in a child process on 127.0.0.1, its log in ``data/../server-N.log``."""
+    """``ti serve`` in a child process on 127.0.0.1, its log in ``data/../server-PORT-N.log``."""
 
     def __init__(self, data: Path, *args: str) -> None:
         self.data, self.args, self.port, self.proc, self.runs = data, args, free_port(), None, 0
@@ -86,7 +86,7 @@ class ServerProcess:
         import httpx
 
         self.runs += 1
-        self.log = self.data.parent / f"server-{self.runs}.log"
+        self.log = self.data.parent / f"server-{self.port}-{self.runs}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [
             sys.executable,

@@ -178,3 +178,30 @@ def test_two_workers_claiming_at_once_take_each_job_exactly_once(tmp_path, store
     assert sorted(claimed) == sorted(ids) and len(set(claimed)) == len(claimed)
     first.close()
     second.close()
+
+
+def test_a_stopped_workers_jobs_are_taken_over_when_its_lease_expires(tmp_path, store_db):
+    import time
+
+    from oneword.serve.store import Store
+
+    a = Store(tmp_path, store_db, owner="a", lease_seconds=0.5)
+    b = Store(tmp_path, store_db, owner="b", lease_seconds=0.5)
+    first, _ = _job(a, token="<one>")
+    second, _ = _job(a, token="<two>")
+    assert [j.id for j in a.claim("encode", 1)] == [first.id]
+    assert [j.id for j in b.claim("encode", 1)] == [second.id]
+    assert b.recover(5, mine=False) == (0, 0)  # live leases are left alone
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # a renews its job, b stops renewing (it "died")
+        a.renew([first.id])
+        time.sleep(0.1)
+        if a.job(second.id).state == "queued" or a.recover(5, mine=False)[0]:
+            break
+    assert a.job(second.id).state == "queued" and a.job(second.id).attempts == 1
+    assert a.job(first.id).state == "running"
+    assert [j.id for j in a.claim("encode", 5)] == [second.id]  # taken over
+    restarted = Store(tmp_path, store_db, owner="a", lease_seconds=0.5)
+    assert restarted.recover(5) == (2, 0)  # a restarted owner takes its own back at once
+    for s in (a, b, restarted):
+        s.close()

@@ -75,3 +75,27 @@ def test_sigterm_drains_then_the_jobs_continue(concepts, tmp_path):
             assert wait_for(c, job, done, timeout=300)["state"] == "succeeded"
     finally:
         server.stop()
+
+
+def test_two_servers_share_postgresql_and_a_killed_ones_job_finishes_on_the_other(
+    concepts, tmp_path, postgres_url
+):
+    data = tmp_path / "data"  # shared: photos, word files and checkpoints
+    args = ("--db", postgres_url, "--lease-seconds", "2", "--refine", "300", "--save-every", "10")
+    a, b = ServerProcess(data, *args), ServerProcess(data, *args)
+    try:
+        a.start()
+        with httpx.Client(base_url=a.url, timeout=30) as c:
+            job = c.post("/v1/words", files=photos(concepts[0])).json()["id"]
+            wait_for(c, job, lambda j: j["step"] >= 15)
+        b.start()  # a holds the job: b leaves it alone while a's lease is renewed
+        with httpx.Client(base_url=b.url, timeout=30) as c:
+            assert c.get(f"/v1/jobs/{job}").json()["state"] == "running"
+            assert a.kill(signal.SIGKILL) == -signal.SIGKILL
+            final = wait_for(c, job, done, timeout=300)
+        assert final["state"] == "succeeded" and final["step"] == 300
+        log = b.log.read_text()
+        assert "took over 1 job" in log and "continuing from step" in log
+    finally:
+        a.stop()
+        b.stop()
