@@ -334,38 +334,53 @@ def _png(image, body: ImageRequest, seed: int) -> str:
 
 
 async def _stream(service: Service, job, last: int, request: Request):
-    """The job's events after ``last``: those known now, then new ones until it ends."""
+    """The job's events after ``last``: those known now, then new ones until it ends. Progress
+    comes from this process's worker; state changes are also read from the store every
+    :data:`POLL_SECONDS`, so a stream on one replica follows a job another replica refines."""
     hub = service.hub
     subscription = hub.subscribe(job.id)
-    try:
-        job = await run_in_threadpool(service.store.job, job.id)
+
+    async def from_store() -> tuple[list[ev.Event], bool]:
+        row = await run_in_threadpool(service.store.job, job.id)
         word = await run_in_threadpool(service.store.word_of_job, job.id)
-        known = sorted(
-            {e.id: e for e in ev.state_events(job, word) + hub.progress(job.id)}.values(), key=lambda e: e.id
-        )
+        return ev.state_events(row, word), row.state in ("succeeded", "failed", "canceled")
+
+    try:
+        known, ended = await from_store()
+        known = sorted({e.id: e for e in known + hub.progress(job.id)}.values(), key=lambda e: e.id)
         for event in known:
             if event.id > last:
                 last = event.id
                 yield event.encode()
-        if job.state in ("succeeded", "failed", "canceled"):
-            return
-        while not hub.closed:
+        quiet = 0.0
+        while not ended and not hub.closed:
             try:
-                event = await asyncio.wait_for(subscription.get(), 15)
+                event = await asyncio.wait_for(subscription.get(), POLL_SECONDS)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                yield b": keep-alive\n\n"
+                events, ended = await from_store()
+                for event in events:
+                    if event.id > last:
+                        last, quiet = event.id, 0.0
+                        yield event.encode()
+                quiet += POLL_SECONDS
+                if quiet >= 15:
+                    if await request.is_disconnected():
+                        return
+                    quiet = 0.0
+                    yield b": keep-alive\n\n"
                 continue
             if event is None:
                 return
             if event.id > last:
-                last = event.id
+                last, quiet = event.id, 0.0
                 yield event.encode()
-            if event.type in ("succeeded", "failed", "canceled"):
-                return
+            ended = event.type in ("succeeded", "failed", "canceled")
     finally:
         hub.unsubscribe(job.id, subscription)
+
+
+#: How often an event stream reads its job's state from the store (changes made by other replicas).
+POLL_SECONDS = 2.0
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -301,3 +301,26 @@ def test_openapi_documents_every_route(world, tmp_path):
     err = paths["/v1/words"]["post"]["responses"]["413"]["content"]["application/json"]["schema"]
     assert err["$ref"].endswith("/ErrorBody")
     service.store.close()
+
+
+def test_an_event_stream_follows_a_job_that_another_replica_works_on(world, concepts, tmp_path):
+    """No worker runs here (another replica's does): the stream reads state changes from the store."""
+    import threading
+
+    service = make_service(world, tmp_path / "data")
+    c = client(service)
+    job = c.post("/v1/words", files=photos(concepts[0])).json()
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(_events(c, job["id"])))
+    reader.start()
+    other = service.store.claim("encode", 1)[0]  # the other replica's worker takes it and fails it
+    service.store.end_job(other.id, "failed", error="the other replica's GPU fell over")
+    reader.join(30)
+    assert not reader.is_alive(), "the stream did not end"
+    assert [e[1] for e in got] == ["queued", "failed"] or [e[1] for e in got] == [
+        "queued",
+        "encoding",
+        "failed",
+    ]
+    assert got[-1][2]["error"] == "the other replica's GPU fell over"
+    service.store.close()
