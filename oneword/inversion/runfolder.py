@@ -266,3 +266,19 @@ def _describe_holder(fd: int) -> str:
     if not isinstance(info, dict) or not info:
         return "a process that has not said which"
     return f"pid {info.get('pid')} on {info.get('host')}, since {info.get('since')}: {info.get('command')}"
+
+
+def word_file_bytes(embedding: Embedding) -> dict[str, bytes]:
+    """The bytes :meth:`RunFolder.write_word` writes for a word, by layout, without a run folder
+    (the service stores them content-addressed): ``diffusers`` (and ``diffusers_2``, SDXL's second
+    text encoder) and ``a1111`` (the single file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="oneword-word-") as tmp:
+        folder = RunFolder(tmp)
+        folder.write_word(embedding)
+        out = {"diffusers": (Path(tmp) / DIFFUSERS_FILE).read_bytes()}
+        if (Path(tmp) / DIFFUSERS_FILE_2).is_file():
+            out["diffusers_2"] = (Path(tmp) / DIFFUSERS_FILE_2).read_bytes()
+        out["a1111"] = folder.single_file(embedding.token).read_bytes()
+    return out

@@ -15,22 +15,21 @@ import json
 import logging
 import queue
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from oneword.serve import events as ev
 from oneword.serve.auth import LOCAL_TENANT
+from oneword.serve.middleware import Envelope, install_error_handlers
 from oneword.serve.prompts import INTERNAL_PREFIX, words_in
+from oneword.serve.records import Busy, Conflict
 from oneword.serve.schemas import (
     ErrorBody,
     ImageOut,
@@ -45,7 +44,6 @@ from oneword.serve.schemas import (
     word_out,
 )
 from oneword.serve.service import Service
-from oneword.serve.store import Busy, Conflict
 from oneword.serve.uploads import Rejected, check_uploads
 
 logger = logging.getLogger("oneword.serve")
@@ -109,7 +107,7 @@ def create_app(service: Service) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_Envelope, service=service)
+    app.add_middleware(Envelope, service=service)
 
     def found(item, what: str):
         if item is None:
@@ -260,7 +258,7 @@ def create_app(service: Service) -> FastAPI:
         "/v1/images", response_model=ImagesOut, responses=_errors(401, 422, 429, 503), summary="Draw images"
     )
     async def create_images(body: ImageRequest, who: Tenant) -> ImagesOut:
-        from oneword.serve.worker import GenerationRequest
+        from oneword.serve.drawing import GenerationRequest
 
         service.refuse_if_draining()
         settings = service.settings
@@ -317,7 +315,7 @@ def create_app(service: Service) -> FastAPI:
 
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    _install_error_handlers(app)
+    install_error_handlers(app)
     return app
 
 
@@ -381,110 +379,3 @@ async def _stream(service: Service, job, last: int, request: Request):
 
 #: How often an event stream reads its job's state from the store (changes made by other replicas).
 POLL_SECONDS = 2.0
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(Rejected)
-    async def rejected(request: Request, err: Rejected) -> JSONResponse:
-        return JSONResponse({"detail": err.message}, err.status, err.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(err.detail)}, err.status_code, getattr(err, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "path"))
-        message = f"{where or 'request'}: {first.get('msg', 'invalid')}"
-        more = len(err.errors()) - 1
-        return JSONResponse({"detail": message + (f" (and {more} more problems)" if more > 0 else "")}, 422)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        rid = getattr(request.state, "request_id", "?")
-        logger.exception("unexpected error (request %s)", rid)
-        return JSONResponse({"detail": f"internal error; quote request id {rid} to the operator"}, 500)
-
-
-class _Envelope:
-    """Pure ASGI middleware around every request: a request id (the caller's ``X-Request-ID`` if
-    sane), the body limit (413 before the app reads anything), responses counted by code, and one
-    JSON log line per request."""
-
-    def __init__(self, app, service: Service) -> None:
-        self.app, self.service = app, service
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        given = headers.get("x-request-id", "")
-        rid = (
-            given
-            if 0 < len(given) <= 64 and all(c.isalnum() or c in "-_." for c in given)
-            else uuid.uuid4().hex
-        )
-        scope.setdefault("state", {})["request_id"] = rid
-        t0, status = time.perf_counter(), [500]
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
-            await send(message)
-
-        limit = self.service.settings.max_request_bytes
-        body_receive = receive
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                await _too_large(sending, limit)
-                self._log(scope, rid, 413, t0)
-                return
-            chunks, size, more = [], 0, True
-            while more:  # read the body up to the limit before the app sees any of it
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                more = message.get("more_body", False)
-                if size > limit:
-                    await _too_large(sending, limit)
-                    self._log(scope, rid, 413, t0)
-                    return
-            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-            async def body_receive():
-                return replay.pop() if replay else await receive()
-
-        try:
-            await self.app(scope, body_receive, sending)
-        finally:
-            self._log(scope, rid, status[0], t0)
-
-    def _log(self, scope, rid: str, status: int, t0: float) -> None:
-        self.service.metrics.responses.labels(str(status)).inc()
-        logger.info(
-            json.dumps(
-                {
-                    "event": "request",
-                    "request_id": rid,
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "ms": round((time.perf_counter() - t0) * 1000, 1),
-                    "tenant": scope.get("state", {}).get("tenant"),
-                }
-            )
-        )
-
-
-async def _too_large(send, limit: int) -> None:
-    body = json.dumps({"detail": f"the request is larger than the server's limit of {limit} bytes"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body})

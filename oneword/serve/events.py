@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from oneword.serve.store import FINAL, Job, Word
+from oneword.serve.records import FINAL, Job, Word
 
 QUEUED, ENCODING, PROVISIONAL = 1, 2, 3
 

@@ -81,7 +81,9 @@ class _Gauges:
             value=worker.steps_per_second or 0.0,
         )
         yield GaugeMetricFamily(
-            "oneword_generation_queue_depth", "generation requests waiting", value=worker.generation.qsize()
+            "oneword_generation_queue_depth",
+            "generation requests waiting",
+            value=worker.drawing.queue.qsize(),
         )
         yield GaugeMetricFamily(
             "oneword_worker_alive", "1 while the worker runs", value=float(worker.healthy)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from oneword.serve.store import Job, Word
+from oneword.serve.records import Job, Word
 
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
 Layout = Literal["diffusers", "diffusers_2", "a1111"]

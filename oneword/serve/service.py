@@ -19,7 +19,8 @@ from oneword.serve.config import ServeSettings
 from oneword.serve.events import EventHub
 from oneword.serve.metrics import Metrics
 from oneword.serve.prompts import INTERNAL_PREFIX
-from oneword.serve.store import Job, Store, Word
+from oneword.serve.records import Job, Word
+from oneword.serve.store import Store
 from oneword.serve.uploads import Rejected
 from oneword.serve.worker import Worker, World
 

@@ -14,126 +14,27 @@ holds it for a few milliseconds; the worker writes once per job state change, no
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from oneword.fileio import atomic_write_bytes
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    tenant TEXT NOT NULL,
-    state TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    token TEXT NOT NULL,
-    token_key TEXT NOT NULL,
-    init TEXT,
-    init_how TEXT,
-    refine INTEGER NOT NULL,
-    images TEXT NOT NULL,
-    word_id TEXT,
-    step INTEGER NOT NULL DEFAULT 0,
-    loss REAL,
-    error TEXT,
-    cancel INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    idem_key TEXT,
-    body_sha256 TEXT,
-    owner TEXT,
-    lease_until REAL,
-    created REAL NOT NULL,
-    started REAL,
-    provisional_at REAL,
-    finished REAL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(tenant, idem_key) WHERE idem_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, stage, seq);
-CREATE TABLE IF NOT EXISTS words (
-    id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    token TEXT NOT NULL,
-    token_key TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    kept TEXT NOT NULL,
-    steps INTEGER NOT NULL,
-    files TEXT NOT NULL,
-    meta TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS words_token ON words(tenant, token_key);
-"""
-
-ACTIVE = ("queued", "running")
-FINAL = ("succeeded", "failed", "canceled")
-#: ``cancel`` values: keep the best word so far, or keep nothing (the word was deleted).
-CANCEL_KEEP, CANCEL_DISCARD = 1, 2
-
-
-class Conflict(Exception):
-    """The request contradicts what is stored (a reused idempotency key, a token in use): 409."""
-
-
-class Busy(Exception):
-    """The queue (or the key's share of it) is full: 429."""
-
-    def __init__(self, message: str, queued: int) -> None:
-        super().__init__(message)
-        self.queued = queued
-
-
-@dataclass
-class Job:
-    id: str
-    tenant: str
-    state: str
-    stage: str
-    token: str
-    init: str | None
-    init_how: str | None
-    refine: int
-    images: list[str]
-    word_id: str | None
-    step: int
-    loss: float | None
-    error: str | None
-    cancel: int
-    attempts: int
-    created: float
-    started: float | None
-    provisional_at: float | None
-    finished: float | None
-    seq: int
-
-
-@dataclass
-class Word:
-    id: str
-    tenant: str
-    token: str
-    job_id: str
-    status: str
-    """``provisional`` (the encoder's prediction, refinement under way) or ``final``."""
-    kept: str
-    """``encoder``, ``refined``, or ``partial`` (a canceled refinement's last vectors)."""
-    steps: int
-    files: dict[str, str]
-    """Layout -> SHA-256 of the file's bytes."""
-    meta: dict
-    created: float
-    updated: float
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+from oneword.serve.records import (
+    ACTIVE,
+    CANCEL_DISCARD,
+    CANCEL_KEEP,
+    FINAL,
+    Busy,
+    Conflict,
+    Job,
+    Word,
+    job_from_row,
+    new_id,
+    word_from_row,
+)
+from oneword.serve.sql import SCHEMA, Connection, connect_postgres, connect_sqlite, owner_id, postgres_schema
 
 
 class Store:
@@ -144,7 +45,7 @@ class Store:
     ) -> None:
         self.data = Path(data)
         self.data.mkdir(parents=True, exist_ok=True)
-        self.owner = owner or _owner_id(self.data)
+        self.owner = owner or owner_id(self.data)
         """Who this store's claims belong to: stable for one ``data`` folder on one host, so a
         restarted server takes its own running jobs back at once."""
         self.lease_seconds = lease_seconds
@@ -156,13 +57,13 @@ class Store:
             raise ValueError(
                 f"db is a postgresql:// URL (or nothing, for SQLite in the data folder), got {db!r}"
             )
-        self._db = _Connection(
-            _connect_postgres(db) if self.postgres else _connect_sqlite(self.data), self.postgres
+        self._db = Connection(
+            connect_postgres(db) if self.postgres else connect_sqlite(self.data), self.postgres
         )
         if self.postgres:
             with self._tx() as tx:  # one schema, made once, whichever node starts first
                 tx.execute("SELECT pg_advisory_xact_lock(715517)")
-                tx.script(_postgres_schema(SCHEMA))
+                tx.script(postgres_schema(SCHEMA))
         else:
             self._db.script(SCHEMA)
         columns = self._db.execute("SELECT * FROM jobs LIMIT 0").description
@@ -178,7 +79,7 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[_Connection]:
+    def _tx(self) -> Iterator[Connection]:
         with self._lock:
             self._db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             try:
@@ -247,7 +148,7 @@ class Store:
                         raise Conflict(
                             "this Idempotency-Key was used for a different request; use a new key for new work"
                         )
-                    return _job(row), False
+                    return job_from_row(row), False
             clash = db.execute(
                 "SELECT id FROM words WHERE tenant = ? AND token_key = ? UNION "
                 "SELECT id FROM jobs WHERE tenant = ? AND token_key = ? AND state IN ('queued', 'running')",
@@ -279,18 +180,18 @@ class Store:
                  body_sha256, time.time()),
             )  # fmt: skip
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (jid,)).fetchone()
-        return _job(row), True
+        return job_from_row(row), True
 
     def job(self, job_id: str, tenant: str | None = None) -> Job | None:
         """The job, if it exists and belongs to ``tenant`` (any tenant's with ``None``: the worker)."""
         row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if row is None or (tenant is not None and row["tenant"] != tenant):
             return None
-        return _job(row)
+        return job_from_row(row)
 
     def jobs(self, tenant: str, limit: int = 100) -> list[Job]:
         rows = self._all("SELECT * FROM jobs WHERE tenant = ? ORDER BY seq DESC LIMIT ?", (tenant, limit))
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def queue_position(self, job: Job) -> int | None:
         """1 for the next job to start; None once it runs."""
@@ -449,19 +350,20 @@ class Store:
             if old is not None:
                 self._drop_unused_blobs(list(json.loads(old["files"]).values()))
             row = db.execute("SELECT * FROM words WHERE job_id = ?", (job.id,)).fetchone()
-        return _word(row)
+        return word_from_row(row)
 
     def word(self, word_id: str, tenant: str) -> Word | None:
         row = self._one("SELECT * FROM words WHERE id = ? AND tenant = ?", (word_id, tenant))
-        return None if row is None else _word(row)
+        return None if row is None else word_from_row(row)
 
     def word_of_job(self, job_id: str) -> Word | None:
         row = self._one("SELECT * FROM words WHERE job_id = ?", (job_id,))
-        return None if row is None else _word(row)
+        return None if row is None else word_from_row(row)
 
     def words(self, tenant: str) -> list[Word]:
         return [
-            _word(r) for r in self._all("SELECT * FROM words WHERE tenant = ? ORDER BY created", (tenant,))
+            word_from_row(r)
+            for r in self._all("SELECT * FROM words WHERE tenant = ? ORDER BY created", (tenant,))
         ]
 
     def delete_word(self, tenant: str, word_id: str) -> Word | None:
@@ -481,80 +383,10 @@ class Store:
                 (time.time(), row["job_id"]),
             )
             self._drop_unused_blobs(list(json.loads(row["files"]).values()))
-        return _word(row)
+        return word_from_row(row)
 
 
 def _sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-class _Connection:
-    """A SQLite or psycopg connection behind one interface: ``?`` parameters, rows by column name."""
-
-    def __init__(self, raw, postgres: bool) -> None:
-        self.raw, self.postgres = raw, postgres
-
-    def execute(self, sql: str, args: Sequence = ()):
-        return self.raw.execute(sql.replace("?", "%s") if self.postgres else sql, tuple(args))
-
-    def script(self, sql: str) -> None:
-        if self.postgres:
-            for statement in filter(str.strip, sql.split(";")):
-                self.raw.execute(statement)
-        else:
-            self.raw.executescript(sql)
-
-    def close(self) -> None:
-        self.raw.close()
-
-
-def _owner_id(data: Path) -> str:
-    """``host:<id kept in DATA/owner>``: the same after a restart of this server."""
-    import socket
-
-    path = data / "owner"
-    if not path.is_file():
-        atomic_write_bytes(path, uuid.uuid4().hex[:12].encode())
-    return f"{socket.gethostname()}:{path.read_text().strip()}"
-
-
-def _connect_sqlite(data: Path):
-    db = sqlite3.connect(data / "jobs.sqlite", check_same_thread=False, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=10000")
-    return db
-
-
-def _connect_postgres(url: str):
-    try:
-        import psycopg
-        from psycopg.rows import dict_row
-    except ImportError as err:
-        raise ImportError("a PostgreSQL store needs psycopg: pip install 'oneword[postgres]'") from err
-    return psycopg.connect(url, autocommit=True, row_factory=dict_row)
-
-
-def _postgres_schema(sqlite_schema: str) -> str:
-    """The schema in PostgreSQL's types (timestamps in double precision: its REAL is 4 bytes)."""
-    return sqlite_schema.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY").replace(
-        " REAL", " DOUBLE PRECISION"
-    )
-
-
-def _job(row) -> Job:
-    d = dict(row)
-    d["images"] = json.loads(d["images"])
-    for k in ("token_key", "idem_key", "body_sha256", "owner", "lease_until"):
-        d.pop(k, None)
-    return Job(**d)
-
-
-def _word(row) -> Word:
-    d = dict(row)
-    d.pop("token_key")
-    d["files"], d["meta"] = json.loads(d["files"]), json.loads(d["meta"])
-    return Word(**d)

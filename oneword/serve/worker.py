@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import queue
-import tempfile
 import threading
 import time
 from collections import deque
@@ -36,11 +34,13 @@ import torch
 from oneword.errors import OneWordError
 from oneword.inversion.checkpoint import load_state, save_state
 from oneword.inversion.config import InversionConfig
-from oneword.inversion.embedding_io import DIFFUSERS_FILE, DIFFUSERS_FILE_2, Embedding, load_embedding
-from oneword.inversion.runfolder import RunFolder, word_metadata
+from oneword.inversion.embedding_io import Embedding, load_embedding
+from oneword.inversion.runfolder import word_file_bytes, word_metadata
 from oneword.serve import events as ev
 from oneword.serve.config import ServeSettings
-from oneword.serve.store import CANCEL_DISCARD, Job, Store
+from oneword.serve.drawing import Drawing, GenerationRequest
+from oneword.serve.records import CANCEL_DISCARD, Job
+from oneword.serve.store import Store
 
 logger = logging.getLogger("oneword.serve")
 
@@ -64,23 +64,6 @@ class World:
 
 
 @dataclass
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str
-    n: int
-    steps: int
-    guidance: float
-    seed: int
-    words: dict[str, list[torch.Tensor]]
-    """The caller's words (token -> vectors per text encoder) that the prompts use."""
-    size: int
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    accepted: float = field(default_factory=time.perf_counter)
-    drawn: list = field(default_factory=list)
-    """``(seed, image)`` pairs drawn so far."""
-
-
-@dataclass
 class _Active:
     job: Job
     cfg: InversionConfig
@@ -94,7 +77,7 @@ class Worker(threading.Thread):
         super().__init__(name="oneword-worker", daemon=True)
         self.world, self.store, self.hub, self.settings = world, store, hub, settings
         self.observe = observe or (lambda name, value: None)
-        self.generation: queue.Queue[GenerationRequest] = queue.Queue(settings.max_generation_queue)
+        self.drawing = Drawing(settings.max_generation_queue, settings.generation_batch, self.observe)
         self.error: BaseException | None = None
         self.steps_per_second: float | None = None
         """Group steps per second (a moving average): each running word advances one step per group step."""
@@ -106,7 +89,6 @@ class Worker(threading.Thread):
         self._cancels: set[str] = set()
         self._engine = None
         self._active: dict[int, _Active] = {}
-        self._queued_images: list[tuple[GenerationRequest, int]] = []  # images waiting to be drawn
         self._renewed = time.monotonic()
 
     # ----------------------------------------------------------------- from other threads
@@ -119,9 +101,9 @@ class Worker(threading.Thread):
 
     def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
         """Queue a generation request; raises :class:`queue.Full` when too many wait."""
-        self.generation.put_nowait(request)
+        future = self.drawing.submit(request)
         self._wake.set()
-        return request.future
+        return future
 
     def stop(self, timeout: float | None = None) -> bool:
         """Checkpoint every running word at a step boundary and end; True when it ended in time."""
@@ -156,7 +138,7 @@ class Worker(threading.Thread):
                     self._look = False
                     while self._encode():
                         busy = True
-                if self._generate():  # then one pipeline call of images
+                if self.drawing.draw_one_call(self.world.model):  # then one pipeline call of images
                     busy = True
                     continue  # new words may have come meanwhile
                 self._admit()
@@ -171,7 +153,7 @@ class Worker(threading.Thread):
             self.error = err
             logger.exception("the worker stopped")
         finally:
-            self._fail_generation("the server is stopping" if self.error is None else "the worker failed")
+            self.drawing.fail_all("the server is stopping" if self.error is None else "the worker failed")
 
     def _keep_leases(self) -> None:
         """Renew the leases of the jobs in work, and take back jobs whose worker stopped elsewhere
@@ -187,61 +169,6 @@ class Worker(threading.Thread):
                 "took over %d job(s) whose worker stopped; %d failed after too many", requeued, failed
             )
             self._look = True
-
-    # ----------------------------------------------------------------- generation
-    def _generate(self) -> bool:
-        """Draw one pipeline call's images (up to ``generation_batch``, all with the steps,
-        guidance and size of the oldest waiting image); True when there were any."""
-        from oneword.sampling import sample_conditioned
-        from oneword.serve.prompts import condition, condition_negative
-
-        while True:
-            try:
-                r = self.generation.get_nowait()
-            except queue.Empty:
-                break
-            self._queued_images.extend((r, r.seed + i) for i in range(r.n))
-        if not self._queued_images:
-            return False
-        first = self._queued_images[0][0]
-        key = (first.steps, first.guidance, first.size)
-        chunk = [it for it in self._queued_images if (it[0].steps, it[0].guidance, it[0].size) == key]
-        chunk = chunk[: self.settings.generation_batch]
-        taken = {id(it) for it in chunk}
-        self._queued_images = [it for it in self._queued_images if id(it) not in taken]
-        try:
-            with torch.no_grad():
-                words = [r.words for r, _ in chunk]
-                cond = condition(self.world.model, [r.prompt for r, _ in chunk], words)
-                neg = condition_negative(self.world.model, [r.negative_prompt for r, _ in chunk], words)
-                images, _ = sample_conditioned(self.world.model, cond, neg, [s for _, s in chunk], *key)
-        except Exception as err:  # noqa: BLE001 - these requests fail; the worker goes on
-            logger.exception("generation failed")
-            failed = {id(r): r for r, _ in chunk}
-            self._queued_images = [it for it in self._queued_images if id(it[0]) not in failed]
-            for r in failed.values():
-                if not r.future.done():
-                    r.future.set_exception(err)
-            return True
-        for (r, seed), image in zip(chunk, images):
-            r.drawn.append((seed, image))
-            if len(r.drawn) == r.n and not r.future.done():
-                r.future.set_result(sorted(r.drawn, key=lambda d: d[0]))
-                self.observe("generation_seconds", time.perf_counter() - r.accepted)
-        return True
-
-    def _fail_generation(self, why: str) -> None:
-        waiting = {id(r): r for r, _ in self._queued_images}
-        while True:
-            try:
-                r = self.generation.get_nowait()
-            except queue.Empty:
-                break
-            waiting[id(r)] = r
-        self._queued_images = []
-        for r in waiting.values():
-            if not r.future.done():
-                r.future.set_exception(RuntimeError(why))
 
     # ----------------------------------------------------------------- encode
     def _encode(self) -> bool:
@@ -454,7 +381,7 @@ class Worker(threading.Thread):
             {**world.encoder_meta, **(extra or _init_meta(self.store, job)), "oneword.kept": kept,
              "oneword.job": job.id},
         )  # fmt: skip
-        files = word_files(Embedding(job.token, vectors, meta))
+        files = word_file_bytes(Embedding(job.token, vectors, meta))
         status = "provisional" if requeue else "final"
         self.store.put_word(job, files, meta, status, kept, steps, end=end, requeue=requeue)
 
@@ -470,16 +397,3 @@ def _init_meta(store: Store, job: Job) -> dict[str, str]:
     if word is None:
         return {}
     return {k: v for k, v in word.meta.items() if k.startswith("oneword.init_")}
-
-
-def word_files(embedding: Embedding) -> dict[str, bytes]:
-    """The bytes ``ti invert`` writes for a word, by layout: ``diffusers`` (and ``diffusers_2``,
-    SDXL's second text encoder) and ``a1111`` (the single file)."""
-    with tempfile.TemporaryDirectory(prefix="oneword-word-") as tmp:
-        folder = RunFolder(tmp)
-        folder.write_word(embedding)
-        out = {"diffusers": (Path(tmp) / DIFFUSERS_FILE).read_bytes()}
-        if (Path(tmp) / DIFFUSERS_FILE_2).is_file():
-            out["diffusers_2"] = (Path(tmp) / DIFFUSERS_FILE_2).read_bytes()
-        out["a1111"] = folder.single_file(embedding.token).read_bytes()
-    return out

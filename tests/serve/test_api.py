@@ -181,7 +181,7 @@ def test_tenants_see_only_their_own(world, concepts, tmp_path):
 
 def test_two_tenants_words_in_one_batch_do_not_mix(world, concepts, tmp_path):
     """Requests drawn in one pipeline call: each image equals the same request drawn alone."""
-    from oneword.serve.worker import GenerationRequest
+    from oneword.serve.drawing import GenerationRequest
 
     service = make_service(world, tmp_path / "data")
     vectors = [[torch.randn(1, 128) * 0.3] for _ in range(2)]
@@ -192,13 +192,13 @@ def test_two_tenants_words_in_one_batch_do_not_mix(world, concepts, tmp_path):
     alone = []
     for v in vectors:
         r = ask(v)
-        service.worker.generation.put(r)
-        service.worker._generate()
+        service.worker.drawing.queue.put(r)
+        service.worker.drawing.draw_one_call(world.model)
         alone.append(r.future.result()[0][1])
     together = [ask(v) for v in vectors]
     for r in together:
-        service.worker.generation.put(r)
-    service.worker._generate()
+        service.worker.drawing.queue.put(r)
+    service.worker.drawing.draw_one_call(world.model)
     for r, image in zip(together, alone):
         diff = np.asarray(r.future.result()[0][1], dtype=float) - np.asarray(image, dtype=float)
         assert np.abs(diff).mean() < 1.0  # the same image, up to batched arithmetic

@@ -65,7 +65,8 @@ def _job(store, tenant="t", token="<a>", key=None, body="x", queue=10, per_key=1
 
 
 def test_store_idempotency_conflicts_limits_and_recovery(tmp_path, store_db):
-    from oneword.serve.store import Busy, Conflict, Store
+    from oneword.serve.records import Busy, Conflict
+    from oneword.serve.store import Store
 
     store = Store(tmp_path, store_db)
     job, created = _job(store, key="k1")
@@ -96,7 +97,8 @@ def test_store_idempotency_conflicts_limits_and_recovery(tmp_path, store_db):
 
 
 def test_store_words_replace_their_files_and_cancel_keeps_them(tmp_path, store_db):
-    from oneword.serve.store import CANCEL_DISCARD, Store
+    from oneword.serve.records import CANCEL_DISCARD
+    from oneword.serve.store import Store
 
     store = Store(tmp_path, store_db)
     job, _ = _job(store)
