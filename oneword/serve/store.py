@@ -295,12 +295,14 @@ class Store:
         step: int | None = None,
         loss: float | None = None,
     ) -> None:
+        """End a job; the word it made so far (the encoder's, if any) becomes final as it is."""
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET state = ?, error = ?, finished = ?, step = COALESCE(?, step), "
                 "loss = COALESCE(?, loss) WHERE id = ?",
                 (state, error, time.time(), step, loss, job_id),
             )
+            db.execute("UPDATE words SET status = 'final' WHERE job_id = ?", (job_id,))
 
     # ----------------------------------------------------------------- words
     def put_word(

@@ -29,8 +29,6 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from oneword.errors import OneWordError
 from oneword.inversion.checkpoint import load_state, save_state
 from oneword.inversion.config import InversionConfig
@@ -250,7 +248,7 @@ class Worker(threading.Thread):
                 self._stop_job(job, None)
                 continue
             try:
-                start = self._load_word(word.files["a1111"])
+                start = load_embedding(self.store.blob_path(word.files["a1111"])).vectors
                 cfg = self._job_cfg(job)
                 sid = engine.add(self._images(job), cfg, start, name=job.id)
             except Exception as err:  # noqa: BLE001
@@ -262,9 +260,6 @@ class Worker(threading.Thread):
             )
             self._resume(sid, act)
         self.occupancy = len(engine)
-
-    def _load_word(self, sha: str) -> list[torch.Tensor]:
-        return load_embedding(self.store.blob_path(sha)).vectors
 
     def _checkpoint(self, job: Job) -> Path:
         return self.store.data / "jobs" / job.id / "last.safetensors"
@@ -300,7 +295,7 @@ class Worker(threading.Thread):
             for sid in list(self._active):
                 act = self._active.pop(sid)
                 engine.remove(sid)
-                self._fail(act.job, f"the refinement failed: {type(err).__name__}: {err}", keep=True)
+                self._fail(act.job, f"the refinement failed: {type(err).__name__}: {err}")
             return
         took = time.perf_counter() - t0
         rate = 1.0 / took if took > 0 else 0.0
@@ -322,7 +317,7 @@ class Worker(threading.Thread):
             self._active.pop(sid)
             res = engine.remove(sid)
             if res.error:
-                self._fail(act.job, res.error, keep=True)
+                self._fail(act.job, res.error)
             else:
                 self._store_word(act.job, res.vectors, res.step, "refined", end=("succeeded", res.loss))
                 self._ended(self.store.job(act.job.id))
@@ -344,20 +339,14 @@ class Worker(threading.Thread):
         """End a canceled job: keep its last vectors (after at least one step) unless the word was deleted."""
         if job.cancel != CANCEL_DISCARD and res is not None and res.step > 0 and not res.error:
             self._store_word(job, res.vectors, res.step, "partial", end=("canceled", res.loss))
-        elif job.cancel != CANCEL_DISCARD and self.store.word_of_job(job.id) is not None:
-            word = self.store.word_of_job(job.id)
-            self._store_word(job, self._load_word(word.files["a1111"]), 0, "encoder", end=("canceled", None))
-        else:
+        else:  # the encoder's word, if any, stays as it is
             self.store.end_job(job.id, "canceled")
         self._ended(self.store.job(job.id))
 
     # ----------------------------------------------------------------- endings
-    def _fail(self, job: Job, error: str, keep: bool = False) -> None:
-        """Fail a job; with ``keep``, its provisional word stays as a final word."""
+    def _fail(self, job: Job, error: str) -> None:
+        """Fail a job; its provisional word, if any, stays as a final word."""
         logger.warning("%s failed: %s", job.id, error)
-        word = self.store.word_of_job(job.id) if keep else None
-        if word is not None:
-            self._store_word(job, self._load_word(word.files["a1111"]), 0, "encoder", end=("failed", None))
         self.store.end_job(job.id, "failed", error=error)
         self._ended(self.store.job(job.id))
 
