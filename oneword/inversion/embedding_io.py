@@ -39,6 +39,7 @@ __all__ = [
     "check_widths",
     "family_for_widths",
     "load_embedding",
+    "load_embedding_bytes",
     "save_diffusers",
     "save_single_file",
 ]
@@ -351,6 +352,17 @@ def load_embedding(path: str | Path, *, token: str | None = None) -> Embedding:
     candidates = (token, raw.metadata.get("oneword.token"), raw.key, path.stem)
     chosen = next(c for c in candidates if c is not None and c.strip())
     return Embedding(chosen, _check_vectors(raw.vectors, path.name), raw.metadata)
+
+
+def load_embedding_bytes(data: bytes, name: str = "word.safetensors") -> Embedding:
+    """:func:`load_embedding` of a single file's bytes (``name`` gives its layout hints and, in
+    the A1111 convention, the token when the file names none)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="oneword-embedding-") as tmp:
+        path = Path(tmp) / Path(name).name
+        path.write_bytes(data)
+        return load_embedding(path)
 
 
 def family_for_widths(widths: Sequence[int]) -> str:

@@ -15,7 +15,10 @@ class ServeSettings:
     """Folder of the job store (``jobs.sqlite``), the content-addressed files and the checkpoints."""
     db: str | None = None
     """The job store: a ``postgresql://`` URL, or nothing for SQLite in ``data`` (files stay in
-    ``data`` either way)."""
+    ``data`` unless ``blobs`` says otherwise)."""
+    blobs: str | None = None
+    """Where uploaded photos and word files go: a folder, or an fsspec URL that every server of a
+    cluster can reach (``s3://bucket/prefix``; default: ``DATA/blobs``)."""
     owner: str | None = None
     """Who this server's job claims belong to (default: this host and port). A restarted server
     with the same owner takes its running jobs back at once; others take them over when their

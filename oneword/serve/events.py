@@ -57,7 +57,8 @@ def snapshot(job: Job, word: Word | None = None, **live) -> dict:
 
 
 def state_events(job: Job, word: Word | None) -> list[Event]:
-    """The events a job's row shows happened (all but progress), each with the job as it was then."""
+    """The events a job's row shows happened, each with the job as it was then; of progress, only
+    the step the worker last stored (every second or so)."""
     before = {"step": 0, "loss": None, "word_id": None, "word_status": None, "error": None}
     out = [Event(QUEUED, "queued", {**snapshot(job, word), **before, "state": "queued", "stage": "encode"})]
     if job.started is not None:
@@ -75,6 +76,8 @@ def state_events(job: Job, word: Word | None) -> list[Event]:
                  "word_status": "provisional"},
             )
         )  # fmt: skip
+    if job.state == "running" and job.stage == "refine" and job.step > 0:  # as the worker last stored it
+        out.append(Event(progress_id(job.step), "progress", snapshot(job, word)))
     if job.state in FINAL:
         out.append(Event(final_id(job.refine), job.state, snapshot(job, word)))
     return out

@@ -32,7 +32,7 @@ class Service:
 
     def __init__(self, world: World, settings: ServeSettings, keys: Keys | None, model_name: str) -> None:
         self.world, self.settings, self.keys, self.model_name = world, settings, keys, model_name
-        self.store = Store(settings.data, settings.db, settings.owner, settings.lease_seconds)
+        self.store = Store(settings.data, settings.db, settings.owner, settings.lease_seconds, settings.blobs)
         requeued, failed = self.store.recover(settings.max_attempts)
         if requeued or failed:
             logger.info("%d unfinished job(s) continue; %d failed after too many restarts", requeued, failed)
@@ -145,14 +145,14 @@ class Service:
 
     def vectors(self, word: Word) -> list[torch.Tensor]:
         """A word's vectors, read from its file (the most recent few hundred are kept in memory)."""
-        from oneword.inversion.embedding_io import load_embedding
+        from oneword.inversion.embedding_io import load_embedding_bytes
 
         sha = word.files["a1111"]
         with self._vectors_lock:
             if sha in self._vectors:
                 self._vectors.move_to_end(sha)
                 return self._vectors[sha]
-        vectors = load_embedding(self.store.blob_path(sha)).vectors
+        vectors = load_embedding_bytes(self.store.read_blob(sha)).vectors
         with self._vectors_lock:
             self._vectors[sha] = vectors
             while len(self._vectors) > 512:

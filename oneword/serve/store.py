@@ -3,8 +3,9 @@
 One database holds every job and word: SQLite by default (``DATA/jobs.sqlite``, WAL,
 ``synchronous=FULL``), or PostgreSQL (``db="postgresql://..."``; the same statements, with
 ``FOR UPDATE SKIP LOCKED`` where workers claim jobs). A row is committed before the request that
-made it is answered, so an accepted job survives ``kill -9``. Uploaded images and word files live under ``DATA/blobs/<2 hex>/<sha256>``, written
-atomically and named by the SHA-256 of their bytes (the same photo uploaded twice is stored once).
+made it is answered, so an accepted job survives ``kill -9``. Uploaded images and word files are
+content-addressed (:mod:`oneword.serve.blobs`): under ``DATA/blobs`` or at any fsspec URL that the
+nodes of a cluster share.
 
 Every read and write that a tenant can reach takes the tenant: a row of another tenant is as
 absent as a row that does not exist. One connection serves all threads behind a lock (a request
@@ -20,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from oneword.fileio import atomic_write_bytes
+from oneword.serve.blobs import Blobs, is_url
 from oneword.serve.records import (
     ACTIVE,
     CANCEL_DISCARD,
@@ -41,7 +42,12 @@ class Store:
     """Jobs and words of ``data`` (see the module docstring)."""
 
     def __init__(
-        self, data: str | Path, db: str | None = None, owner: str | None = None, lease_seconds: float = 30.0
+        self,
+        data: str | Path,
+        db: str | None = None,
+        owner: str | None = None,
+        lease_seconds: float = 30.0,
+        blobs: str | None = None,
     ) -> None:
         self.data = Path(data)
         self.data.mkdir(parents=True, exist_ok=True)
@@ -49,8 +55,12 @@ class Store:
         """Who this store's claims belong to: stable for one ``data`` folder on one host, so a
         restarted server takes its own running jobs back at once."""
         self.lease_seconds = lease_seconds
-        self.data.mkdir(parents=True, exist_ok=True)
-        (self.data / "blobs").mkdir(exist_ok=True)
+        self.blobs = Blobs(blobs or self.data / "blobs")
+        self.checkpoints = Blobs(
+            f"{blobs.rstrip('/')}/checkpoints" if blobs and is_url(blobs) else self.data / "jobs"
+        )
+        """Running words' checkpoints (``<job id>/last.safetensors``): beside the blobs when those
+        are at a URL, so that another node can continue a word."""
         self._lock = threading.RLock()
         self.postgres = bool(db) and str(db).startswith(("postgresql://", "postgres://"))
         if db and not self.postgres:
@@ -98,17 +108,11 @@ class Store:
             return self._db.execute(sql, args).fetchall()
 
     # ----------------------------------------------------------------- blobs
-    def blob_path(self, sha: str) -> Path:
-        return self.data / "blobs" / sha[:2] / sha
-
     def put_blob(self, sha: str, data: bytes) -> None:
-        path = self.blob_path(sha)
-        if not path.is_file():
-            path.parent.mkdir(exist_ok=True)
-            atomic_write_bytes(path, data)
+        self.blobs.put(sha, data)
 
     def read_blob(self, sha: str) -> bytes:
-        return self.blob_path(sha).read_bytes()
+        return self.blobs.get(sha)
 
     def _drop_unused_blobs(self, shas: Sequence[str]) -> None:
         """Remove word files no word and no job refers to any more (called inside a transaction)."""
@@ -118,7 +122,7 @@ class Store:
                 (f"%{sha}%", f"%{sha}%"),
             ).fetchone()
             if used is None:
-                self.blob_path(sha).unlink(missing_ok=True)
+                self.blobs.delete(sha)
 
     # ----------------------------------------------------------------- jobs
     def create_job(
@@ -244,6 +248,23 @@ class Store:
                 f"AND id IN ({', '.join('?' * len(job_ids))})",
                 (time.time() + self.lease_seconds, self.owner, *job_ids),
             )
+
+    def heartbeat(self, progress: dict[str, tuple[int, float | None]]) -> set[str]:
+        """Record the step and loss of this owner's running jobs (so that every replica can show
+        them) and return those of them whose cancel was asked for (on any replica)."""
+        if not progress:
+            return set()
+        with self._tx() as db:
+            for job_id, (step, loss) in progress.items():
+                db.execute(
+                    "UPDATE jobs SET step = ?, loss = ? WHERE id = ? AND owner = ? AND state = 'running'",
+                    (step, loss, job_id, self.owner),
+                )
+            rows = db.execute(
+                f"SELECT id FROM jobs WHERE cancel > 0 AND id IN ({', '.join('?' * len(progress))})",
+                tuple(progress),
+            ).fetchall()
+        return {r["id"] for r in rows}
 
     def recover(self, max_attempts: int, mine: bool = True) -> tuple[int, int]:
         """Jobs whose worker stopped wait again (their checkpoints continue them): with ``mine``

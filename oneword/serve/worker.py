@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import tempfile
 import threading
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from pathlib import Path
 from oneword.errors import OneWordError
 from oneword.inversion.checkpoint import load_state, save_state
 from oneword.inversion.config import InversionConfig
-from oneword.inversion.embedding_io import Embedding, load_embedding
+from oneword.inversion.embedding_io import Embedding, load_embedding_bytes
 from oneword.inversion.runfolder import word_file_bytes, word_metadata
 from oneword.serve import events as ev
 from oneword.serve.config import ServeSettings
@@ -41,6 +42,10 @@ from oneword.serve.records import CANCEL_DISCARD, Job
 from oneword.serve.store import Store
 
 logger = logging.getLogger("oneword.serve")
+
+#: How often the worker looks for jobs and cancels that came through other replicas, and stores
+#: its running words' progress.
+POLL_SECONDS = 1.0
 
 #: New jobs given their provisional word per pass (small waves: the first word comes sooner).
 ENCODE_WAVE = 4
@@ -66,6 +71,7 @@ class _Active:
     job: Job
     cfg: InversionConfig
     fingerprint: dict[str, str]
+    loss: float | None = None
 
 
 class Worker(threading.Thread):
@@ -88,6 +94,7 @@ class Worker(threading.Thread):
         self._engine = None
         self._active: dict[int, _Active] = {}
         self._renewed = time.monotonic()
+        self._polled = 0.0
 
     # ----------------------------------------------------------------- from other threads
     def notify(self, cancel: str | None = None) -> None:
@@ -130,6 +137,7 @@ class Worker(threading.Thread):
             while not self._stopping.is_set():
                 self._wake.clear()
                 self._keep_leases()
+                self._poll()
                 self._cancel()
                 busy = False
                 if self._look:  # new words first: each is a short, bounded piece of work
@@ -167,6 +175,16 @@ class Worker(threading.Thread):
                 "took over %d job(s) whose worker stopped; %d failed after too many", requeued, failed
             )
             self._look = True
+
+    def _poll(self) -> None:
+        """Every :data:`POLL_SECONDS`: look for new jobs, publish the running words' progress to the
+        store and pick up cancels, both of which may come through other replicas."""
+        now = time.monotonic()
+        if now - self._polled < POLL_SECONDS:
+            return
+        self._polled, self._look = now, True
+        progress = {act.job.id: (self._engine.slot(sid).step, act.loss) for sid, act in self._active.items()}
+        self._cancels |= self.store.heartbeat(progress)
 
     # ----------------------------------------------------------------- encode
     def _encode(self) -> bool:
@@ -248,7 +266,7 @@ class Worker(threading.Thread):
                 self._stop_job(job, None)
                 continue
             try:
-                start = load_embedding(self.store.blob_path(word.files["a1111"])).vectors
+                start = load_embedding_bytes(self.store.read_blob(word.files["a1111"])).vectors
                 cfg = self._job_cfg(job)
                 sid = engine.add(self._images(job), cfg, start, name=job.id)
             except Exception as err:  # noqa: BLE001
@@ -261,30 +279,35 @@ class Worker(threading.Thread):
             self._resume(sid, act)
         self.occupancy = len(engine)
 
-    def _checkpoint(self, job: Job) -> Path:
-        return self.store.data / "jobs" / job.id / "last.safetensors"
+    @staticmethod
+    def _checkpoint(job: Job) -> str:
+        return f"{job.id}/last.safetensors"
 
     def _resume(self, sid: int, act: _Active) -> None:
-        path = self._checkpoint(act.job)
-        if not path.is_file():
+        files = self.store.checkpoints
+        try:
+            data = files.read(self._checkpoint(act.job))
+        except FileNotFoundError:
             return
         try:
-            ts = load_state(path)
+            with tempfile.TemporaryDirectory(prefix="oneword-serve-") as tmp:
+                (Path(tmp) / "last.safetensors").write_bytes(data)
+                ts = load_state(Path(tmp) / "last.safetensors")
             if ts.meta != act.fingerprint:
                 raise OneWordError("it was made from another start")
             self._engine.load(sid, ts)
             logger.info("%s: continuing from step %d", act.job.id, ts.step)
         except (OneWordError, ValueError, KeyError, RuntimeError) as err:
             logger.warning("%s: its checkpoint cannot be used (%s); refining from the start", act.job.id, err)
-            path.unlink(missing_ok=True)
+            files.remove(self._checkpoint(act.job))
 
     def _save(self, sid: int) -> None:
         act = self._active[sid]
         ts = self._engine.state(sid)
         ts.meta = act.fingerprint
-        path = self._checkpoint(act.job)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_state(path, ts)
+        with tempfile.TemporaryDirectory(prefix="oneword-serve-") as tmp:
+            data = save_state(Path(tmp) / "last.safetensors", ts).read_bytes()
+        self.store.checkpoints.write(self._checkpoint(act.job), data)
 
     def _step(self) -> None:
         engine, t0 = self._engine, time.perf_counter()
@@ -306,6 +329,7 @@ class Worker(threading.Thread):
         for sid in list(self._active):
             act, slot = self._active[sid], engine.slot(sid)
             if sid in losses:
+                act.loss = losses[sid]
                 self._publish(
                     act.job, ev.progress_id(slot.step), "progress", state="running", stage="refine",
                     step=slot.step, loss=losses[sid],
@@ -351,7 +375,7 @@ class Worker(threading.Thread):
         self._ended(self.store.job(job.id))
 
     def _ended(self, job: Job) -> None:
-        self._checkpoint(job).unlink(missing_ok=True)
+        self.store.checkpoints.remove(self._checkpoint(job))
         self._cancels.discard(job.id)
         if job.state == "succeeded":
             self.finished_at.append(time.perf_counter())

@@ -173,6 +173,48 @@ def postgres_url(postgres_server) -> str:
     return postgres_server.rsplit("/", 1)[0] + f"/{name}"
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto's, in this process) on a loopback port, with fsspec told to use
+    it (``FSSPEC_S3_ENDPOINT_URL``; child processes inherit it). Yields ``s3://`` URL maker."""
+    pytest.importorskip("s3fs", reason="s3fs is in the dev extra (make installs it)")
+    server_mod = pytest.importorskip(
+        "moto.server", reason="moto[server] is in the dev extra (make installs it)"
+    )
+    import uuid
+
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf)  # fsspec reads its environment at import time
+    try:
+        yield lambda: f"s3://oneword-{uuid.uuid4().hex[:12]}/serve"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        fsspec.config.conf.pop("s3", None)
+        server.stop()
+
+
+@pytest.fixture(params=["folder", "s3"])
+def store_blobs(request) -> str | None:
+    """Where the store keeps its files: the data folder (None) or a fresh bucket on an S3 server."""
+    return None if request.param == "folder" else request.getfixturevalue("s3_server")()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_db(request) -> str | None:
     """The job store's database: SQLite (None) or a fresh PostgreSQL database."""

@@ -96,28 +96,32 @@ def test_store_idempotency_conflicts_limits_and_recovery(tmp_path, store_db):
     store.close()
 
 
-def test_store_words_replace_their_files_and_cancel_keeps_them(tmp_path, store_db):
+def test_store_words_replace_their_files_and_cancel_keeps_them(tmp_path, store_db, store_blobs):
     from oneword.serve.records import CANCEL_DISCARD
     from oneword.serve.store import Store
 
-    store = Store(tmp_path, store_db)
+    store = Store(tmp_path, store_db, blobs=store_blobs)
     job, _ = _job(store)
     store.claim("encode", 1)
     word = store.put_word(
         store.job(job.id), {"a1111": b"first"}, {"m": "1"}, "provisional", "encoder", 0, requeue=True
     )
-    first = store.blob_path(word.files["a1111"])
-    assert first.is_file() and store.job(job.id).state == "queued" and store.job(job.id).stage == "refine"
+    first = word.files["a1111"]
+    assert (
+        store.read_blob(first) == b"first"
+        and store.job(job.id).state == "queued"
+        and store.job(job.id).stage == "refine"
+    )
     assert store.queue_position(store.job(job.id)) == 1
     canceled = store.request_cancel("t", job.id)
     assert canceled.state == "canceled" and store.word_of_job(job.id).status == "final"
     store.put_word(store.job(job.id), {"a1111": b"second"}, {}, "final", "partial", 3)
-    assert not first.exists()  # no word uses the old file any more
+    assert not store.blobs.exists(f"{first[:2]}/{first}")  # no word uses the old file any more
     gone = store.delete_word("t", word.id)
     assert (
         gone is not None
         and store.word(word.id, "t") is None
-        and not store.blob_path(gone.files["a1111"]).exists()
+        and not store.blobs.exists(f"{gone.files['a1111'][:2]}/{gone.files['a1111']}")
     )
     job2, _ = _job(store, token="<b>")
     store.claim("encode", 1)
@@ -207,3 +211,30 @@ def test_a_stopped_workers_jobs_are_taken_over_when_its_lease_expires(tmp_path, 
     assert restarted.recover(5) == (2, 0)  # a restarted owner takes its own back at once
     for s in (a, b, restarted):
         s.close()
+
+
+@pytest.mark.parametrize("where", ["folder", "memory", "s3"])
+def test_blobs_in_a_folder_or_at_an_fsspec_url(tmp_path, where, request):
+    from oneword.serve.blobs import Blobs
+
+    if where == "s3":
+        location = request.getfixturevalue("s3_server")()
+    else:
+        location = str(tmp_path / "files") if where == "folder" else f"memory://oneword-{tmp_path.name}"
+    blobs = Blobs(location)
+    sha = "cd" * 32
+    assert not blobs.exists(f"cd/{sha}")
+    with pytest.raises(FileNotFoundError):
+        blobs.get(sha)
+    blobs.put(sha, b"photo")
+    blobs.put(sha, b"ignored: the name is the content's hash")
+    assert blobs.get(sha) == b"photo" and blobs.exists(f"cd/{sha}")
+    blobs.write("job/last.safetensors", b"step 10")
+    blobs.write("job/last.safetensors", b"step 20")  # a checkpoint is replaced
+    assert Blobs(location).read("job/last.safetensors") == b"step 20"  # another node sees it
+    blobs.delete(sha)
+    blobs.remove("job/last.safetensors")
+    blobs.remove("job/last.safetensors")  # removing what is gone is fine
+    assert not blobs.exists(f"cd/{sha}") and not blobs.exists("job/last.safetensors")
+    with pytest.raises(ValueError, match="cannot open"):
+        Blobs("nosuchprotocol://bucket/x")

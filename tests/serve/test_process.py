@@ -77,12 +77,16 @@ def test_sigterm_drains_then_the_jobs_continue(concepts, tmp_path):
         server.stop()
 
 
-def test_two_servers_share_postgresql_and_a_killed_ones_job_finishes_on_the_other(
-    concepts, tmp_path, postgres_url
+def test_two_servers_share_postgresql_and_s3_and_a_killed_ones_job_finishes_on_the_other(
+    concepts, tmp_path, postgres_url, s3_server
 ):
-    data = tmp_path / "data"  # shared: photos, word files and checkpoints
-    args = ("--db", postgres_url, "--lease-seconds", "2", "--refine", "300", "--save-every", "10")
-    a, b = ServerProcess(data, *args), ServerProcess(data, *args)
+    # two nodes: nothing on disk in common; the store in PostgreSQL, photos, words and
+    # checkpoints in an S3 bucket
+    args = ("--db", postgres_url, "--blobs", s3_server(), "--lease-seconds", "2", "--refine", "300")
+    args += ("--save-every", "10")
+    a, b = ServerProcess(tmp_path / "a" / "data", *args), ServerProcess(tmp_path / "b" / "data", *args)
+    for server in (a, b):
+        server.data.parent.mkdir()
     try:
         a.start()
         with httpx.Client(base_url=a.url, timeout=30) as c:
@@ -93,7 +97,9 @@ def test_two_servers_share_postgresql_and_a_killed_ones_job_finishes_on_the_othe
             assert c.get(f"/v1/jobs/{job}").json()["state"] == "running"
             assert a.kill(signal.SIGKILL) == -signal.SIGKILL
             final = wait_for(c, job, done, timeout=300)
+            assert c.get(f"/v1/words/{final['word_id']}/file").content[:8]  # read from the bucket
         assert final["state"] == "succeeded" and final["step"] == 300
+        assert not [p for p in (tmp_path / "a").rglob("*") if p.is_file() and "blobs" in str(p)]
         log = b.log.read_text()
         assert "took over 1 job" in log and "continuing from step" in log
     finally:
