@@ -3,6 +3,7 @@
     ti serve                                               # the toy world on 127.0.0.1:8000
     ti serve --model sd15 --encoder enc.safetensors --keys keys.txt --host 0.0.0.0
     ti serve keys add alice --keys keys.txt                # prints alice's key once
+    ti serve --ray auto --db postgresql://... --blobs s3://bucket/oneword --replicas 2   # on Ray Serve
 
 The library side is :mod:`oneword.serve`; the API is documented at /docs while it runs.
 """
@@ -49,6 +50,24 @@ def build_parser(prog: str = "ti serve"):
         help="API keys file ('NAME sha256:HEX' lines; make keys with ti serve keys add NAME --keys FILE); "
         "each key is a tenant that sees only its own jobs and words",
     )
+    ray = p.add_argument_group("Ray Serve (the ray-serve extra)")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="deploy on Ray Serve: the same API at --host:--port, one worker replica per GPU (a CPU "
+        "replica without GPUs); ADDRESS is a cluster (auto, ray://HOST:10001), or nothing for a local "
+        "Ray instance. Give every replica the same store: --db postgresql://... and --blobs URL",
+    )
+    ray.add_argument("--replicas", type=int, default=1, help="worker replicas to start with (with --ray)")
+    ray.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        help="scale worker replicas up to this many on the queue depth, one per --group words (with --ray)",
+    )
     add_dataclass_options(p, ServeSettings)
     return p
 
@@ -71,6 +90,8 @@ def run(args) -> int:
         raise OneWordError(f"invalid setting: {err}") from None
     keys = check_binding(args.host, args.keys_file)  # before the model loads
     _json_logs()
+    if args.ray is not None:
+        return _ray(args, given)
     world, model_name = load_world(args.model, args.encoder, args.device, args.mixed_precision)
     service = Service(world, settings, keys, model_name)
     logging.getLogger("oneword.serve").info(
@@ -81,6 +102,29 @@ def run(args) -> int:
         settings.data,
     )
     return serve(service, args.host, args.port)
+
+
+def _ray(args, settings: dict) -> int:
+    from pathlib import Path
+
+    from oneword.serve.blobs import is_url
+
+    settings = dict(settings)  # replicas may start in other folders
+    settings["data"] = str(Path(settings["data"]).resolve())
+    if settings["blobs"] and not is_url(settings["blobs"]):
+        settings["blobs"] = str(Path(settings["blobs"]).resolve())
+    try:
+        from oneword.serve import ray_app
+    except ImportError as err:
+        raise OneWordError(f"--ray needs Ray Serve ({err}): pip install 'oneword[ray-serve]'") from None
+    given = {"model": args.model, "encoder": args.encoder, "device": args.device,
+             "mixed_precision": args.mixed_precision, "keys": args.keys_file, "replicas": args.replicas,
+             "max_replicas": args.max_replicas, "settings": settings}  # fmt: skip
+    try:
+        ray_app.Options.parse(given)
+    except ValueError as err:
+        raise OneWordError(f"invalid setting: {err}") from None
+    return ray_app.run(None if args.ray == "local" else args.ray, given, args.host, args.port)
 
 
 def _keys(args) -> int:

@@ -283,6 +283,8 @@ def create_app(service: Service) -> FastAPI:
             raise Rejected(429, "too many image requests wait; retry shortly", {"Retry-After": "2"}) from None
         try:
             drawn = await asyncio.wrap_future(future)
+        except queue.Full:  # a worker replica elsewhere is full
+            raise Rejected(429, "too many image requests wait; retry shortly", {"Retry-After": "2"}) from None
         except RuntimeError as err:
             raise Rejected(503, f"{err}; retry in a moment", {"Retry-After": "5"}) from None
         images = [ImageOut(seed=seed, png_base64=_png(image, body, seed)) for seed, image in drawn]

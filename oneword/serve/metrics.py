@@ -83,7 +83,7 @@ class _Gauges:
         yield GaugeMetricFamily(
             "oneword_generation_queue_depth",
             "generation requests waiting",
-            value=worker.drawing.queue.qsize(),
+            value=worker.waiting_images(),
         )
         yield GaugeMetricFamily(
             "oneword_worker_alive", "1 while the worker runs", value=float(worker.healthy)

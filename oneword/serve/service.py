@@ -27,32 +27,51 @@ from oneword.serve.worker import Worker, World
 logger = logging.getLogger("oneword.serve")
 
 
+def world_facts(world: World, model_name: str) -> dict:
+    """What ``/readyz`` tells about the served model."""
+    model = world.model
+    return {
+        "model": model_name,
+        "family": model.family,
+        "resolution": model.resolution,
+        "num_vectors": world.cfg.num_vectors,
+        "encoder": world.encoder_meta.get("oneword.encoder"),
+    }
+
+
 class Service:
     """One model served: see the module docstring. ``keys`` None: one tenant, loopback only."""
 
     def __init__(self, world: World, settings: ServeSettings, keys: Keys | None, model_name: str) -> None:
-        self.world, self.settings, self.keys, self.model_name = world, settings, keys, model_name
+        self.world = world
+        # the HTTP threads check tokens with their own copy: the worker owns the model's tokenizers
+        self._open(settings, keys, world_facts(world, model_name), copy.deepcopy(world.model.tokenizers[0]))
+        self.worker = Worker(world, self.store, self.hub, settings, observe=self.metrics.observe)
+
+    @classmethod
+    def front(cls, settings: ServeSettings, keys: Keys | None, facts: dict, tokenizer, workers) -> Service:
+        """A service whose workers run elsewhere (Ray Serve replicas sharing the store):
+        ``workers`` stands in for the worker thread (``notify``, ``submit``, the pace and health)."""
+        self = cls.__new__(cls)
+        self.world = None
+        self._open(settings, keys, facts, tokenizer)
+        self.worker = workers
+        return self
+
+    def _open(self, settings: ServeSettings, keys: Keys | None, facts: dict, tokenizer) -> None:
+        self.settings, self.keys, self.facts = settings, keys, facts
+        self.model_name = facts["model"]
         self.store = Store(settings.data, settings.db, settings.owner, settings.lease_seconds, settings.blobs)
         requeued, failed = self.store.recover(settings.max_attempts)
         if requeued or failed:
             logger.info("%d unfinished job(s) continue; %d failed after too many restarts", requeued, failed)
         self.hub = EventHub()
         self.metrics = Metrics(self)
-        self.worker = Worker(world, self.store, self.hub, settings, observe=self.metrics.observe)
-        # the HTTP threads check tokens with their own copy: the worker owns the model's tokenizers
-        self._tokenizer = copy.deepcopy(world.model.tokenizers[0])
+        self._tokenizer = tokenizer
         self._tokenizer_lock = threading.Lock()
         self._vectors: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self._vectors_lock = threading.Lock()
         self.draining = False
-        model = world.model
-        self.facts = {
-            "model": model_name,
-            "family": model.family,
-            "resolution": model.resolution,
-            "num_vectors": world.cfg.num_vectors,
-            "encoder": world.encoder_meta.get("oneword.encoder"),
-        }
 
     def start(self) -> None:
         if not self.worker.is_alive():

@@ -121,6 +121,10 @@ class Worker(threading.Thread):
     def healthy(self) -> bool:
         return self.is_alive() and self.error is None and not self._stopping.is_set()
 
+    def waiting_images(self) -> int:
+        """Generation requests waiting for a pipeline call."""
+        return self.drawing.queue.qsize()
+
     def words_per_second(self) -> float | None:
         """Words finished per second over the recent ones."""
         if len(self.finished_at) < 2:

@@ -213,6 +213,27 @@ def test_a_stopped_workers_jobs_are_taken_over_when_its_lease_expires(tmp_path, 
         s.close()
 
 
+def test_progress_and_cancels_pass_between_replicas_through_the_store(tmp_path, store_db):
+    from oneword.serve import events as ev
+    from oneword.serve.store import Store
+
+    a = Store(tmp_path, store_db, owner="a")
+    b = Store(tmp_path, store_db, owner="b")
+    job, _ = _job(a)
+    a.claim("encode", 1)
+    a.put_word(a.job(job.id), {"a1111": b"w"}, {}, "provisional", "encoder", 0, requeue=True)
+    a.claim("refine", 1)
+    assert a.heartbeat({job.id: (7, 0.25)}) == set()
+    seen = b.job(job.id)  # another replica shows the step a's worker reached
+    assert (seen.step, seen.loss) == (7, 0.25)
+    assert ev.state_events(seen, b.word_of_job(job.id))[-1].id == ev.progress_id(7)
+    b.request_cancel("t", job.id)  # asked on b, noticed by a's worker at its next heartbeat
+    assert a.heartbeat({job.id: (8, 0.2)}) == {job.id}
+    assert b.heartbeat({job.id: (9, 0.1)}) == {job.id} and a.job(job.id).step == 8  # not b's job
+    a.close()
+    b.close()
+
+
 @pytest.mark.parametrize("where", ["folder", "memory", "s3"])
 def test_blobs_in_a_folder_or_at_an_fsspec_url(tmp_path, where, request):
     from oneword.serve.blobs import Blobs
