@@ -36,16 +36,21 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start(data: Path, group: int, refine: int, log: Path) -> tuple[subprocess.Popen, str]:
+def _start(
+    data: Path, group: int, refine: int, log: Path, extra: tuple[str, ...] = (), threads: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    """``ti serve`` on a free loopback port with these settings (``extra``: more options;
+    ``threads``: its torch threads); returns the process and its URL once ready."""
     import httpx
 
     port = _port()
     cmd = [sys.executable, "-m", "oneword.cli", "serve", "--port", str(port), "--data", str(data)]
     cmd += ["--group", str(group), "--refine", str(refine), "--max-queue", "1000", "--max-per-key", "1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*cmd, *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"ti serve exited; see {log}")
@@ -56,7 +61,7 @@ def _start(data: Path, group: int, refine: int, log: Path) -> tuple[subprocess.P
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"ti serve was not ready in 180 s; see {log}")
+    raise SystemExit(f"ti serve was not ready in 300 s; see {log}")
 
 
 def _follow(c, job_id: str, t0: float) -> tuple[float | None, float, str]:
@@ -74,7 +79,8 @@ def _follow(c, job_id: str, t0: float) -> tuple[float | None, float, str]:
     raise RuntimeError(f"the event stream of {job_id} ended before the job")
 
 
-def _cell(url: str, clients: int, words: int, folders: list[Path]) -> dict:
+def _cell(urls: str | list[str], clients: int, words: int, folders: list[Path]) -> dict:
+    """Run the clients (client k talks to ``urls[k % len(urls)]``) until ``words`` are asked for."""
     import httpx
     import numpy as np
 
@@ -86,8 +92,10 @@ def _cell(url: str, clients: int, words: int, folders: list[Path]) -> dict:
         with lock:
             codes[code] = codes.get(code, 0) + 1
 
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=600) as c:
+    servers = [urls] if isinstance(urls, str) else list(urls)
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=servers[k % len(servers)], timeout=600) as c:
             while True:
                 with lock:
                     if counter[0] >= words:
@@ -116,7 +124,7 @@ def _cell(url: str, clients: int, words: int, folders: list[Path]) -> dict:
                                  "done_at": time.perf_counter()})  # fmt: skip
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:

@@ -380,4 +380,4 @@ async def _stream(service: Service, job, last: int, request: Request):
 
 
 #: How often an event stream reads its job's state from the store (changes made by other replicas).
-POLL_SECONDS = 2.0
+POLL_SECONDS = 0.5

@@ -121,56 +121,24 @@ class ServerProcess:
             self.proc.wait(30)
 
 
-def _postgres_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return found[-1].parent if found else None
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL server (Debian's ``postgresql`` package) in a temporary folder, on a
-    loopback port: ``initdb`` and ``pg_ctl``, run as the ``postgres`` user when the tests run as
-    root (PostgreSQL refuses root). Yields the URL of its ``postgres`` database."""
-    import pwd
-    import shutil
+    loopback port (:class:`oneword.serve.localpg.LocalPostgres`). Yields the server."""
+    from oneword.serve.localpg import LocalPostgres, postgres_bin
 
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
+    if postgres_bin() is None:
         pytest.skip("no PostgreSQL binaries in /usr/lib/postgresql: `make test` installs Debian's postgresql")
     pytest.importorskip("psycopg", reason="psycopg is in the dev extra (make installs it)")
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="oneword-pg-"))  # pytest's own folders are root's alone
-    data = root / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)  # noqa: E731
-    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    opts = f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=on"
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", opts, "-w", "start")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True, timeout=120)  # fmt: skip
-        shutil.rmtree(root, ignore_errors=True)
+    server = LocalPostgres()
+    with server:
+        yield server
 
 
 @pytest.fixture
 def postgres_url(postgres_server) -> str:
     """A fresh database on the session's server."""
-    import uuid
-
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    return postgres_server.new_database()
 
 
 @pytest.fixture(scope="session")
