@@ -296,6 +296,7 @@ class RemoteWorkers:
 @serve.deployment(
     name="Ingress",
     ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1024,  # each open event stream is one; the app limits the real work itself
     graceful_shutdown_timeout_s=10,
     logging_config={"enable_access_log": False},  # the app logs each request as JSON
 )
@@ -345,7 +346,9 @@ def app(args: dict):
             }
         }
     plain = dataclasses.asdict(opts)
-    workers = WordWorker.options(ray_actor_options=actor, **scaling).bind(plain)
+    # image requests wait in the worker's own bounded queue (a full one answers 429)
+    ongoing = opts.serve_settings().max_generation_queue + 16
+    workers = WordWorker.options(ray_actor_options=actor, max_ongoing_requests=ongoing, **scaling).bind(plain)
     return Ingress.bind(workers, plain)
 
 

@@ -47,6 +47,10 @@ logger = logging.getLogger("oneword.serve")
 #: its running words' progress.
 POLL_SECONDS = 1.0
 
+#: Words that join the group per step: a few at a time, so that workers sharing a store split a
+#: burst of new words between them instead of the first to look taking them all.
+ADMIT_PER_STEP = 4
+
 #: New jobs given their provisional word per pass (small waves: the first word comes sooner).
 ENCODE_WAVE = 4
 
@@ -264,7 +268,7 @@ class Worker(threading.Thread):
 
     def _admit(self) -> None:
         engine = self._engine
-        for job in self.store.claim("refine", engine.capacity - len(engine)):
+        for job in self.store.claim("refine", min(ADMIT_PER_STEP, engine.capacity - len(engine))):
             word = self.store.word_of_job(job.id)
             if word is None or job.cancel:
                 self._stop_job(job, None)

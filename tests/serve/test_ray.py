@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -50,12 +51,11 @@ def test_queue_depth_policy_asks_one_replica_per_group_of_words():
 
 
 @pytest.mark.slow
-def test_ray_serve_learns_a_word_draws_and_shuts_down(concepts, tmp_path, postgres_url):
+def test_ray_serve_learns_draws_scales_on_the_queue_and_shuts_down(concepts, tmp_path, postgres_url):
     from PIL import Image
 
-    server = ServerProcess(
-        tmp_path / "data", "--ray", "--db", postgres_url, "--refine", "40", "--save-every", "10"
-    )
+    args = ("--ray", "--db", postgres_url, "--refine", "40", "--save-every", "10", "--group", "2")
+    server = ServerProcess(tmp_path / "data", *args, "--replicas", "1", "--max-replicas", "2")
     try:
         server.start(timeout=300)
         with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -78,6 +78,25 @@ def test_ray_serve_learns_a_word_draws_and_shuts_down(concepts, tmp_path, postgr
                 kinds = [line.split(": ")[1] for line in events.iter_lines() if line.startswith("event")]
             assert kinds[0] == "queued" and kinds[-1] == "succeeded" and "provisional" in kinds
             assert "oneword_queue_depth" in c.get("/metrics").text
+
+            # a queue of 6 long words (3 groups of 2) makes the policy ask for the second replica
+            queued = [
+                c.post(
+                    "/v1/words", files=photos(concepts[i % len(concepts)]), data={"refine": "1000"}
+                ).json()["id"]
+                for i in range(6)
+            ]
+            deadline = time.monotonic() + 180
+            while "to 2 replicas" not in server.log.read_text():
+                assert time.monotonic() < deadline, "Ray Serve did not add the second worker replica in 180 s"
+                time.sleep(1)
+            running = wait_for(c, queued[0], lambda j: j["state"] == "running" and j["step"] > 0)
+            for job_id in queued:  # asked on the ingress, seen by whichever replica refines the job
+                assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+            ended = [wait_for(c, job_id, done, timeout=120) for job_id in queued]
+            assert {j["state"] for j in ended} == {"canceled"} and running["step"] < 1000
+            kept = c.get(f"/v1/words/{ended[0]['word_id']}").json()
+            assert kept["kept"] == "partial" and kept["steps"] >= running["step"]  # its last vectors
         assert server.kill(signal.SIGTERM, timeout=120) == 0  # the application and Ray shut down
     finally:
         server.stop()
