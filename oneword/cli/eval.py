@@ -223,7 +223,7 @@ def _score(args, load) -> int:
     scorer = make_scorer(model)
     words = len(embs) + len(set(folders))  # each embedding, and each concept's initializer word
     scorer.bar = tqdm(
-        total=words * (1 + len(scorer.edits)) * settings.samples,
+        total=words * scorer.prompts_per_score * settings.samples,
         unit="image",
         desc="sampling",
         disable=args.no_progress,

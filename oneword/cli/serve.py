@@ -109,6 +109,10 @@ def _ray(args, settings: dict) -> int:
 
     from oneword.serve.blobs import is_url
 
+    if args.ray == "local":  # a local instance serves this machine only: its sockets on loopback
+        import os  # (Ray reads this documented switch when it is imported)
+
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     settings = dict(settings)  # replicas may start in other folders
     settings["data"] = str(Path(settings["data"]).resolve())
     if settings["blobs"] and not is_url(settings["blobs"]):

@@ -10,10 +10,18 @@ In the toy world the attribute oracle adds exact scores: ``recon_oracle`` is the
 concept's four attributes (shape, fill, pattern, outline) found in "a photo of S*" samples,
 ``edit_oracle`` the share of "a photo of S* on a <colour> background" samples showing that
 background, and ``identity_oracle`` the share of the concept's attributes kept in those edits.
+Background edits never contend with the word, so the toy world also edits the concept itself
+(:func:`toy_attribute_edits`: "a photo of a dotted S*", "a photo of a blue S*", "a photo of S*
+with a gold outline", each naming a value other than the concept's own): ``attr_edit_oracle`` is
+the share of those samples showing the asked-for value while keeping the rest of the concept, and
+``attr_edit_clip`` their CLIP editability (as ``edit_clip``: each sample against its prompt's text
+without the word). A word that reconstructs the concept by overriding what the prompt says scores
+low here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from oneword.data.concepts import ConceptRef, load_concept  # noqa: F401 (the protocol's concepts)
@@ -55,6 +63,32 @@ def toy_edit_prompts() -> list[tuple[str, dict[str, str]]]:
     from oneword.toy.render import BACKGROUNDS
 
     return [(f"a photo of {{}} on a {bg} background", {"background": bg}) for bg in BACKGROUNDS]
+
+
+def toy_attribute_edits(attributes: Mapping[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """Edits that contend with a toy concept itself: another pattern, another fill and another
+    outline than its own (the next value of each vocabulary), each with the rest of the concept
+    expected unchanged."""
+    from oneword.toy.render import CONCEPT_ATTRIBUTES, VOCAB
+
+    def other(name: str) -> str:
+        values = VOCAB[name]
+        return values[(values.index(attributes[name]) + 1) % len(values)]
+
+    keep = {k: attributes[k] for k in CONCEPT_ATTRIBUTES if k in attributes}
+    pattern, fill, outline = other("pattern"), other("fill"), other("outline")
+    return [
+        (f"a photo of a {_PATTERN_WORD[pattern]} {{}}", {**keep, "pattern": pattern}),
+        (f"a photo of {'an' if fill[0] in 'aeiou' else 'a'} {fill} {{}}", {**keep, "fill": fill}),
+        (f"a photo of {{}} with a {outline} outline", {**keep, "outline": outline}),
+    ]
+
+
+#: Prompts of :func:`toy_attribute_edits` per concept.
+ATTRIBUTE_EDITS = 3
+
+#: The caption word of each toy pattern as an adjective.
+_PATTERN_WORD = {"solid": "plain", "stripes": "striped", "dots": "dotted", "checks": "checked"}
 
 
 @dataclass
@@ -113,6 +147,8 @@ class Scores:
     recon_oracle: float | None = None
     edit_oracle: float | None = None
     identity_oracle: float | None = None
+    attr_edit_clip: float | None = None
+    attr_edit_oracle: float | None = None
 
     def as_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -148,8 +184,16 @@ class Scorer:
         self.edits = edit_specs(model, settings)
         self._ref_cache: dict[tuple[str, ...], object] = {}
         self._text_cache = None
+        self._attr_texts: dict[tuple[str, ...], object] = {}
+        self.attribute_edits = model.family == "toy" and not settings.edit_prompts
+        """Score the toy world's attribute edits too (:func:`toy_attribute_edits`)."""
         self.bar = None
         """A progress bar (tqdm) to advance by each prompt's samples, or ``None``."""
+
+    @property
+    def prompts_per_score(self) -> int:
+        """Prompts sampled by one :meth:`score` of a concept with attributes (for progress bars)."""
+        return 1 + len(self.edits) + (ATTRIBUTE_EDITS if self.attribute_edits else 0)
 
     def _advance(self, images: int) -> None:
         if self.bar is not None:
@@ -181,7 +225,24 @@ class Scorer:
                 preds = self.oracle.predict(edits)
                 s.edit_oracle = honoured_share(preds, expected)
                 s.identity_oracle = attribute_share(preds, concept.attributes)
+        if self.attribute_edits and concept.attributes:
+            self._score_attribute_edits(word, concept, s)
         return s
+
+    def _score_attribute_edits(self, word: str, concept: ConceptRef, s: Scores) -> None:
+        specs = toy_attribute_edits(concept.attributes)
+        sampling = self.settings.sampling()
+        n = len(sampling.seeds)
+        images = generate_images(self.model, [p.format(word) for p, _ in specs], sampling, self._advance)
+        if self.oracle is not None:
+            preds = self.oracle.predict(images)
+            s.attr_edit_oracle = honoured_share(preds, [want for _, want in specs for _ in range(n)])
+        if self.space is not None:
+            key = tuple(p for p, _ in specs)
+            if key not in self._attr_texts:
+                texts = self.space.texts([without_word(p) for p in key])
+                self._attr_texts[key] = texts.repeat_interleave(n, dim=0)
+            s.attr_edit_clip = paired_similarity(self.space.images(images), self._attr_texts[key])
 
     def reference_rows(self, concept: ConceptRef) -> list[dict]:
         """The two reference points of a concept as result rows (``steps`` None): the initializer

@@ -163,6 +163,8 @@ class Worker(threading.Thread):
                     self._look = True
             for sid in list(self._active):  # a step boundary: the states continue exactly
                 self._save(sid)
+            self._polled = 0.0  # the stored steps are the checkpoints' (a restart shows them)
+            self._poll()
         except BaseException as err:  # noqa: BLE001 - readiness reports it; jobs resume on restart
             self.error = err
             logger.exception("the worker stopped")
@@ -304,6 +306,7 @@ class Worker(threading.Thread):
             if ts.meta != act.fingerprint:
                 raise OneWordError("it was made from another start")
             self._engine.load(sid, ts)
+            self.store.heartbeat({act.job.id: (ts.step, None)})  # where it continues, not where it was
             logger.info("%s: continuing from step %d", act.job.id, ts.step)
         except (OneWordError, ValueError, KeyError, RuntimeError) as err:
             logger.warning("%s: its checkpoint cannot be used (%s); refining from the start", act.job.id, err)

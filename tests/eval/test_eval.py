@@ -80,6 +80,34 @@ def test_oracle_metrics_on_renders():
     assert honoured_share(preds, [{"background": "teal"}] * 3) == pytest.approx(1 / 3)
 
 
+def test_attribute_edits_contend_with_the_concept_and_score_on_renders():
+    import random
+
+    from oneword.eval.protocol import ATTRIBUTE_EDITS, toy_attribute_edits
+    from oneword.toy.captions import named_attributes
+    from oneword.toy.oracle import load_oracle
+    from oneword.toy.render import Concept, render, sample_pose
+
+    oracle, rng = load_oracle(), random.Random(0)
+    for concept in (
+        Concept("star", "red", "stripes", "black"),
+        Concept("heart", "white", "checks", "turquoise"),
+    ):
+        attrs = concept.attributes()
+        edits = toy_attribute_edits(attrs)
+        assert len(edits) == ATTRIBUTE_EDITS
+        originals = [render(concept, bg, sample_pose(rng), size=64) for bg in ("teal", "navy", "gray")]
+        for prompt, want in edits:
+            changed = {k: v for k, v in want.items() if attrs[k] != v}
+            assert len(changed) == 1 and prompt.count("{}") == 1 and want.keys() == attrs.keys()
+            assert named_attributes(prompt.format("")) == changed  # the toy text model reads the edit
+            edited = [
+                render(Concept(**want), bg, sample_pose(rng), size=64) for bg in ("teal", "navy", "gray")
+            ]
+            assert honoured_share(oracle.predict(edited), [want] * 3) == 1.0
+            assert honoured_share(oracle.predict(originals), [want] * 3) == 0.0  # the word alone fails it
+
+
 def test_without_word():
     assert without_word("a photo of {} on the beach") == "a photo of on the beach"
 
