@@ -167,16 +167,10 @@ def main() -> None:
 
     from oneword.fileio import atomic_write_text
     from oneword.provenance import provenance
-    from oneword.toy.concepts import write_bench_concepts
 
     out = Path(args.out)
     plan = {"clients": args.clients, "words": args.words, "refine": args.refine, "group": args.group}
-    progress_file = out / "progress.json"
-    done = json.loads(progress_file.read_text()) if progress_file.is_file() else {"plan": plan, "cells": {}}
-    if done["plan"] != plan:
-        raise SystemExit(f"{progress_file} belongs to another plan ({done['plan']}); choose another --out")
-    src = out / "src"
-    folders = sorted(src.iterdir()) if src.is_dir() else write_bench_concepts(12, src, 0)
+    done, progress_file, folders = open_run(out, plan)
     for mode, group in (("off", 1), ("on", args.group)):
         for clients, words in zip(args.clients, args.words):
             key = f"{mode}-{clients}"
@@ -195,19 +189,51 @@ def main() -> None:
     _report(done, args, provenance())
 
 
-def _line(c: dict) -> str:
-    def ms(d: dict) -> str:
-        return "-" if d["p50"] is None else f"{d['p50']:.2f} / {d['p95']:.2f}"
+def spread(d: dict) -> str:
+    """``p50 / p95`` of a latency, for the tables."""
+    return "-" if d["p50"] is None else f"{d['p50']:.2f} / {d['p95']:.2f}"
 
+
+def _line(c: dict) -> str:
+    ms = spread
     return (
         f"| {c['mode']} (G={c['group']}) | {c['clients']} | {c['succeeded']}/{c['words']} | {c['words_per_min']:.1f} | "
         f"{ms(c['provisional_s'])} | {ms(c['refined_s'])} | {ms(c['generation_s'])} | {c['responses'].get('429', 0)} |"
     )
 
 
-def _report(done: dict, args, made_by: dict) -> None:
+def open_run(out: Path, plan: dict) -> tuple[dict, Path, list[Path]]:
+    """The cells measured so far under ``out`` (for ``plan``; another plan there is an error),
+    the progress file, and the concept folders the clients post (made once)."""
+    from oneword.toy.concepts import write_bench_concepts
+
+    progress_file = out / "progress.json"
+    done = json.loads(progress_file.read_text()) if progress_file.is_file() else {"plan": plan, "cells": {}}
+    if done["plan"] != plan:
+        raise SystemExit(f"{progress_file} belongs to another plan ({done['plan']}); choose another --out")
+    src = out / "src"
+    folders = sorted(src.iterdir()) if src.is_dir() else write_bench_concepts(12, src, 0)
+    return done, progress_file, folders
+
+
+def write_result(path: Path, bench: str, done: dict, extra: dict, made_by: dict) -> None:
+    """The results JSON: command, plan, cells, ``extra`` (the ratios), threads and provenance."""
     from oneword.fileio import atomic_write_text
 
+    result = {
+        "bench": bench,
+        "command": f"python bench/{bench}.py " + " ".join(sys.argv[1:]),
+        "plan": done["plan"],
+        "cells": done["cells"],
+        **extra,
+        "threads": os.cpu_count(),
+        "provenance": made_by,
+    }
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def _report(done: dict, args, made_by: dict) -> None:
     cells = done["cells"]
     ratios = {}
     for clients in args.clients:
@@ -221,17 +247,7 @@ def _report(done: dict, args, made_by: dict) -> None:
         print(_line(c))
     for clients, r in ratios.items():
         print(f"words/min, group on / off at {clients} clients: {r:.2f}x")
-    result = {
-        "bench": "serve_load",
-        "command": "python bench/serve_load.py " + " ".join(sys.argv[1:]),
-        "plan": done["plan"],
-        "cells": cells,
-        "words_per_min_ratio_on_off": ratios,
-        "threads": os.cpu_count(),
-        "provenance": made_by,
-    }
-    atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_result(Path(args.json), "serve_load", done, {"words_per_min_ratio_on_off": ratios}, made_by)
 
 
 if __name__ == "__main__":

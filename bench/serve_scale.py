@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_load import _cell, _start  # noqa: E402
+from bench.serve_load import _cell, _start, open_run, spread, write_result  # noqa: E402
 
 SETUPS = ("one", "two", "ray")
 STORES = ("sqlite", "postgresql")
@@ -68,16 +67,10 @@ def main() -> None:
     from oneword.fileio import atomic_write_text
     from oneword.provenance import provenance
     from oneword.serve.localpg import LocalPostgres
-    from oneword.toy.concepts import write_bench_concepts
 
     out = Path(args.out)
     plan = {"clients": args.clients, "words": args.words, "refine": args.refine, "group": args.group}
-    progress_file = out / "progress.json"
-    done = json.loads(progress_file.read_text()) if progress_file.is_file() else {"plan": plan, "cells": {}}
-    if done["plan"] != plan:
-        raise SystemExit(f"{progress_file} belongs to another plan ({done['plan']}); choose another --out")
-    src = out / "src"
-    folders = sorted(src.iterdir()) if src.is_dir() else write_bench_concepts(12, src, 0)
+    done, progress_file, folders = open_run(out, plan)
     postgres = LocalPostgres()
     with postgres:
         for store in STORES:
@@ -94,9 +87,7 @@ def main() -> None:
 
 
 def _line(c: dict) -> str:
-    def s(d: dict) -> str:
-        return "-" if d["p50"] is None else f"{d['p50']:.2f} / {d['p95']:.2f}"
-
+    s = spread
     return (
         f"| {c['setup']} | {c['store']} | {c['succeeded']}/{c['words']} | {c['words_per_min']:.1f} | "
         f"{s(c['refined_s'])} | {s(c['provisional_s'])} | {s(c['generation_s'])} | "
@@ -105,8 +96,6 @@ def _line(c: dict) -> str:
 
 
 def _report(done: dict, args, made_by: dict) -> None:
-    from oneword.fileio import atomic_write_text
-
     cells = done["cells"]
     print("| workers | store | refined | words/min | refined s p50 / p95 | provisional s p50 / p95 | "
           "generation s p50 / p95 | 5xx |")  # fmt: skip
@@ -125,17 +114,7 @@ def _report(done: dict, args, made_by: dict) -> None:
         ratios["postgresql/sqlite one"] = pg["words_per_min"] / base["words_per_min"]
     for name, r in ratios.items():
         print(f"words/min {name}: {r:.2f}x")
-    result = {
-        "bench": "serve_scale",
-        "command": "python bench/serve_scale.py " + " ".join(sys.argv[1:]),
-        "plan": done["plan"],
-        "cells": cells,
-        "words_per_min_ratios": ratios,
-        "threads": os.cpu_count(),
-        "provenance": made_by,
-    }
-    atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_result(Path(args.json), "serve_scale", done, {"words_per_min_ratios": ratios}, made_by)
 
 
 if __name__ == "__main__":
