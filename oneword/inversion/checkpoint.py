@@ -75,6 +75,26 @@ def save_state(path: str | Path, ts: TrainState) -> Path:
     return write_safetensors(path, tensors, header)
 
 
+def state_bytes(ts: TrainState) -> bytes:
+    """The bytes :func:`save_state` writes (for stores that are not a local folder)."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    header: dict[str, str] = {}
+    _pack(ts, "", tensors, header)
+    return save(tensors, metadata=header)
+
+
+def state_from_bytes(data: bytes) -> TrainState:
+    """Inverse of :func:`state_bytes`; :class:`InputError` for bytes that are not a whole state."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="oneword-state-") as tmp:
+        path = Path(tmp) / "last.safetensors"
+        path.write_bytes(data)
+        return load_state(path)
+
+
 def load_state(path: str | Path) -> TrainState:
     tensors, meta = read_safetensors(path, missing="start again without --resume")
     try:

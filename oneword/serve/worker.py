@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from oneword.errors import OneWordError
-from oneword.inversion.checkpoint import load_state, save_state
+from oneword.inversion.checkpoint import state_bytes, state_from_bytes
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.embedding_io import Embedding, load_embedding_bytes
 from oneword.inversion.runfolder import word_file_bytes, word_metadata
@@ -300,9 +298,7 @@ class Worker(threading.Thread):
         except FileNotFoundError:
             return
         try:
-            with tempfile.TemporaryDirectory(prefix="oneword-serve-") as tmp:
-                (Path(tmp) / "last.safetensors").write_bytes(data)
-                ts = load_state(Path(tmp) / "last.safetensors")
+            ts = state_from_bytes(data)
             if ts.meta != act.fingerprint:
                 raise OneWordError("it was made from another start")
             self._engine.load(sid, ts)
@@ -316,9 +312,7 @@ class Worker(threading.Thread):
         act = self._active[sid]
         ts = self._engine.state(sid)
         ts.meta = act.fingerprint
-        with tempfile.TemporaryDirectory(prefix="oneword-serve-") as tmp:
-            data = save_state(Path(tmp) / "last.safetensors", ts).read_bytes()
-        self.store.checkpoints.write(self._checkpoint(act.job), data)
+        self.store.checkpoints.write(self._checkpoint(act.job), state_bytes(ts))
 
     def _step(self) -> None:
         engine, t0 = self._engine, time.perf_counter()
