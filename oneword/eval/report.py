@@ -15,7 +15,11 @@ from oneword.fileio import atomic_path, atomic_write_text
 
 REFERENCES = ("initializer word", "real images")
 #: (reconstruction metric, editability metric, label) pairs drawn when measured.
-PAIRS = (("recon_clip", "edit_clip", "CLIP"), ("recon_oracle", "edit_oracle", "oracle"))
+PAIRS = (
+    ("recon_clip", "edit_clip", "CLIP"),
+    ("recon_oracle", "edit_oracle", "oracle"),
+    ("recon_oracle", "attr_edit_oracle", "oracle, attribute edits"),
+)
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
@@ -131,7 +135,7 @@ def plot_plane(summary: Sequence[dict], path: Path) -> Path | None:
             for steps, x, y in pts:
                 if steps >= 0:
                     ax.annotate(str(steps), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        ax.set_xlabel(f"reconstruction ({label})")
+        ax.set_xlabel(f"reconstruction ({label.split(',')[0]})")
         ax.set_ylabel(f"editability ({label})")
         ax.legend(fontsize=7)
     fig.tight_layout()
