@@ -221,7 +221,8 @@ def _score(args, load) -> int:
     settings, make_scorer, clip_name = _scorer_factory(args, model)
     embs = add_embeddings(model, args.embeddings)
     scorer = make_scorer(model)
-    words = len(embs) + len(set(folders))  # each embedding, and each concept's initializer word
+    references = 2 if model.family == "toy" else 1  # the initializer word; the toy caption baseline
+    words = len(embs) + len(set(folders)) * references
     scorer.bar = tqdm(
         total=words * scorer.prompts_per_score * settings.samples,
         unit="image",

@@ -84,6 +84,18 @@ def toy_attribute_edits(attributes: Mapping[str, str]) -> list[tuple[str, dict[s
     ]
 
 
+def toy_caption(attributes: Mapping[str, str]) -> str:
+    """The paper's human-caption baseline in the toy world: the concept's full description, in the
+    words the toy text model learned, without its article so that it takes the word's place in
+    every prompt ("a photo of a dotted {}" -> "a photo of a dotted red star with stripes and a
+    black outline")."""
+    from oneword.toy.captions import prompt_for
+    from oneword.toy.render import CONCEPT_ATTRIBUTES
+
+    text = prompt_for({k: attributes[k] for k in CONCEPT_ATTRIBUTES}, prefix="")
+    return text.split(" ", 1)[1]  # "a red star ..." -> "red star ..."
+
+
 #: Prompts of :func:`toy_attribute_edits` per concept.
 ATTRIBUTE_EDITS = 3
 
@@ -245,12 +257,16 @@ class Scorer:
             s.attr_edit_clip = paired_similarity(self.space.images(images), self._attr_texts[key])
 
     def reference_rows(self, concept: ConceptRef) -> list[dict]:
-        """The two reference points of a concept as result rows (``steps`` None): the initializer
-        word alone and the real images against each other."""
-        pairs = (
+        """The reference points of a concept as result rows (``steps`` None): the initializer
+        word alone, the real images against each other and, in the toy world, the human-caption
+        baseline (:func:`toy_caption`: the concept described in words, scored as if it were the
+        word)."""
+        pairs = [
             ("initializer word", self.score(concept.init, concept)),
             ("real images", self.real_images(concept)),
-        )
+        ]
+        if self.model.family == "toy" and concept.attributes:
+            pairs.append(("human caption", self.score(toy_caption(concept.attributes), concept)))
         return [
             {"method": name, "concept": concept.name, "steps": None, "seconds": 0.0, **s.as_dict()}
             for name, s in pairs

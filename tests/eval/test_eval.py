@@ -108,6 +108,26 @@ def test_attribute_edits_contend_with_the_concept_and_score_on_renders():
             assert honoured_share(oracle.predict(originals), [want] * 3) == 0.0  # the word alone fails it
 
 
+def test_the_human_caption_baseline_is_a_toy_reference_row(tmp_path):
+    from oneword.eval.protocol import toy_caption
+    from oneword.toy.captions import named_attributes
+    from oneword.toy.concepts import write_concepts
+    from oneword.toy.oracle import load_oracle
+
+    folders, _ = write_concepts(tmp_path, 1, 3, seed=3, held_out=True)
+    concept = load_concept(folders[0])
+    caption = toy_caption(concept.attributes)
+    assert named_attributes(f"a photo of {caption}") == concept.attributes  # every attribute, in words
+    scorer = Scorer(load_model("toy"), EvalSettings(samples=1, steps=2), oracle=load_oracle())
+    rows = {r["method"]: r for r in scorer.reference_rows(concept)}
+    assert list(rows) == ["initializer word", "real images", "human caption"]
+    assert (
+        rows["human caption"]["recon_oracle"] is not None
+        and rows["human caption"]["attr_edit_oracle"] is not None
+    )
+    assert rows["real images"]["attr_edit_oracle"] is None
+
+
 def test_without_word():
     assert without_word("a photo of {} on the beach") == "a photo of on the beach"
 
