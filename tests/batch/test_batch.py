@@ -127,7 +127,11 @@ def _stop_midway(cmd, cwd, out, sig, done_before: int) -> int:
     deadline, sent = time.time() + 240, False
     while time.time() < deadline and proc.poll() is None:
         if (out / "ledger.sqlite").is_file():
-            states = _states(out)
+            try:
+                states = _states(out)
+            except sqlite3.OperationalError:  # the ledger's file exists, its tables not yet
+                time.sleep(0.05)
+                continue
             done = [k for k, v in states.items() if v[0] == "done"]
             partway = [
                 k
