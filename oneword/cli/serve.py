@@ -88,6 +88,13 @@ def run(args) -> int:
         settings = ServeSettings(**given)
     except ValueError as err:
         raise OneWordError(f"invalid setting: {err}") from None
+    if settings.blobs:  # reachable before anything is made or loaded
+        from oneword.serve.blobs import Blobs
+
+        try:
+            Blobs(settings.blobs)
+        except ValueError as err:
+            raise OneWordError(f"--blobs: {err}") from None
     keys = check_binding(args.host, args.keys_file)  # before the model loads
     _json_logs()
     if args.ray is not None:

@@ -90,5 +90,9 @@ class ServeSettings:
             raise ValueError(
                 f"refine must be between 0 and max_refine ({self.max_refine}), got {self.refine}"
             )
+        if self.db and not self.db.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                f"db is a postgresql:// URL (or nothing, for SQLite in the data folder), got {self.db!r}"
+            )
         if self.save_every < 0 or self.drain_seconds <= 0 or self.lease_seconds <= 0:
             raise ValueError("save_every must be 0 or more, drain_seconds and lease_seconds above 0")

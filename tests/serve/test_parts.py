@@ -134,9 +134,18 @@ def test_store_words_replace_their_files_and_cancel_keeps_them(tmp_path, store_d
 def test_settings_check_themselves():
     from oneword.serve.config import ServeSettings
 
-    for bad in ({"group": 0}, {"min_files": 5, "max_files": 2}, {"refine": 2000}, {"drain_seconds": 0}):
+    for bad in ({"group": 0}, {"min_files": 5, "max_files": 2}, {"refine": 2000}, {"drain_seconds": 0},
+                {"db": "mysql://db/oneword"}):  # fmt: skip
         with pytest.raises(ValueError):
             ServeSettings(**bad)
+
+
+def test_ti_serve_refuses_unreachable_blobs_before_making_anything(tmp_path, capsys):
+    from oneword.cli import main
+
+    data = tmp_path / "data"
+    assert main(["serve", "--blobs", "nosuch://bucket/x", "--data", str(data)]) == 2
+    assert "--blobs: cannot open nosuch://bucket/x" in capsys.readouterr().err and not data.exists()
 
 
 def test_events_keep_progress_and_drop_streams_whose_loop_closed():
