@@ -203,7 +203,7 @@ def create_app(service: Service) -> FastAPI:
             layout, f"{safe_file_stem(word.token)}.safetensors"
         )
         return Response(
-            service.store.read_blob(word.files[layout]),
+            service.store.blobs.get(word.files[layout]),
             media_type="application/octet-stream",
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )

@@ -171,7 +171,7 @@ class Service:
             if sha in self._vectors:
                 self._vectors.move_to_end(sha)
                 return self._vectors[sha]
-        vectors = load_embedding_bytes(self.store.read_blob(sha)).vectors
+        vectors = load_embedding_bytes(self.store.blobs.get(sha)).vectors
         with self._vectors_lock:
             self._vectors[sha] = vectors
             while len(self._vectors) > 512:

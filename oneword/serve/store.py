@@ -108,12 +108,6 @@ class Store:
             return self._db.execute(sql, args).fetchall()
 
     # ----------------------------------------------------------------- blobs
-    def put_blob(self, sha: str, data: bytes) -> None:
-        self.blobs.put(sha, data)
-
-    def read_blob(self, sha: str) -> bytes:
-        return self.blobs.get(sha)
-
     def _drop_unused_blobs(self, shas: Sequence[str]) -> None:
         """Remove word files no word and no job refers to any more (called inside a transaction)."""
         for sha in set(shas):
@@ -175,7 +169,7 @@ class Store:
                     f"this key has {mine} unfinished jobs, the most allowed; wait for one to finish", queued
                 )
             for sha, data in images:
-                self.put_blob(sha, data)
+                self.blobs.put(sha, data)
             jid = new_id("job")
             db.execute(
                 "INSERT INTO jobs (id, tenant, state, stage, token, token_key, init, refine, images, "
@@ -215,7 +209,7 @@ class Store:
 
     def claim(self, stage: str, limit: int) -> list[Job]:
         """The oldest ``limit`` queued jobs of ``stage``, marked running under this store's
-        owner, with a lease of ``lease_seconds`` that :meth:`renew` extends."""
+        owner, with a lease of ``lease_seconds`` that :meth:`heartbeat` extends."""
         if limit < 1:
             return []
         with self._tx() as db:
@@ -238,27 +232,18 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE jobs SET init = ?, init_how = ? WHERE id = ?", (init, init_how, job_id))
 
-    def renew(self, job_ids: Sequence[str]) -> None:
-        """Extend the leases of this owner's running jobs (the worker calls it as it works)."""
-        if not job_ids:
-            return
-        with self._tx() as db:
-            db.execute(
-                f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND state = 'running' "
-                f"AND id IN ({', '.join('?' * len(job_ids))})",
-                (time.time() + self.lease_seconds, self.owner, *job_ids),
-            )
-
     def heartbeat(self, progress: dict[str, tuple[int, float | None]]) -> set[str]:
         """Record the step and loss of this owner's running jobs (so that every replica can show
-        them) and return those of them whose cancel was asked for (on any replica)."""
+        them), extend their leases by ``lease_seconds``, and return those of them whose cancel was
+        asked for (on any replica). The worker calls it about once a second."""
         if not progress:
             return set()
         with self._tx() as db:
             for job_id, (step, loss) in progress.items():
                 db.execute(
-                    "UPDATE jobs SET step = ?, loss = ? WHERE id = ? AND owner = ? AND state = 'running'",
-                    (step, loss, job_id, self.owner),
+                    "UPDATE jobs SET step = ?, loss = ?, lease_until = ? "
+                    "WHERE id = ? AND owner = ? AND state = 'running'",
+                    (step, loss, time.time() + self.lease_seconds, job_id, self.owner),
                 )
             rows = db.execute(
                 f"SELECT id FROM jobs WHERE cancel > 0 AND id IN ({', '.join('?' * len(progress))})",
@@ -341,7 +326,7 @@ class Store:
         the job with ``end`` (state, loss), or with ``requeue`` make it wait for a refinement slot."""
         shas = {layout: _sha256(data) for layout, data in files.items()}
         for layout, data in files.items():
-            self.put_blob(shas[layout], data)
+            self.blobs.put(shas[layout], data)
         now = time.time()
         with self._tx() as db:
             old = db.execute("SELECT files FROM words WHERE job_id = ?", (job.id,)).fetchone()

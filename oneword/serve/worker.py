@@ -95,7 +95,7 @@ class Worker(threading.Thread):
         self._cancels: set[str] = set()
         self._engine = None
         self._active: dict[int, _Active] = {}
-        self._renewed = time.monotonic()
+        self._recovered = time.monotonic()
         self._polled = 0.0
 
     # ----------------------------------------------------------------- from other threads
@@ -170,13 +170,12 @@ class Worker(threading.Thread):
             self.drawing.fail_all("the server is stopping" if self.error is None else "the worker failed")
 
     def _keep_leases(self) -> None:
-        """Renew the leases of the jobs in work, and take back jobs whose worker stopped elsewhere
-        (their leases expired), a few times per lease."""
+        """Take back jobs whose worker stopped elsewhere (their leases expired), a few times per
+        lease (this worker's own leases are extended by :meth:`_poll`'s heartbeat)."""
         now = time.monotonic()
-        if now - self._renewed < self.store.lease_seconds / 4:
+        if now - self._recovered < self.store.lease_seconds / 4:
             return
-        self._renewed = now
-        self.store.renew([act.job.id for act in self._active.values()])
+        self._recovered = now
         requeued, failed = self.store.recover(self.settings.max_attempts, mine=False)
         if requeued or failed:
             logger.warning(
@@ -185,8 +184,9 @@ class Worker(threading.Thread):
             self._look = True
 
     def _poll(self) -> None:
-        """Every :data:`POLL_SECONDS`: look for new jobs, publish the running words' progress to the
-        store and pick up cancels, both of which may come through other replicas."""
+        """Every :data:`POLL_SECONDS`: look for new jobs, and send the store the running words'
+        progress (which extends their leases); it answers with cancels, which may come through
+        other replicas."""
         now = time.monotonic()
         if now - self._polled < POLL_SECONDS:
             return
@@ -253,7 +253,7 @@ class Worker(threading.Thread):
     def _images(self, job: Job) -> list:
         from oneword.data.images import decode_image
 
-        return [decode_image(self.store.read_blob(sha), sha[:12]) for sha in job.images]
+        return [decode_image(self.store.blobs.get(sha), sha[:12]) for sha in job.images]
 
     # ----------------------------------------------------------------- refine
     def _job_cfg(self, job: Job) -> InversionConfig:
@@ -274,7 +274,7 @@ class Worker(threading.Thread):
                 self._stop_job(job, None)
                 continue
             try:
-                start = load_embedding_bytes(self.store.read_blob(word.files["a1111"])).vectors
+                start = load_embedding_bytes(self.store.blobs.get(word.files["a1111"])).vectors
                 cfg = self._job_cfg(job)
                 sid = engine.add(self._images(job), cfg, start, name=job.id)
             except Exception as err:  # noqa: BLE001

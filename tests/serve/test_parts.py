@@ -82,7 +82,7 @@ def test_store_idempotency_conflicts_limits_and_recovery(tmp_path, store_db):
         _job(store, token="<b>", queue=2)
     with pytest.raises(Busy, match="this key"):
         _job(store, token="<b>", per_key=1)
-    assert store.read_blob("ab" * 32) == b"photo"
+    assert store.blobs.get("ab" * 32) == b"photo"
 
     claimed = store.claim("encode", 5)
     assert [j.id for j in claimed] == [job.id, other.id] and all(j.state == "running" for j in claimed)
@@ -108,7 +108,7 @@ def test_store_words_replace_their_files_and_cancel_keeps_them(tmp_path, store_d
     )
     first = word.files["a1111"]
     assert (
-        store.read_blob(first) == b"first"
+        store.blobs.get(first) == b"first"
         and store.job(job.id).state == "queued"
         and store.job(job.id).stage == "refine"
     )
@@ -209,7 +209,7 @@ def test_a_stopped_workers_jobs_are_taken_over_when_its_lease_expires(tmp_path, 
     assert b.recover(5, mine=False) == (0, 0)  # live leases are left alone
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # a renews its job, b stops renewing (it "died")
-        a.renew([first.id])
+        a.heartbeat({first.id: (0, None)})
         time.sleep(0.1)
         if a.job(second.id).state == "queued" or a.recover(5, mine=False)[0]:
             break
