@@ -104,7 +104,7 @@ def build_parser(prog: str = "ti batch"):
     add_dataclass_options(
         p,
         InversionConfig,
-        skip=PER_RUN_FIELDS | {"num_vectors", "base_lr"},
+        skip=PER_RUN_FIELDS | {"num_vectors", "progressive_every", "base_lr"},
     )
     p.add_argument(
         "--base-lr",
@@ -185,7 +185,7 @@ def _run(args) -> int:
     elif not model_name:
         raise OneWordError("--method invert needs --model")
     names = (
-        {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"base_lr", "num_vectors"}
+        {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"base_lr", "num_vectors", "progressive_every"}
     )
     base = {k: getattr(args, k) for k in names}
     base["base_lr"] = (

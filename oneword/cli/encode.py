@@ -121,7 +121,7 @@ def build_parser(prog: str = "ti-encode"):
     add_dataclass_options(
         p,
         InversionConfig,
-        skip=PER_RUN_FIELDS | {"num_vectors"},
+        skip=PER_RUN_FIELDS | {"num_vectors", "progressive_every"},
         defaults=REFINE_DEFAULTS,
         helps={"reg_weight": "Weight of an L2 pull toward the encoder's prediction during --refine"},
     )
@@ -223,7 +223,7 @@ def run(args) -> int:
     for c, choice in zip(concepts, choices):
         if choice.how == AUTO:
             print(f"{c.name}: initializer {choice.describe()}", file=sys.stderr)
-    names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"num_vectors"}
+    names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"num_vectors", "progressive_every"}
     base = {k: getattr(args, k) for k in names}
     if model.family == "toy" and base["template"] == "object":
         base["template"] = "toy"  # the toy text encoder knows only toy-caption words

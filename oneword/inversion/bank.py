@@ -83,11 +83,15 @@ class LatentBank:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of ``batch_size`` random views, freshly sampled from their Gaussians."""
+        return self.sample_views(batch_size, generator)[0]
+
+    def sample_views(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample`'s latents and the (CPU) indices of the views they were drawn from."""
         idx = torch.randint(0, len(self), (batch_size,), generator=generator)
         eps = torch.randn((batch_size, *self.mean.shape[1:]), generator=generator).to(self.mean.device)
-        idx = idx.to(self.mean.device)
-        z = self.mean[idx] + self.std[idx] * eps
-        return (z - self.shift_factor) * self.scaling_factor
+        on = idx.to(self.mean.device)
+        z = self.mean[on] + self.std[on] * eps
+        return (z - self.shift_factor) * self.scaling_factor, idx
 
 
 @contextmanager

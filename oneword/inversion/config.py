@@ -47,6 +47,13 @@ class InversionConfig:
     """Initializer word(s) the vectors start from (e.g. ``cat`` or ``ceramic cat``)."""
     num_vectors: int = 1
     """Vectors per token (the paper uses 1; more capture more detail and edit worse)."""
+    progressive_every: int = 0
+    """Progressive extension (the paper's variant): train one vector first and add the next of
+    ``num_vectors`` every N steps; 0 trains all from the start. Vectors not yet added hold the
+    initializer in the word files written meanwhile."""
+    per_image_tokens: bool = False
+    """The paper's per-image-token ablation: a shared word plus one vector per reference image,
+    trained on prompts such as "a photo of a {S*} with {S_i}"; only the shared word is written."""
     template: Literal["object", "style", "toy"] = "object"
     """Prompt templates to train with: the paper's object or style lists, or toy (for --model toy,
     whose text encoder knows only toy-caption words)."""
@@ -116,6 +123,18 @@ class InversionConfig:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if not self.init.strip():
             raise ValueError("init must name at least one word")
+        if self.progressive_every < 0:
+            raise ValueError(f"progressive_every must be >= 0, got {self.progressive_every}")
+        if self.progressive_every and self.num_vectors < 2:
+            raise ValueError("progressive_every adds vectors one at a time: it needs num_vectors of 2 or more")
+        if self.progressive_every and self.progressive_every * (self.num_vectors - 1) >= self.steps:
+            raise ValueError(
+                f"with progressive_every {self.progressive_every} the last of {self.num_vectors} vectors "
+                f"would join at step {self.progressive_every * (self.num_vectors - 1)}, not before the "
+                f"run's {self.steps} steps: lower progressive_every or raise steps"
+            )
+        if self.progressive_every and self.per_image_tokens:
+            raise ValueError("progressive_every and per_image_tokens are separate variants: choose one")
 
     @property
     def lr(self) -> float:
@@ -127,6 +146,12 @@ class InversionConfig:
         if self.lr_schedule == "constant":
             return self.lr
         return warmup_cosine(min(step, self.steps), self.steps, self.lr, warmup=0)
+
+    def vectors_at(self, step: int) -> int:
+        """How many of the word's vectors train at optimizer step ``step`` (0-based)."""
+        if not self.progressive_every:
+            return self.num_vectors
+        return min(self.num_vectors, 1 + step // self.progressive_every)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

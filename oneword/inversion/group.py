@@ -18,6 +18,13 @@ Prompts use one internal placeholder per vector count (:func:`group_token`); the
 each sample's vectors from ``batch_vectors``, so the model's tokenizer does not grow with the
 number of concepts, and the concepts' own tokens never meet in one vocabulary.
 
+Two variants of the paper live in a slot's settings. With ``cfg.progressive_every`` the prompts
+name only the first :meth:`~InversionConfig.vectors_at` vectors, so the others get no gradient
+and are held where they started (AdamW's weight decay would move them) until they join. With
+``cfg.per_image_tokens`` the slot also owns one vector per reference image (rows after the word's,
+each starting at the mean of the word's start) and each sample's prompt ends "with {S_i}" for the
+image its view came from (:func:`image_token`); only the word's rows are its result.
+
 What slots of one group must share: the model, and the latent size (the training resolution).
 With fp16 weights on CUDA one gradient scaler serves the group; its scale is the one group-wide
 state (it only skips steps whose fp16 gradients overflowed).
@@ -49,6 +56,11 @@ def group_token(num_vectors: int) -> str:
     return f"{GROUP_PREFIX}{num_vectors}>"
 
 
+def image_token(index: int) -> str:
+    """The internal one-vector placeholder of reference image ``index`` (per-image tokens)."""
+    return f"{GROUP_PREFIX}img-{index}>"
+
+
 @dataclass
 class SlotResult:
     """What a slot leaves behind when it is removed."""
@@ -75,9 +87,13 @@ class Slot:
         bank: LatentBank,
         device: torch.device,
         name: str,
+        images: int = 0,
     ) -> None:
         self.id, self.cfg, self.bank, self.name = sid, cfg, bank, name
-        self.params = [v.detach().float().to(device).clone().requires_grad_(True) for v in start]
+        self.images = images
+        """Per-image vectors held after the word's rows (0 without ``cfg.per_image_tokens``)."""
+        rows = [torch.cat([v, v.mean(0, keepdim=True).expand(images, -1)]) for v in start]
+        self.params = [v.detach().float().to(device).clone().requires_grad_(True) for v in rows]
         self.anchor = [v.detach().float().to(device) for v in anchor]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
@@ -88,7 +104,13 @@ class Slot:
 
     @property
     def num_vectors(self) -> int:
-        return int(self.params[0].shape[0])
+        """The word's vectors (what :meth:`vectors` returns)."""
+        return self.cfg.num_vectors
+
+    @property
+    def training_vectors(self) -> int:
+        """How many of the word's vectors this slot's next step trains (progressive extension)."""
+        return self.cfg.vectors_at(self.step)
 
     @property
     def active(self) -> bool:
@@ -96,11 +118,31 @@ class Slot:
         return self.error is None and self.step < self.cfg.steps
 
     def vectors(self) -> list[torch.Tensor]:
-        return [p.detach().float().cpu().clone() for p in self.params]
+        """The word: its ``num_vectors`` rows (vectors not yet added still at their start)."""
+        return [p.detach()[: self.num_vectors].float().cpu().clone() for p in self.params]
+
+    def prompt_words(self) -> dict[str, list[torch.Tensor]]:
+        """The internal placeholders this slot's prompts name, with the rows they read (gradients flow)."""
+        n = self.training_vectors
+        words = {group_token(n): [p[:n] for p in self.params]}
+        for i in range(self.images):
+            row = self.num_vectors + i
+            words[image_token(i)] = [p[row : row + 1] for p in self.params]
+        return words
+
+    def prompts(self, views: torch.Tensor) -> list[str]:
+        """One training prompt per sampled view (indices into the bank), from the prompt generator."""
+        texts = sample_prompts(self.cfg.template, group_token(self.training_vectors), len(views), self.prompt_rng)
+        if not self.images:
+            return texts
+        per_image = len(self.bank) // self.images
+        return [f"{t} with {image_token(int(v) // per_image)}" for t, v in zip(texts, views)]
 
     def regularizer(self) -> torch.Tensor:
-        """Squared distance to the anchor, summed over the width, mean over the vectors, summed over encoders."""
-        return sum(((p - a) ** 2).sum(-1).mean() for p, a in zip(self.params, self.anchor))
+        """Squared distance of the trained word vectors to the anchor, summed over the width, mean
+        over the vectors, summed over encoders."""
+        n = self.training_vectors
+        return sum(((p[:n] - a[:n]) ** 2).sum(-1).mean() for p, a in zip(self.params, self.anchor))
 
 
 class GroupEngine:
@@ -155,10 +197,14 @@ class GroupEngine:
                     f"the slots of a group share one resolution: {name or 'this concept'} has latents "
                     f"{tuple(bank.mean.shape[1:])}, the group {tuple(other.bank.mean.shape[1:])}"
                 )
-        self._ensure_token(cfg.num_vectors)
+        images = len(images) if cfg.per_image_tokens else 0
+        if cfg.per_image_tokens and len(bank) % images:
+            raise ValueError(f"the bank's {len(bank)} views are not a whole number per image ({images})")
         sid = self._next_id
         self._next_id += 1
-        self.slots[sid] = Slot(sid, cfg, list(start), list(anchor), bank, model.device, name)
+        slot = Slot(sid, cfg, list(start), list(anchor), bank, model.device, name, images)
+        self._ensure_tokens(slot)
+        self.slots[sid] = slot
         return sid
 
     def remove(self, sid: int) -> SlotResult:
@@ -219,12 +265,13 @@ class GroupEngine:
         slots = self.active
         if not slots:
             return {}
-        for n in {s.num_vectors for s in slots}:
-            self._ensure_token(n)
+        for s in slots:
+            self._ensure_tokens(s)
         self._set_gradient_checkpointing(any(s.cfg.gradient_checkpointing for s in slots))
         for s in slots:  # what a step that raised (out of memory) left behind
             s.optimizer.zero_grad(set_to_none=True)
         befores = {s.id: [p.detach().clone() for p in s.params] for s in slots}
+        trained = {s.id: s.training_vectors for s in slots}
         totals = dict.fromkeys((s.id for s in slots), 0.0)
         for micro in range(max(s.cfg.grad_accum for s in slots)):
             members = [s for s in slots if s.error is None and s.cfg.grad_accum > micro]
@@ -239,6 +286,11 @@ class GroupEngine:
             else:
                 s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
+            n = trained[s.id]
+            if n < s.num_vectors:  # vectors not yet added stay where they start
+                with torch.no_grad():
+                    for p, b in zip(s.params, befores[s.id]):
+                        p[n : s.num_vectors] = b[n : s.num_vectors]
         if self.scaler and stepped:
             self.scaler.update()
         out = {}
@@ -261,14 +313,12 @@ class GroupEngine:
         model = self.model
         latents, noises, timesteps, prompts, sizes = [], [], [], [], []
         for s in members:  # each slot's own draws, in the order a run alone makes them
-            lat = s.bank.sample(s.cfg.batch_size, s.generator)
+            lat, views = s.bank.sample_views(s.cfg.batch_size, s.generator)
             noise, t = draw_noise(model, lat, s.generator)
             latents.append(lat)
             noises.append(noise)
             timesteps.append(t)
-            prompts += sample_prompts(
-                s.cfg.template, group_token(s.num_vectors), s.cfg.batch_size, s.prompt_rng
-            )
+            prompts += s.prompts(views)
             sizes.append(s.cfg.batch_size)
         cond = model.encode_text(prompts, batch_vectors=self._batch_vectors(members))
         per_sample = denoising_loss(
@@ -300,18 +350,21 @@ class GroupEngine:
         """Per text encoder, ``[samples, new tokens, width]``: every sample's table of placeholder
         vectors, holding its slot's vectors at its group token's rows."""
         return self.model.placeholder_tables(
-            [{group_token(s.num_vectors): s.params} for s in members], [s.cfg.batch_size for s in members]
+            [s.prompt_words() for s in members], [s.cfg.batch_size for s in members]
         )
 
-    def _ensure_token(self, n: int) -> None:
-        name = group_token(n)
-        held = self.model.placeholder_tokens.get(name)
-        if held is None:  # also after the model's placeholders were cleared
-            self.model.add_placeholder(name, [torch.zeros(n, w) for w in self.model.widths])
-        elif held != n:
-            raise TokenError(
-                f"{name} is reserved for the inversion engine; load that word under another token"
-            )
+    def _ensure_tokens(self, slot: Slot) -> None:
+        """Add the internal placeholders ``slot``'s next prompts name (after the model's
+        placeholders were cleared, too)."""
+        for name, vectors in slot.prompt_words().items():
+            n = int(vectors[0].shape[0])
+            held = self.model.placeholder_tokens.get(name)
+            if held is None:
+                self.model.add_placeholder(name, [torch.zeros(n, w) for w in self.model.widths])
+            elif held != n:
+                raise TokenError(
+                    f"{name} is reserved for the inversion engine; load that word under another token"
+                )
 
     def _set_gradient_checkpointing(self, on: bool) -> None:
         unet = self.model.unet

@@ -95,7 +95,7 @@ class Inversion:
         if self.step >= self.cfg.steps:
             raise RuntimeError(f"the inversion has taken its {self.cfg.steps} steps (cfg.steps)")
         losses = self.engine.step()
-        self.model.set_vectors(self.cfg.token, [p.detach() for p in self.params])
+        self.model.set_vectors(self.cfg.token, self._slot.vectors())
         if self._slot.error:
             raise TrainingDivergedError(self._slot.error)
         return losses[self.slot]
