@@ -185,7 +185,9 @@ def _run(args) -> int:
     elif not model_name:
         raise OneWordError("--method invert needs --model")
     names = (
-        {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"base_lr", "num_vectors", "progressive_every"}
+        {f.name for f in dataclasses.fields(InversionConfig)}
+        - PER_RUN_FIELDS
+        - {"base_lr", "num_vectors", "progressive_every"}
     )
     base = {k: getattr(args, k) for k in names}
     base["base_lr"] = (

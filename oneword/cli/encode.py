@@ -223,7 +223,11 @@ def run(args) -> int:
     for c, choice in zip(concepts, choices):
         if choice.how == AUTO:
             print(f"{c.name}: initializer {choice.describe()}", file=sys.stderr)
-    names = {f.name for f in dataclasses.fields(InversionConfig)} - PER_RUN_FIELDS - {"num_vectors", "progressive_every"}
+    names = (
+        {f.name for f in dataclasses.fields(InversionConfig)}
+        - PER_RUN_FIELDS
+        - {"num_vectors", "progressive_every"}
+    )
     base = {k: getattr(args, k) for k in names}
     if model.family == "toy" and base["template"] == "object":
         base["template"] = "toy"  # the toy text encoder knows only toy-caption words

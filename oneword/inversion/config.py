@@ -126,7 +126,9 @@ class InversionConfig:
         if self.progressive_every < 0:
             raise ValueError(f"progressive_every must be >= 0, got {self.progressive_every}")
         if self.progressive_every and self.num_vectors < 2:
-            raise ValueError("progressive_every adds vectors one at a time: it needs num_vectors of 2 or more")
+            raise ValueError(
+                "progressive_every adds vectors one at a time: it needs num_vectors of 2 or more"
+            )
         if self.progressive_every and self.progressive_every * (self.num_vectors - 1) >= self.steps:
             raise ValueError(
                 f"with progressive_every {self.progressive_every} the last of {self.num_vectors} vectors "

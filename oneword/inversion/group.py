@@ -132,7 +132,9 @@ class Slot:
 
     def prompts(self, views: torch.Tensor) -> list[str]:
         """One training prompt per sampled view (indices into the bank), from the prompt generator."""
-        texts = sample_prompts(self.cfg.template, group_token(self.training_vectors), len(views), self.prompt_rng)
+        texts = sample_prompts(
+            self.cfg.template, group_token(self.training_vectors), len(views), self.prompt_rng
+        )
         if not self.images:
             return texts
         per_image = len(self.bank) // self.images

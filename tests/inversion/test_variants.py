@@ -102,7 +102,13 @@ def test_progressive_settings_are_checked():
         _cfg(num_vectors=3, progressive_every=6)
     with pytest.raises(ValueError, match="choose one"):
         _cfg(num_vectors=2, progressive_every=3, per_image_tokens=True)
-    assert [_cfg(num_vectors=3, progressive_every=4).vectors_at(s) for s in (0, 3, 4, 8, 11)] == [1, 1, 2, 3, 3]
+    assert [_cfg(num_vectors=3, progressive_every=4).vectors_at(s) for s in (0, 3, 4, 8, 11)] == [
+        1,
+        1,
+        2,
+        3,
+        3,
+    ]
 
 
 def test_per_image_tokens_name_each_views_image(tiny_dirs, images, monkeypatch):
