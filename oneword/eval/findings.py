@@ -1,0 +1,275 @@
+"""The paper's findings as paired differences: variants of one concept learned as one group, then
+scored on the same samples, and each claim judged by its bootstrap interval.
+
+:func:`group_rows` learns every :class:`~oneword.eval.curves.Method` of one concept as a slot of one
+:class:`~oneword.inversion.group.GroupEngine` (a slot's word does not depend on its neighbours, so
+this is the curve harness's result at a fraction of its cost), keeps each method's word at each of
+its budgets, and scores them with a :class:`~oneword.eval.protocol.Scorer`; the rows have
+:func:`~oneword.eval.curves.run_curve`'s format, so :mod:`oneword.eval.report` tables and plots them.
+
+:data:`FINDINGS` lists Gal et al.'s claims as checks ``(a, b, metric, sign)``: the mean over
+concepts of ``a``'s score minus ``b``'s must have an interval on the side ``sign`` says (``0``:
+reported, not judged). :func:`judge` measures them on the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from oneword.eval.choice import candidate_name
+from oneword.eval.curves import SELECT_SUFFIX, Method
+from oneword.eval.protocol import ConceptRef, Scorer
+from oneword.eval.report import format_gap, paired_gap
+from oneword.inversion.config import InversionConfig
+from oneword.inversion.group import GroupEngine
+from oneword.models import FrozenLDM
+
+logger = logging.getLogger(__name__)
+
+#: Reconstruction and editability as the findings read them: CLIP similarity to the reference images
+#: (the paper's), and the oracle's share of attribute edits honoured (an edit that can fail).
+RECON, EDIT = "recon_clip", "attr_edit_oracle"
+
+Point = tuple[str, int | None]
+"""A row set: ``(method, steps)``; reference rows have ``steps`` None."""
+
+
+@dataclass(frozen=True)
+class Check:
+    a: Point
+    b: Point
+    metric: str
+    sign: int
+    """+1: ``a`` above ``b``; -1: below; 0: reported only."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    claim: str
+    checks: tuple[Check, ...]
+
+
+def group_rows(
+    model: FrozenLDM,
+    concept: ConceptRef,
+    base: InversionConfig,
+    methods: Sequence[Method],
+    scorer: Scorer,
+    progress: bool = True,
+) -> list[dict]:
+    """Learn ``methods`` on ``concept`` as one group and score each word at each of its budgets
+    (default: ``base.steps``); ``seconds`` is the group's optimization time until the word was kept
+    (the group shares it), plus a method's ``init_fn`` time. The concept's reference rows come first."""
+    from tqdm.auto import tqdm
+
+    rows = list(scorer.reference_rows(concept))
+    model.clear_placeholders()
+    engine = GroupEngine(model, capacity=len(methods))
+    plans, slots, starts, init_seconds = [], [], [], []
+    for method in methods:
+        plan = sorted({int(b) for b in (method.budgets if method.budgets is not None else (base.steps,))})
+        if not plan or plan[0] < 0:
+            raise ValueError(f"{method.name}: budgets must be non-negative step counts")
+        cfg = dataclasses.replace(
+            base, init=concept.init, steps=max(1, plan[-1]), save_every=0, preview_every=0, **method.overrides
+        )
+        t0 = time.perf_counter()
+        start = method.init_fn(model, concept) if method.init_fn else None
+        init_seconds.append(time.perf_counter() - t0)
+        starts.append(start)
+        plans.append(plan)
+        slots.append(engine.add([im.image for im in concept.images], cfg, start=start, name=method.name))
+    words: list[dict[int, list[torch.Tensor]]] = [{} for _ in methods]
+    seconds: list[dict[int, float]] = [{} for _ in methods]
+    for i, (sid, plan) in enumerate(zip(slots, plans)):
+        if 0 in plan:
+            words[i][0] = engine.slot(sid).vectors()
+            seconds[i][0] = init_seconds[i]
+    bar = tqdm(total=max(p[-1] for p in plans), disable=not progress, desc=concept.name, unit="step")
+    elapsed = 0.0
+    while engine.active:
+        t0 = time.perf_counter()
+        engine.step()
+        elapsed += time.perf_counter() - t0
+        bar.update(1)
+        for i, sid in enumerate(slots):
+            slot = engine.slot(sid)
+            if slot.error:
+                raise RuntimeError(f"{concept.name}, {methods[i].name}: {slot.error}")
+            if slot.step in plans[i] and slot.step not in words[i]:
+                words[i][slot.step] = slot.vectors()
+                seconds[i][slot.step] = init_seconds[i] + elapsed
+    bar.close()
+    for i, method in enumerate(methods):
+        token = f"<finding-{i}>"
+        model.clear_placeholders()
+        model.add_placeholder(token, words[i][plans[i][-1]])
+        for budget in plans[i]:
+            model.set_vectors(token, words[i][budget])
+            rows.append(_row(method.name, concept, budget, seconds[i][budget], scorer.score(token, concept)))
+        if method.select_fn is not None and starts[i] is not None:
+            model.set_vectors(token, words[i][plans[i][-1]])
+            choice = method.select_fn(model, concept, token, words[i])
+            kept = next(
+                r for r in rows if r["method"] == method.name and r["steps"] == _budget(choice.kept, plans[i])
+            )
+            rows.append(
+                {
+                    **kept,
+                    "method": method.name + SELECT_SUFFIX,
+                    "steps": plans[i][-1],
+                    "seconds": round(seconds[i][plans[i][-1]] + sum(choice.seconds.values()), 3),
+                    "kept": choice.kept,
+                    "distances": choice.distances,
+                }
+            )
+    model.clear_placeholders()
+    return rows
+
+
+def _budget(kept: str, plan: Sequence[int]) -> int:
+    """The budget of a round trip's kept word (the inverse of :func:`candidate_name`)."""
+    for budget in plan:
+        if candidate_name(budget, plan[-1]) == kept:
+            return budget
+    raise ValueError(f"the round trip kept {kept!r}, which is none of the budgets {list(plan)}")
+
+
+def _row(method: str, concept: ConceptRef, steps: int, seconds: float, scores) -> dict:
+    return {
+        "method": method,
+        "concept": concept.name,
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        **scores.as_dict(),
+    }
+
+
+def paper_findings(steps: int, encoder: str | None = None, refine: int = 200) -> tuple[Finding, ...]:
+    """The claims of Gal et al. (2022) this project measures, for variants learned ``steps`` steps
+    (named as :func:`paper_methods` names them); ``encoder`` adds where the encoder's words lie."""
+    one = ("1 vector", steps)
+
+    def trade(variant: str, recon_sign: int, edit_sign: int) -> tuple[Check, ...]:
+        return (
+            Check((variant, steps), one, RECON, recon_sign),
+            Check((variant, steps), one, EDIT, edit_sign),
+        )
+
+    found = [
+        Finding(
+            "one word reconstructs the concept, close to the real images",
+            (
+                Check(one, ("initializer word", None), RECON, +1),
+                Check(one, ("initializer word", None), "recon_oracle", +1),
+                Check(one, ("real images", None), RECON, 0),
+            ),
+        ),
+        Finding("more vectors: reconstruction up, editability down (2 vectors)", trade("2 vectors", +1, -1)),
+        Finding("more vectors: reconstruction up, editability down (3 vectors)", trade("3 vectors", +1, -1)),
+        Finding(
+            "progressive extension (3 vectors): reconstruction up, editability down",
+            trade("progressive 3 vectors", +1, -1),
+        ),
+        Finding("a higher learning rate moves along the same trade-off", trade("lr x4", +1, -1)),
+        Finding(
+            "regularization toward the initializer: more editable, less faithful",
+            trade("reg to init", -1, +1),
+        ),
+        Finding(
+            "per-image tokens do not beat a single word",
+            (
+                Check(("per-image tokens", steps), one, RECON, -1),
+                Check(("per-image tokens", steps), one, EDIT, 0),
+            ),
+        ),
+        Finding(
+            "the human caption edits well but reconstructs worse than the word",
+            (Check(("human caption", None), one, RECON, -1), Check(("human caption", None), one, EDIT, +1)),
+        ),
+    ]
+    if encoder:
+        checks = [
+            c
+            for point in ((encoder, 0), (encoder, refine), (encoder + SELECT_SUFFIX, refine))
+            for c in (Check(point, one, RECON, 0), Check(point, one, EDIT, 0))
+        ]
+        found.append(Finding("where the encoder and its refinement lie on the plane", tuple(checks)))
+    return tuple(found)
+
+
+def paper_methods(steps: int, base_lr: float) -> list[Method]:
+    """The variants of :func:`paper_findings`, all from the initializer word, ``steps`` steps each."""
+    return [
+        Method("1 vector"),
+        Method("2 vectors", {"num_vectors": 2}),
+        Method("3 vectors", {"num_vectors": 3}),
+        Method("progressive 3 vectors", {"num_vectors": 3, "progressive_every": max(1, steps // 3)}),
+        Method("lr x4", {"base_lr": 4 * base_lr}),
+        Method("reg to init", {"reg_weight": REG_WEIGHT}),
+        Method("per-image tokens", {"per_image_tokens": True}),
+    ]
+
+
+#: The regularizer's weight in "reg to init": a toy word's squared distance to its initializer reaches
+#: about 10 in 300 steps while the loss is about 0.03, so 2e-3 weighs the pull like the loss.
+REG_WEIGHT = 2e-3
+
+
+def judge(rows: Sequence[dict], findings: Sequence[Finding], resamples: int = 10_000) -> list[dict]:
+    """Each finding with its checks' paired gaps; ``reproduced`` when every judged check's interval
+    lies on its side of zero (None when a judged check has no paired rows, or none is judged:
+    ``judged`` False)."""
+    out = []
+    for finding in findings:
+        checks, verdicts = [], []
+        for c in finding.checks:
+            gap = paired_gap(rows, c.a, c.b, c.metric, resamples=resamples)
+            holds = None
+            if gap is not None and c.sign:
+                holds = gap["lo"] > 0 if c.sign > 0 else gap["hi"] < 0
+            if c.sign:
+                verdicts.append(holds)
+            checks.append(
+                {
+                    "a": list(c.a),
+                    "b": list(c.b),
+                    "metric": c.metric,
+                    "sign": c.sign,
+                    "gap": gap,
+                    "holds": holds,
+                }
+            )
+        reproduced = None if not verdicts or any(v is None for v in verdicts) else all(verdicts)
+        out.append(
+            {"claim": finding.claim, "judged": bool(verdicts), "reproduced": reproduced, "checks": checks}
+        )
+    return out
+
+
+def findings_markdown(judged: Sequence[dict]) -> str:
+    """A table: claim, each check as ``a - b: metric gap [lo, hi]`` with the side it should be on."""
+    lines = ["| finding | measured (paired, 95 % interval) | reproduced |", "|---|---|---|"]
+    for f in judged:
+        parts = []
+        for c in f["checks"]:
+            want = {1: " (want > 0)", -1: " (want < 0)", 0: ""}[c["sign"]]
+            gap = format_gap(c["gap"], c["metric"]) if c["gap"] else f"{c['metric']} not measured"
+            parts.append(f"{_point(c['a'])} − {_point(c['b'])}: {gap}{want}")
+        verdict = (
+            {True: "yes", False: "no", None: "not measured"}[f["reproduced"]] if f["judged"] else "reported"
+        )
+
+        lines.append(f"| {f['claim']} | {'<br>'.join(parts)} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _point(point: Sequence) -> str:
+    method, steps = point
+    return method if steps is None else f"{method} @ {steps}"
