@@ -67,6 +67,36 @@ def build_parser(prog: str = "ti generate"):
         help="CLIP space for --curate: toy, ViT-B-32, ARCH:TAG, random (tests) "
         "(default: toy for the toy model, else ViT-B-32)",
     )
+    g.add_argument(
+        "--init-image",
+        default=None,
+        metavar="IMG",
+        help="img2img: start from this image (centre-cropped to a square and resized to the "
+        "resolution, as reference images are) noised to --strength's step, then denoise",
+    )
+    g.add_argument(
+        "--mask",
+        default=None,
+        metavar="MASK",
+        help="local editing of --init-image (Blended Latent Diffusion, no inpainting model needed): "
+        "white (>= 128) is the region the prompt redraws, the rest is kept; an image of the init "
+        "image's shape, cropped like it",
+    )
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --init-image, how much of the denoising runs, in (0, 1]: 1 starts from pure noise, "
+        "near 0 keeps the image (at least one of --steps must run) (default: 0.8; 1.0 with --mask, "
+        "as Blended Latent Diffusion starts the edit from pure noise)",
+    )
+    g.add_argument(
+        "--paste",
+        type=bool,
+        default=True,
+        help="with --mask, put the init image's pixels back outside the mask after decoding (BLD's "
+        "last step: the VAE does not reconstruct them exactly)",
+    )
     return g
 
 
@@ -87,6 +117,7 @@ def run(args) -> int:
         raise OneWordError("--curate must be at least 1")
     if args.curate > 1 and not args.reference:
         raise OneWordError("--curate needs --reference DIR (the concept's images)")
+    init, strength = _init_image(args)  # checked before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     embs = add_embeddings(model, args.embedding)
     tokens = [e.token for e in embs]
@@ -113,6 +144,30 @@ def run(args) -> int:
         picked = curate(model, args.prompt, settings, args.curate, load_space(clip, model.device), refs)
         images = picked.images
         meta.update(curate=str(args.curate), clip=clip, curated_seeds=",".join(map(str, picked.seeds)))
+    if init is not None:
+        from oneword.generate import edit_images, edit_metadata
+
+        images = edit_images(model, args.prompt, settings, init, strength, args.paste)
+        meta.update(edit_metadata(init, strength, args.paste))
     path = render_grid(model, args.prompt, settings, args.out, meta, images=images, zoom=args.zoom)
     print(path)
     return 0
+
+
+def _init_image(args):
+    """The loaded init image and mask and the strength, or ``(None, None)``; one clear error for
+    any problem with them."""
+    from oneword.generate import load_init, resolve_strength, steps_to_run
+
+    if args.init_image is None:
+        for name, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise OneWordError(f"{name} needs --init-image IMG (the image to start from)")
+        return None, None
+    if args.curate > 1:
+        raise OneWordError("--curate does not work with --init-image")
+    if args.steps < 1:
+        raise OneWordError("--steps must be at least 1")
+    strength = resolve_strength(args.strength, args.mask is not None)
+    steps_to_run(args.steps, strength)
+    return load_init(args.init_image, args.mask), strength
