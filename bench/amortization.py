@@ -190,18 +190,11 @@ def main(argv: list[str] | None = None) -> int:
 
         select = None
         if args.refine_select > 0:
-            from oneword.encoder.select import candidate_name, choose_word, select_settings
+            from oneword.encoder.select import round_trip_selector, select_settings
 
-            def select(model, concept, token, words):  # as ti-encode --select-among
-                return choose_word(
-                    encoder,
-                    model,
-                    token,
-                    concept.init,
-                    words[0],
-                    {candidate_name(b, enc_top): words[b] for b in among},
-                    select_settings(args.refine_select, settings.steps, settings.guidance),
-                )
+            select = round_trip_selector(
+                encoder, select_settings(args.refine_select, settings.steps, settings.guidance), among
+            )
 
         for sched, lr, reg, batch in itertools.product(
             args.refine_schedule, args.refine_base_lr, args.refine_reg_weight, args.refine_batch_size

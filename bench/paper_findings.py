@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if encoder_name:
         from oneword.encoder.model import load_encoder, predict_embeddings
-        from oneword.encoder.select import choose_word, select_settings
-        from oneword.eval.choice import candidate_name
+        from oneword.encoder.select import round_trip_selector, select_settings
 
         encoder = load_encoder(SHIPPED)
 
@@ -133,25 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                 0
             ]
 
-        def select(model, concept, token, words):  # ti-encode's default round trip
-            top = max(words)
-            return choose_word(
-                encoder,
-                model,
-                token,
-                concept.init,
-                words[0],
-                {candidate_name(b, top): words[b] for b in (0, top)},
-                select_settings(8, args.sample_steps, 5.0),
-            )
-
         methods.append(
             Method(
                 encoder_name,
                 {"base_lr": REFINE_DEFAULTS["base_lr"]},
                 init_fn=predict,
                 budgets=(0, args.refine),
-                select_fn=select,
+                select_fn=round_trip_selector(encoder, select_settings(8, args.sample_steps, 5.0)),
             )
         )
     path = progress_path(out, shard, shards)

@@ -100,3 +100,17 @@ def keep_prediction_or_refined(
         REFINED: model.vectors_of(token),
     }
     return choose_word(encoder, model, token, init, prediction, candidates, settings)
+
+
+def round_trip_selector(encoder, settings: SampleSettings, among: Sequence[int] | None = None):
+    """A ``select_fn`` for the curve harnesses (:class:`oneword.eval.curves.Method`): the round
+    trip of :func:`choose_word` among a refinement's words at the budgets ``among`` (default: the
+    prediction and the largest), aimed at the prediction, as ``ti-encode --select`` does."""
+
+    def select(model, concept, token: str, words: Mapping[int, Sequence[torch.Tensor]]) -> Choice:
+        top = max(words)
+        budgets = (0, top) if among is None else among
+        candidates = {candidate_name(b, top): words[b] for b in budgets}
+        return choose_word(encoder, model, token, concept.init, words[0], candidates, settings)
+
+    return select
