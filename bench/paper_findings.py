@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args, plan: dict, out: Path, publish: Path, encoder_name: str | None) -> int:
-    from oneword.eval.findings import findings_markdown, judge, paper_findings
+    from oneword.eval.findings import EDITS, findings_markdown, judge, paper_findings
     from oneword.eval.report import write_report
     from oneword.fileio import atomic_write_text
     from oneword.provenance import provenance
@@ -188,18 +188,20 @@ def report(args, plan: dict, out: Path, publish: Path, encoder_name: str | None)
     made_by = provenance()
     made_by["measured_by"] = [run for d in docs for run in d["runs"]]
     files = write_report(rows, publish, settings, made_by)
-    judged = judge(rows, paper_findings(args.steps, encoder_name, args.refine))
-    table = findings_markdown(judged)
+    judged = {
+        edit: judge(rows, paper_findings(args.steps, encoder_name, args.refine, edit)) for edit in EDITS
+    }
+    tables = [f"Editability as `{edit}`:\n\n{findings_markdown(found)}" for edit, found in judged.items()]
     atomic_write_text(
         publish / "findings.json", json.dumps({"settings": settings, "findings": judged}, indent=1) + "\n"
     )
-    atomic_write_text(publish / "findings.md", table)
+    atomic_write_text(publish / "findings.md", "\n".join(tables))
     print(files["markdown"].read_text())
-    print(table)
-    shown = sum(f["reproduced"] is True for f in judged)
-    print(
-        f"{len(measured)} of {len(plan['concepts'])} concepts measured; {shown} findings reproduced; wrote {publish}"
-    )
+    print("\n".join(tables))
+    for edit, found in judged.items():
+        shown = sum(f["reproduced"] is True for f in found)
+        print(f"editability as {edit}: {shown} of {sum(f['judged'] for f in found)} findings reproduced")
+    print(f"{len(measured)} of {len(plan['concepts'])} concepts measured; wrote {publish}")
     return 0
 
 

@@ -32,9 +32,13 @@ from oneword.models import FrozenLDM
 
 logger = logging.getLogger(__name__)
 
-#: Reconstruction and editability as the findings read them: CLIP similarity to the reference images
-#: (the paper's), and the oracle's share of attribute edits honoured (an edit that can fail).
-RECON, EDIT = "recon_clip", "attr_edit_oracle"
+#: Reconstruction as the findings read it: CLIP similarity to the reference images (the paper's).
+RECON = "recon_clip"
+#: Editability, two ways, both on the edits that contend with the concept
+#: (:func:`~oneword.eval.protocol.toy_attribute_edits`): the paper's CLIP editability (each sample
+#: against its prompt's text), and the oracle's share of samples showing the asked-for value while
+#: keeping the rest of the concept (stricter: a word that does not reconstruct fails it too).
+EDITS = ("attr_edit_clip", "attr_edit_oracle")
 
 Point = tuple[str, int | None]
 """A row set: ``(method, steps)``; reference rows have ``steps`` None."""
@@ -151,9 +155,13 @@ def _row(method: str, concept: ConceptRef, steps: int, seconds: float, scores) -
     }
 
 
-def paper_findings(steps: int, encoder: str | None = None, refine: int = 200) -> tuple[Finding, ...]:
+def paper_findings(
+    steps: int, encoder: str | None = None, refine: int = 200, edit: str = EDITS[0]
+) -> tuple[Finding, ...]:
     """The claims of Gal et al. (2022) this project measures, for variants learned ``steps`` steps
-    (named as :func:`paper_methods` names them); ``encoder`` adds where the encoder's words lie."""
+    (named as :func:`paper_methods` names them), with editability read as ``edit`` (one of
+    :data:`EDITS`); ``encoder`` adds where the encoder's words lie."""
+    EDIT = edit  # noqa: N806 (read as the constant it stands for)
     one = ("1 vector", steps)
 
     def trade(variant: str, recon_sign: int, edit_sign: int) -> tuple[Check, ...]:

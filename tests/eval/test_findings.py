@@ -10,6 +10,7 @@ from oneword.data.concepts import load_concept
 from oneword.encoder.select import Choice
 from oneword.eval.curves import SELECT_SUFFIX, Method, run_curve
 from oneword.eval.findings import (
+    EDITS,
     Check,
     Finding,
     findings_markdown,
@@ -66,6 +67,9 @@ def test_the_paper_findings_name_the_variants_measured():
     assert {s for _, s in points} == {0, 20, 300}
     assert refs == {"initializer word", "real images", "human caption"}
     assert len(paper_findings(300)) >= 7
+    for edit in EDITS:  # editability read either way; reconstruction always as the paper's CLIP score
+        metrics = {c.metric for f in paper_findings(300, edit=edit) for c in f.checks}
+        assert metrics == {"recon_clip", "recon_oracle", edit}
 
 
 @pytest.mark.slow
