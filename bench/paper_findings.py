@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args, plan: dict, out: Path, publish: Path, encoder_name: str | None) -> int:
-    from oneword.eval.findings import EDITS, findings_markdown, judge, paper_findings
+    from oneword.eval.findings import EDITS, PLANES, findings_markdown, judge, paper_findings
     from oneword.eval.report import write_report
     from oneword.fileio import atomic_write_text
     from oneword.provenance import provenance
@@ -187,7 +187,7 @@ def report(args, plan: dict, out: Path, publish: Path, encoder_name: str | None)
     settings = {**plan, "measured": measured, "seconds": round(sum(d["seconds"] for d in docs), 1)}
     made_by = provenance()
     made_by["measured_by"] = [run for d in docs for run in d["runs"]]
-    files = write_report(rows, publish, settings, made_by)
+    files = write_report(rows, publish, settings, made_by, pairs=PLANES, curve=False)
     judged = {
         edit: judge(rows, paper_findings(args.steps, encoder_name, args.refine, edit)) for edit in EDITS
     }

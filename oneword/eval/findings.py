@@ -39,6 +39,11 @@ RECON = "recon_clip"
 #: against its prompt's text), and the oracle's share of samples showing the asked-for value while
 #: keeping the rest of the concept (stricter: a word that does not reconstruct fails it too).
 EDITS = ("attr_edit_clip", "attr_edit_oracle")
+#: The findings' planes: reconstruction against each editability.
+PLANES = (
+    (RECON, EDITS[0], "CLIP, attribute edits"),
+    (RECON, EDITS[1], "oracle, attribute edits"),
+)
 
 Point = tuple[str, int | None]
 """A row set: ``(method, steps)``; reference rows have ``steps`` None."""

@@ -104,14 +104,17 @@ def plot_quality_vs_steps(summary: Sequence[dict], path: Path) -> Path | None:
     return path
 
 
-def plot_plane(summary: Sequence[dict], path: Path) -> Path | None:
-    """Reconstruction (x) against editability (y), a curve per method labelled with its steps."""
+def plot_plane(
+    summary: Sequence[dict], path: Path, pairs: Sequence[tuple[str, str, str]] = PAIRS
+) -> Path | None:
+    """Reconstruction (x) against editability (y), a curve per method labelled with its steps: a
+    panel per measured ``(reconstruction metric, editability metric, label)`` of ``pairs``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [p for p in PAIRS if any(r.get(p[0]) is not None and r.get(p[1]) is not None for r in summary)]
+    pairs = [p for p in pairs if any(r.get(p[0]) is not None and r.get(p[1]) is not None for r in summary)]
     if not pairs:
         return None
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), squeeze=False)
@@ -135,8 +138,9 @@ def plot_plane(summary: Sequence[dict], path: Path) -> Path | None:
             for steps, x, y in pts:
                 if steps >= 0:
                     ax.annotate(str(steps), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        ax.set_xlabel(f"reconstruction ({label.split(',')[0]})")
-        ax.set_ylabel(f"editability ({label})")
+        ax.set_xlabel(f"reconstruction ({rx})")
+        ax.set_ylabel(f"editability ({ry})")
+        ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = _save(fig, path)
@@ -263,10 +267,16 @@ def _clean(value):
 
 
 def write_report(
-    rows: Sequence[dict], out: Path, settings: dict | None = None, provenance: dict | None = None
+    rows: Sequence[dict],
+    out: Path,
+    settings: dict | None = None,
+    provenance: dict | None = None,
+    pairs: Sequence[tuple[str, str, str]] = PAIRS,
+    curve: bool = True,
 ) -> dict[str, Path]:
-    """Write the JSON (provenance, settings, summary, rows), the Markdown table and both plots into
-    ``out``. ``provenance`` defaults to :func:`oneword.provenance.provenance` without inputs."""
+    """Write the JSON (provenance, settings, summary, rows), the Markdown table, the plane plot (the
+    panels of ``pairs``) and, with ``curve``, quality against steps into ``out``. ``provenance``
+    defaults to :func:`oneword.provenance.provenance` without inputs."""
     from oneword.provenance import provenance as made_by
 
     out.mkdir(parents=True, exist_ok=True)
@@ -281,11 +291,11 @@ def write_report(
         "json": atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n"),
         "markdown": atomic_write_text(out / "results.md", markdown_table(summary)),
     }
-    for key, fn, name in (
-        ("curve", plot_quality_vs_steps, "quality_vs_steps.png"),
-        ("plane", plot_plane, "recon_edit_plane.png"),
-    ):
-        path = fn(summary, out / name)
+    plots = [("plane", lambda: plot_plane(summary, out / "recon_edit_plane.png", pairs))]
+    if curve:
+        plots.append(("curve", lambda: plot_quality_vs_steps(summary, out / "quality_vs_steps.png")))
+    for key, plot in plots:
+        path = plot()
         if path is not None:
             files[key] = path
     return files
