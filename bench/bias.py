@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
-    from oneword.eval.bias import plot_distributions, run_bias_study
+    from oneword.eval.bias import run_bias_study
     from oneword.fileio import atomic_write_text
     from oneword.models import load_model
     from oneword.provenance import provenance
@@ -120,6 +120,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         print(plot_distributions(result, Path(args.plot)))
     return 0
+
+
+def plot_distributions(result: dict, path: Path) -> Path:
+    """Bars of the studied attribute's distribution under each prompt of ``result``, with the
+    uniform share as a line."""
+    import matplotlib
+
+    from oneword.fileio import atomic_path
+    from oneword.toy.render import VOCAB
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attr = result["settings"]["attribute"]
+    vocab, labels = VOCAB[attr], list(result["prompts"])
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        r = result["prompts"][label]
+        ax.bar(
+            [i + (j - (len(labels) - 1) / 2) * width for i in range(len(vocab))],
+            [r["distribution"][v] for v in vocab],
+            width,
+            label=f"{r['prompt']} (H {r['entropy_bits']:.2f} bits)",
+        )
+    ax.axhline(1 / len(vocab), color="gray", linestyle=":", label="uniform")
+    ax.set_xticks(range(len(vocab)), vocab)
+    ax.set_ylabel(f"share of samples ({attr}, by the oracle)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

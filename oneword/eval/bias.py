@@ -44,7 +44,6 @@ import torch
 from PIL import Image
 
 from oneword.data.images import LoadedImage
-from oneword.fileio import atomic_path
 from oneword.inversion.config import InversionConfig
 from oneword.inversion.train import Inversion
 from oneword.models import FrozenLDM
@@ -407,34 +406,3 @@ def run_bias_study(model: FrozenLDM, oracle: AttributeOracle, settings: BiasSett
         "gaps": gaps,
         "seconds": {"survey": t_survey, "total": time.perf_counter() - t0},
     }
-
-
-def plot_distributions(result: Mapping, path: Path) -> Path:
-    """Bars of the studied attribute's distribution under each prompt of ``result``, with the
-    uniform share as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    attr = result["settings"]["attribute"]
-    vocab, labels = VOCAB[attr], list(result["prompts"])
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    width = 0.8 / len(labels)
-    for j, label in enumerate(labels):
-        r = result["prompts"][label]
-        ax.bar(
-            [i + (j - (len(labels) - 1) / 2) * width for i in range(len(vocab))],
-            [r["distribution"][v] for v in vocab],
-            width,
-            label=f"{r['prompt']} (H {r['entropy_bits']:.2f} bits)",
-        )
-    ax.axhline(1 / len(vocab), color="gray", linestyle=":", label="uniform")
-    ax.set_xticks(range(len(vocab)), vocab)
-    ax.set_ylabel(f"share of samples ({attr}, by the oracle)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
