@@ -18,9 +18,10 @@ Prompts use one internal placeholder per vector count (:func:`group_token`); the
 each sample's vectors from ``batch_vectors``, so the model's tokenizer does not grow with the
 number of concepts, and the concepts' own tokens never meet in one vocabulary.
 
-Two variants of the paper live in a slot's settings. With ``cfg.progressive_every`` the prompts
-name only the first :meth:`~InversionConfig.vectors_at` vectors, so the others get no gradient
-and are held where they started (AdamW's weight decay would move them) until they join. With
+Two variants of the paper live in a slot's settings. With ``cfg.progressive_every`` every vector
+is a parameter of its own and the prompts name only the first :meth:`~InversionConfig.vectors_at`:
+the others have no gradient, so AdamW leaves them where they started (no decay, no step count)
+and a vector that joins starts its moments and bias correction afresh, as a new word would. With
 ``cfg.per_image_tokens`` the slot also owns one vector per reference image (rows after the word's,
 each starting at the mean of the word's start) and each sample's prompt ends "with {S_i}" for the
 image its view came from (:func:`image_token`); only the word's rows are its result.
@@ -93,7 +94,14 @@ class Slot:
         self.images = images
         """Per-image vectors held after the word's rows (0 without ``cfg.per_image_tokens``)."""
         rows = [torch.cat([v, v.mean(0, keepdim=True).expand(images, -1)]) for v in start]
-        self.params = [v.detach().float().to(device).clone().requires_grad_(True) for v in rows]
+        pieces = [list(v.split(1)) if cfg.progressive_every else [v] for v in rows]
+        self.leaves = [
+            [r.detach().float().to(device).clone().requires_grad_(True) for r in encoder]
+            for encoder in pieces
+        ]
+        """Per text encoder, the tensors the optimizer steps: one for all rows, or one per row
+        (progressive extension)."""
+        self.params = [p for encoder in self.leaves for p in encoder]
         self.anchor = [v.detach().float().to(device) for v in anchor]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
@@ -117,17 +125,33 @@ class Slot:
         """Still stepping: under its budget and not stopped by an error."""
         return self.error is None and self.step < self.cfg.steps
 
+    def tables(self, rows: int | None = None) -> list[torch.Tensor]:
+        """Per text encoder, the first ``rows`` (default: all) rows this slot learns (``[rows,
+        width]``; gradients flow): the word's, then the per-image vectors. Rows past ``rows`` stay
+        out of the graph, so a vector not yet added gets no gradient at all."""
+        if all(len(encoder) == 1 for encoder in self.leaves):
+            return [encoder[0][:rows] for encoder in self.leaves]
+        return [torch.cat(encoder[:rows]) for encoder in self.leaves]
+
+    def set_tables(self, tables: list[torch.Tensor]) -> None:
+        """Overwrite every row (as :meth:`tables` lays them out)."""
+        with torch.no_grad():
+            for encoder, table in zip(self.leaves, tables):
+                for leaf, rows in zip(encoder, table.split([p.shape[0] for p in encoder])):
+                    leaf.copy_(rows.to(leaf.device))
+
     def vectors(self) -> list[torch.Tensor]:
         """The word: its ``num_vectors`` rows (vectors not yet added still at their start)."""
-        return [p.detach()[: self.num_vectors].float().cpu().clone() for p in self.params]
+        return [t.detach()[: self.num_vectors].float().cpu().clone() for t in self.tables()]
 
     def prompt_words(self) -> dict[str, list[torch.Tensor]]:
         """The internal placeholders this slot's prompts name, with the rows they read (gradients flow)."""
         n = self.training_vectors
-        words = {group_token(n): [p[:n] for p in self.params]}
+        tables = self.tables(None if self.images else n)
+        words = {group_token(n): [t[:n] for t in tables]}
         for i in range(self.images):
             row = self.num_vectors + i
-            words[image_token(i)] = [p[row : row + 1] for p in self.params]
+            words[image_token(i)] = [t[row : row + 1] for t in tables]
         return words
 
     def prompts(self, views: torch.Tensor) -> list[str]:
@@ -144,7 +168,7 @@ class Slot:
         """Squared distance of the trained word vectors to the anchor, summed over the width, mean
         over the vectors, summed over encoders."""
         n = self.training_vectors
-        return sum(((p[:n] - a[:n]) ** 2).sum(-1).mean() for p, a in zip(self.params, self.anchor))
+        return sum(((t[:n] - a[:n]) ** 2).sum(-1).mean() for t, a in zip(self.tables(n), self.anchor))
 
 
 class GroupEngine:
@@ -225,7 +249,7 @@ class GroupEngine:
         optim, groups = optimizer_tensors(slot.optimizer)
         return TrainState(
             step=slot.step,
-            vectors=[p.detach().clone() for p in slot.params],
+            vectors=[t.detach().clone() for t in slot.tables()],
             optimizer={k: v.clone() for k, v in optim.items()},
             param_groups=groups,
             generator_state=slot.generator.get_state(),
@@ -237,13 +261,11 @@ class GroupEngine:
         """Continue slot ``sid`` from a :meth:`state`. The gradient scale is taken only when the slot
         is alone in its group; a group resumed whole calls :meth:`load_scaler`."""
         slot = self.slots[sid]
-        if [tuple(v.shape) for v in ts.vectors] != [tuple(p.shape) for p in slot.params]:
+        if [tuple(v.shape) for v in ts.vectors] != [tuple(t.shape) for t in slot.tables()]:
             raise InputError("the checkpoint's vectors do not match this run's token/model settings")
         if ts.step > slot.cfg.steps:
             raise InputError(f"the checkpoint is at step {ts.step}, past this run's {slot.cfg.steps} steps")
-        with torch.no_grad():
-            for p, v in zip(slot.params, ts.vectors):
-                p.copy_(v.to(p.device))
+        slot.set_tables(ts.vectors)
         load_optimizer(slot.optimizer, ts.optimizer, ts.param_groups)
         slot.generator.set_state(ts.generator_state)
         slot.prompt_rng = restore_prompt_rng(ts.prompt_rng_state)
@@ -273,7 +295,6 @@ class GroupEngine:
         for s in slots:  # what a step that raised (out of memory) left behind
             s.optimizer.zero_grad(set_to_none=True)
         befores = {s.id: [p.detach().clone() for p in s.params] for s in slots}
-        trained = {s.id: s.training_vectors for s in slots}
         totals = dict.fromkeys((s.id for s in slots), 0.0)
         for micro in range(max(s.cfg.grad_accum for s in slots)):
             members = [s for s in slots if s.error is None and s.cfg.grad_accum > micro]
@@ -288,11 +309,6 @@ class GroupEngine:
             else:
                 s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
-            n = trained[s.id]
-            if n < s.num_vectors:  # vectors not yet added stay where they start
-                with torch.no_grad():
-                    for p, b in zip(s.params, befores[s.id]):
-                        p[n : s.num_vectors] = b[n : s.num_vectors]
         if self.scaler and stepped:
             self.scaler.update()
         out = {}

@@ -57,8 +57,15 @@ def test_progressive_extension_adds_a_vector_every_k_steps(tiny_dirs, images, mo
     start = engine.slot(sid).vectors()[0]
     seen = _prompts_seen(model, monkeypatch)
     moved_at: dict[int, int] = {}
+    slot = engine.slot(sid)
     for step in range(1, cfg.steps + 1):
         engine.step()
+        if step == 5:  # a vector that joins starts AdamW afresh: its own step count and moments
+            counts = [
+                int(slot.optimizer.state[leaf]["step"]) if leaf in slot.optimizer.state else 0
+                for leaf in slot.params
+            ]
+            assert counts == [5, 1, 0]
         now = engine.slot(sid).vectors()[0]
         for row in range(3):
             if row not in moved_at and not torch.equal(now[row], start[row]):
