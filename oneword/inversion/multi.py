@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from oneword.errors import InputError, TrainingDivergedError
 from oneword.inversion.checkpoint import TrainState, load_states, save_states
 from oneword.inversion.config import InversionConfig
-from oneword.inversion.group import GroupEngine, group_token
+from oneword.inversion.group import GROUP_PREFIX, GroupEngine
 from oneword.models import FrozenLDM
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def invert_many(
     """
     if len(image_sets) != len(init_words) or not image_sets:
         raise ValueError("need one initializer word per concept, and at least one concept")
-    if set(model.placeholder_tokens) - {group_token(cfg.num_vectors)}:
+    if {t for t in model.placeholder_tokens if not t.startswith(GROUP_PREFIX)}:
         raise ValueError(
             "invert_many needs a model without placeholder tokens other than its own (load a fresh one)"
         )

@@ -145,9 +145,22 @@ def _model_kind(model: FrozenLDM) -> str:
     return f"{model.family} {list(model.widths)}"
 
 
-def _check_resumed_inputs(ts: TrainState, model: FrozenLDM, hashes: list[str], out_dir: Path) -> None:
-    """A checkpoint continues only on the images and the kind of model it was made with."""
+def _check_resumed_inputs(
+    ts: TrainState, model: FrozenLDM, hashes: list[str], out_dir: Path, in_order: bool = False
+) -> None:
+    """A checkpoint continues only on the images and the kind of model it was made with (in the
+    same order with ``in_order``: per-image tokens are bound to their images' places)."""
     saved_hashes = json.loads(ts.meta.get("images", "null") or "null")
+    if (
+        in_order
+        and saved_hashes is not None
+        and saved_hashes != hashes
+        and sorted(saved_hashes) == sorted(hashes)
+    ):
+        raise InputError(
+            f"cannot resume {out_dir}: its per-image tokens were learned on these images in another "
+            "order; give them in the order they had (their file names sort the same)"
+        )
     if saved_hashes is not None and sorted(saved_hashes) != sorted(hashes):
         differ = len(set(hashes) ^ set(saved_hashes))
         raise InputError(
@@ -209,7 +222,7 @@ def _run(
     ts = folder.prepare(cfg, resume)
     hashes = [im.sha256 for im in images]
     if ts is not None:
-        _check_resumed_inputs(ts, model, hashes, out)
+        _check_resumed_inputs(ts, model, hashes, out, in_order=cfg.per_image_tokens)
     inv = Inversion(model, images, cfg, init_vectors)  # bad tokens etc. fail before any file exists
     if ts is not None:
         inv.load(ts)

@@ -46,10 +46,17 @@ def test_judge_reads_each_claim_from_its_interval():
         Finding("same is above", (Check(("same", 10), ("base", 10), "recon_clip", +1),)),
         Finding("reported only", (Check(("up", 10), ("base", 10), "recon_clip", 0),)),
         Finding("not measured", (Check(("up", 10), ("base", 10), "attr_edit_oracle", -1),)),
+        Finding(
+            "one check fails, one unmeasured",
+            (
+                Check(("up", 10), ("base", 10), "recon_clip", -1),
+                Check(("up", 10), ("base", 10), "attr_edit_oracle", -1),
+            ),
+        ),
     ]
     judged = judge(rows, findings, resamples=2000)
-    assert [f["reproduced"] for f in judged] == [True, False, False, None, None]
-    assert [f["judged"] for f in judged] == [True, True, True, False, True]
+    assert [f["reproduced"] for f in judged] == [True, False, False, None, None, False]
+    assert [f["judged"] for f in judged] == [True, True, True, False, True, True]
     gap = judged[0]["checks"][0]["gap"]
     assert gap["gap"] == pytest.approx(0.05, abs=0.002) and gap["lo"] > 0.04 and gap["concepts"] == 6
     table = findings_markdown(judged)
@@ -113,6 +120,8 @@ def test_group_rows_score_the_words_the_curve_harness_learns(tiny_dirs, concept_
     assert sorted(seen) == [0, 2] and not torch.equal(seen[0][0], seen[2][0])
     kept = by[("enc" + SELECT_SUFFIX, 2)]
     assert kept["kept"] == "refined" and kept["recon_clip"] == by[("enc", 2)]["recon_clip"]
+    assert kept["select_seconds"] == {"prediction": 1.0, "refined": 1.0} and kept["seconds"] >= 2.0
+    assert 0 < by[("one", 0)]["seconds"] < by[("one", 3)]["seconds"]  # its setup, then its share of steps
     assert by[("one", 0)]["recon_clip"] != by[("one", 3)]["recon_clip"]
     assert not model.placeholder_tokens  # the model is left as loaded
     # the curve harness, one method at a time, learns the same words: the same scores
@@ -128,3 +137,21 @@ def test_group_rows_score_the_words_the_curve_harness_learns(tiny_dirs, concept_
     for r in alone:
         if r["steps"] is not None:
             assert r["recon_clip"] == pytest.approx(by[(r["method"], r["steps"])]["recon_clip"], abs=1e-4)
+
+
+def test_group_rows_leave_the_model_clean_when_scoring_fails(tiny_dirs, concept_dir):
+    concept = load_concept(concept_dir, init="disc")
+    base = InversionConfig(token="<x>", init="disc", steps=1, batch_size=1, resolution=32, views_per_image=1)
+    model = load_model("tiny-sd1")
+    scorer = Scorer(
+        model, EvalSettings(samples=1, steps=1, edit_prompts=["a sketch of {}"]), load_space("random")
+    )
+    scorer.reference_rows = lambda c: []
+
+    def broken(token, concept):
+        raise RuntimeError("scoring failed")
+
+    scorer.score = broken
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        group_rows(model, concept, base, [Method("one")], scorer, progress=False)
+    assert not model.placeholder_tokens

@@ -161,3 +161,19 @@ def test_invert_with_per_image_tokens_writes_the_shared_word_only(tiny_dirs, con
     assert [tuple(v.shape) for v in emb.vectors] == [(2, 32)]
     bad = tmp_path / "bad"
     assert main(["invert", str(concept_dir), *args[:-1], "5", "--out", str(bad)]) == 2
+
+
+def test_per_image_tokens_resume_only_on_the_images_in_their_order(tiny_dirs, tmp_path):
+    from types import SimpleNamespace
+
+    from oneword.errors import InputError
+    from oneword.inversion.train import _check_resumed_inputs
+
+    model = load_model("tiny-sd1")
+    saved = SimpleNamespace(meta={"images": '["a", "b"]'})
+    _check_resumed_inputs(saved, model, ["b", "a"], tmp_path)  # a plain word: any order
+    _check_resumed_inputs(saved, model, ["a", "b"], tmp_path, in_order=True)
+    with pytest.raises(InputError, match="another order"):
+        _check_resumed_inputs(saved, model, ["b", "a"], tmp_path, in_order=True)
+    with pytest.raises(InputError, match="other images"):
+        _check_resumed_inputs(saved, model, ["a", "c"], tmp_path, in_order=True)
