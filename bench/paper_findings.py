@@ -60,6 +60,83 @@ def save_shard(path: Path, doc: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard takes I/N with 0 <= I < N, got {args.shard!r}")
+    torch.set_num_threads(args.threads)
+    concepts, base, methods, encoder_name, plan = plan_of(args, p)
+    out = Path(args.out)
+    if args.report:
+        return report(args, plan, out, Path(args.publish), encoder_name)
+
+    from oneword.eval.findings import group_rows
+    from oneword.eval.protocol import EvalSettings, Scorer
+    from oneword.eval.space import load_space
+    from oneword.models import load_model
+    from oneword.provenance import provenance
+    from oneword.toy.oracle import load_oracle
+
+    if encoder_name:
+        from oneword.encoder.model import load_encoder, predict_embeddings
+        from oneword.encoder.pipeline import REFINE_DEFAULTS, SHIPPED
+        from oneword.encoder.select import round_trip_selector, select_settings
+        from oneword.eval.curves import Method
+
+        encoder = load_encoder(SHIPPED)
+
+        def predict(model, concept):
+            return predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[
+                0
+            ]
+
+        methods.append(
+            Method(
+                encoder_name,
+                {"base_lr": REFINE_DEFAULTS["base_lr"]},
+                init_fn=predict,
+                budgets=(0, args.refine),
+                select_fn=round_trip_selector(encoder, select_settings(8, args.sample_steps, 5.0)),
+            )
+        )
+    if args.only:
+        unknown = set(args.only) - {m.name for m in methods}
+        if unknown:
+            p.error(
+                f"--only: no method named {', '.join(sorted(unknown))}; the methods: {[m.name for m in methods]}"
+            )
+        methods = [m for m in methods if m.name in args.only]
+    path = progress_path(out, shard, shards)
+    try:
+        doc = load_shard(path, plan)
+    except ValueError as err:
+        p.error(str(err))
+    doc["runs"].append(provenance())
+    mine = concepts[shard::shards]
+    done = {r["concept"] for r in doc["rows"]}
+    print(
+        f"shard {shard}/{shards}: {len(mine)} concepts, {len(done)} done; {len(methods)} methods",
+        file=sys.stderr,
+    )
+    model = load_model("toy")
+    settings = EvalSettings(samples=args.samples, steps=args.sample_steps, guidance=5.0)
+    scorer = Scorer(model, settings, load_space("toy"), load_oracle())
+    for concept in mine:
+        if concept.name in done:
+            continue
+        t0 = time.perf_counter()
+        doc["rows"] += group_rows(model, concept, base, methods, scorer, references=not args.only)
+        doc["seconds"] += time.perf_counter() - t0
+        save_shard(path, doc)
+        print(f"{concept.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concepts", type=int, default=24, help="held-out toy concepts (default: 24)")
     p.add_argument("--draw", type=int, default=0, help="which disjoint set of held-out concepts (default: 0)")
@@ -76,17 +153,28 @@ def main(argv: list[str] | None = None) -> int:
         "--report", action="store_true", help="merge the shards in --out, judge and write --publish"
     )
     p.add_argument("--publish", default=str(PUBLISHED), help=f"where --report writes (default: {PUBLISHED})")
-    args = p.parse_args(argv)
-    try:
-        shard, shards = (int(x) for x in args.shard.split("/"))
-        if not 0 <= shard < shards:
-            raise ValueError
-    except ValueError:
-        p.error(f"--shard takes I/N with 0 <= I < N, got {args.shard!r}")
-    torch.set_num_threads(args.threads)
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="measure only these methods, without the reference rows (e.g. to measure one again)",
+    )
+    p.add_argument(
+        "--also",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="with --report: folders of --only runs of the same concepts and settings; their rows "
+        "replace the same methods' rows in --out",
+    )
+    return p
 
-    from oneword.encoder.pipeline import REFINE_DEFAULTS, SHIPPED
-    from oneword.eval.curves import Method
+
+def plan_of(args, p: argparse.ArgumentParser):
+    """The concepts, base settings, variants, encoder method's name and the plan (what a shard's
+    progress file must match) of these arguments."""
+    from oneword.encoder.pipeline import SHIPPED
     from oneword.fileio import sha256_file
     from oneword.inversion.config import InversionConfig
     from oneword.toy.concepts import load_bench_concepts
@@ -110,61 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "methods": [[m.name, m.overrides] for m in methods],
         "encoder": sha256_file(SHIPPED) if encoder_name else None,
     }
-    out = Path(args.out)
-    if args.report:
-        return report(args, plan, out, Path(args.publish), encoder_name)
-
-    from oneword.eval.findings import group_rows
-    from oneword.eval.protocol import EvalSettings, Scorer
-    from oneword.eval.space import load_space
-    from oneword.models import load_model
-    from oneword.provenance import provenance
-    from oneword.toy.oracle import load_oracle
-
-    if encoder_name:
-        from oneword.encoder.model import load_encoder, predict_embeddings
-        from oneword.encoder.select import round_trip_selector, select_settings
-
-        encoder = load_encoder(SHIPPED)
-
-        def predict(model, concept):
-            return predict_embeddings(encoder, model, [[im.image for im in concept.images]], [concept.init])[
-                0
-            ]
-
-        methods.append(
-            Method(
-                encoder_name,
-                {"base_lr": REFINE_DEFAULTS["base_lr"]},
-                init_fn=predict,
-                budgets=(0, args.refine),
-                select_fn=round_trip_selector(encoder, select_settings(8, args.sample_steps, 5.0)),
-            )
-        )
-    path = progress_path(out, shard, shards)
-    try:
-        doc = load_shard(path, plan)
-    except ValueError as err:
-        p.error(str(err))
-    doc["runs"].append(provenance())
-    mine = concepts[shard::shards]
-    done = {r["concept"] for r in doc["rows"]}
-    print(
-        f"shard {shard}/{shards}: {len(mine)} concepts, {len(done)} done; {len(methods)} methods",
-        file=sys.stderr,
-    )
-    model = load_model("toy")
-    settings = EvalSettings(samples=args.samples, steps=args.sample_steps, guidance=5.0)
-    scorer = Scorer(model, settings, load_space("toy"), load_oracle())
-    for concept in mine:
-        if concept.name in done:
-            continue
-        t0 = time.perf_counter()
-        doc["rows"] += group_rows(model, concept, base, methods, scorer)
-        doc["seconds"] += time.perf_counter() - t0
-        save_shard(path, doc)
-        print(f"{concept.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return 0
+    if args.only:
+        plan["only"] = sorted(args.only)
+    return concepts, base, methods, encoder_name, plan
 
 
 def report(args, plan: dict, out: Path, publish: Path, encoder_name: str | None) -> int:
@@ -180,6 +216,15 @@ def report(args, plan: dict, out: Path, publish: Path, encoder_name: str | None)
         except ValueError as err:
             print(f"skipping {path}: {err}", file=sys.stderr)
     rows = [r for d in docs for r in d["rows"]]
+    for folder in map(Path, args.also):  # --only runs: their rows replace the same methods' rows
+        for path in sorted(folder.glob("progress-*of*.json")):
+            doc = json.loads(path.read_text())
+            if {k: v for k, v in doc.get("plan", {}).items() if k != "only"} != json.loads(json.dumps(plan)):
+                print(f"skipping {path}: made with other concepts or settings", file=sys.stderr)
+                continue
+            again = {(r["method"], r["concept"], r["steps"]) for r in doc["rows"]}
+            rows = [r for r in rows if (r["method"], r["concept"], r["steps"]) not in again] + doc["rows"]
+            docs.append(doc)
     if not rows:
         print(f"no rows for this plan in {out}: run the shards first", file=sys.stderr)
         return 1

@@ -71,15 +71,16 @@ def group_rows(
     methods: Sequence[Method],
     scorer: Scorer,
     progress: bool = True,
+    references: bool = True,
 ) -> list[dict]:
     """Learn ``methods`` on ``concept`` as one group and score each word at each of its budgets
     (default: ``base.steps``). ``seconds`` is a method's share of the work until its word was
     kept: its ``init_fn`` and its slot's setup (the latent bank), plus, of each group step, the
-    share of the step's samples that were its own. The concept's reference rows come first; the
-    model is left without placeholders, whatever happens."""
+    share of the step's samples that were its own. The concept's reference rows come first (with
+    ``references``); the model is left without placeholders, whatever happens."""
     from tqdm.auto import tqdm
 
-    rows = list(scorer.reference_rows(concept))
+    rows = list(scorer.reference_rows(concept)) if references else []
     model.clear_placeholders()
     bar = tqdm(total=0, disable=not progress, desc=concept.name, unit="step")
     try:

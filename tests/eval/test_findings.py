@@ -155,3 +155,40 @@ def test_group_rows_leave_the_model_clean_when_scoring_fails(tiny_dirs, concept_
     with pytest.raises(RuntimeError, match="scoring failed"):
         group_rows(model, concept, base, [Method("one")], scorer, progress=False)
     assert not model.placeholder_tokens
+
+
+def test_paper_findings_report_takes_rows_measured_again(tmp_path):
+    """`--report --also DIR`: an `--only` run's rows replace the same methods' rows of the main run."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "paper_findings.py"))
+    main_dir, again_dir, publish = tmp_path / "main", tmp_path / "again", tmp_path / "pub"
+    argv = ["--steps", "9", "--publish", str(publish), "--report"]
+    p = bench["parser"]()
+    plan = bench["plan_of"](p.parse_args(argv), p)[-1]
+    names = plan["concepts"][:3]
+
+    def rows(method, value):
+        return [{"method": method, "concept": c, "steps": 9, "recon_clip": value} for c in names]
+
+    assert bench["main"]([*argv, "--out", str(main_dir)]) == 1  # nothing measured yet
+    base = [*rows("1 vector", 0.5), *rows("progressive 3 vectors", 0.1)]
+    bench["save_shard"](
+        main_dir / "progress-0of1.json", {"plan": plan, "rows": base, "seconds": 1.0, "runs": []}
+    )
+    again = {"plan": {**plan, "only": ["progressive 3 vectors"]}, "rows": rows("progressive 3 vectors", 0.9)}
+    bench["save_shard"](again_dir / "progress-0of1.json", {**again, "seconds": 2.0, "runs": []})
+    other = {
+        "plan": {**plan, "steps": 10},
+        "rows": rows("progressive 3 vectors", 0.3),
+        "seconds": 4.0,
+        "runs": [],
+    }
+    bench["save_shard"](again_dir / "progress-1of2.json", other)  # other settings: left out
+    assert bench["main"]([*argv, "--out", str(main_dir), "--also", str(again_dir)]) == 0
+    doc = json.loads((publish / "results.json").read_text())
+    progressive = [r["recon_clip"] for r in doc["rows"] if r["method"] == "progressive 3 vectors"]
+    assert progressive == [0.9, 0.9, 0.9] and doc["settings"]["seconds"] == 3.0
+    assert [r["recon_clip"] for r in doc["rows"] if r["method"] == "1 vector"] == [0.5, 0.5, 0.5]
