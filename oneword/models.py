@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,15 +389,31 @@ def validate_token(token: str, tokenizer, existing: dict[str, int] | None = None
         raise TokenError(
             f"placeholder token {token!r} is already in use (tokens ignore case); give this one another name"
         )
-    vocab = tokenizer.get_vocab()
+    vocab, text = _vocab_index(tokenizer)
     if low in vocab or f"{low}</w>" in vocab:
         raise TokenError(f"placeholder token {token!r} is already a word of the vocabulary; {hint}")
-    clash = next((w for w in vocab if low in w.removesuffix("</w>")), None)
-    if clash is not None:
+    if low in text:  # one entry per line, and the name has no line break: a hit lies in one entry
+        clash = next(w for w in vocab if low in w.removesuffix("</w>"))
         raise TokenError(
             f"placeholder token {token!r} occurs inside the vocabulary entry {clash!r} and would "
             f"split ordinary words; {hint}"
         )
+
+
+_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _vocab_index(tokenizer) -> tuple[dict[str, int], str]:
+    """A tokenizer's vocabulary and its entries (end-of-word mark removed) as one text, one entry
+    per line, made again only when the tokenizer's size changes (a service checks every request's
+    token against the same tokenizer)."""
+    size = len(tokenizer)
+    known = _VOCABS.get(tokenizer)
+    if known is None or known[0] != size:
+        vocab = tokenizer.get_vocab()
+        known = (size, vocab, "\n".join(w.removesuffix("</w>") for w in vocab))
+        _VOCABS[tokenizer] = known
+    return known[1], known[2]
 
 
 # --------------------------------------------------------------------- loading

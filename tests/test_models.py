@@ -93,6 +93,11 @@ def test_token_validation():
             validate_token(bad, tok)
     with pytest.raises(TokenError, match="already in use"):
         validate_token("<a>", tok, existing={"<a>": 1})
+    tok.add_tokens(["<my-cat>"])  # the remembered vocabulary follows the tokenizer's growth
+    with pytest.raises(TokenError, match="already a word"):
+        validate_token("<my-cat>", tok)
+    with pytest.raises(TokenError, match="inside the vocabulary entry '<my-cat>'"):
+        validate_token("my-ca", tok)
 
 
 @pytest.mark.slow

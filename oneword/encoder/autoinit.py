@@ -11,7 +11,9 @@ reference images against a candidate vocabulary, in two stages.
    of a <candidate>" with the same :data:`DRAWS` noise draws and timesteps for every candidate;
    the candidate with the lowest denoising loss explains the images best *for this model*, which
    is what an initializer of textual inversion is for. Its ``win_rate`` is the share of draws in
-   which it beats the runner-up (paired): the confidence of the choice.
+   which it beats the runner-up (paired): the confidence of the choice. A faster variant
+   (``survivors``, the service's) scores every word on half of the draws and only the best few on
+   the rest.
 
 The candidates are the toy world's shape words for the toy model; for real models the ImageNet
 class names that open_clip ships (``open_clip.IMAGENET_CLASSNAMES``) that are one word and one
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 
 from oneword.errors import InputError
 
@@ -175,38 +178,120 @@ def clip_probabilities(
     return torch.stack(rows)
 
 
+def _conditioning(model, prompts: Sequence[str], cache: dict | None):
+    """The prompts' text conditioning; ``cache`` keeps each prompt's row between calls."""
+    from oneword.models import TextConditioning
+
+    if cache is None:
+        return model.encode_text(list(prompts))
+    known = cache.setdefault(("rerank_text", id(model)), {})
+    todo = [p for p in dict.fromkeys(prompts) if p not in known]
+    if todo:
+        text = model.encode_text(todo)
+        for i, prompt in enumerate(todo):
+            known[prompt] = (text.hidden_states[i], None if text.pooled is None else text.pooled[i])
+    rows = [known[p] for p in prompts]
+    pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
+    return TextConditioning(torch.stack([r[0] for r in rows]), pooled)
+
+
 @torch.no_grad()
 def denoising_losses(
-    model, images: Sequence[Image.Image], words: Sequence[str], draws: int = DRAWS, chunk: int = 64
-) -> torch.Tensor:
+    model,
+    images: Sequence[Image.Image],
+    words: Sequence[str],
+    draws: int = DRAWS,
+    chunk: int | None = None,
+    survivors: int | None = None,
+    cache: dict | None = None,
+) -> Tensor:
     """``[words, draws]``: the model's denoising loss on ``images`` under each word's prompt, with
     the same latents, noise and timesteps for every word (seeded: the same call gives the same
-    losses), several words per UNet call (up to ``chunk`` samples)."""
+    losses). One concept of :func:`rerank_losses`, which explains the other arguments."""
+    return rerank_losses(model, [images], [words], draws, chunk, survivors, cache)[0]
+
+
+def samples_per_call(resolution: int) -> int:
+    """Rerank samples per UNet call: 64 at 512 px and above, more below (up to 512), where a call
+    is mostly fixed cost."""
+    return max(64, min(512, 64 * (512 // max(1, resolution)) ** 2))
+
+
+@torch.no_grad()
+def rerank_losses(
+    model,
+    image_sets: Sequence[Sequence[Image.Image]],
+    word_lists: Sequence[Sequence[str]],
+    draws: int = DRAWS,
+    chunk: int | None = None,
+    survivors: int | None = None,
+    cache: dict | None = None,
+) -> list[Tensor]:
+    """Per concept, ``[words, draws]`` denoising losses of its images under each of its words'
+    prompts. A concept's draws (latents, noise, timesteps) are seeded and the same for each of
+    its words, so its losses do not depend on the other concepts, which only share the UNet calls
+    (up to ``chunk`` samples each; default :func:`samples_per_call`).
+
+    With ``survivors`` (at least 2), the draws run in two halves, each spread over the schedule
+    (the even draws, then the odd ones): every word gets the first half, and only each concept's
+    ``survivors`` words with the lowest mean loss there get the second; the others'
+    second-half losses are ``inf``. A survivor's row is the one the full run gives. ``cache``
+    keeps the prompts' text conditioning between calls."""
     from oneword.inversion.bank import AugmentConfig, build_bank
     from oneword.inversion.loss import denoising_loss
     from oneword.models import TextConditioning
 
-    bank = build_bank(model, list(images), AugmentConfig(resolution=model.resolution, flip_p=0.0), seed=0)
-    latents = (bank.mean - bank.shift_factor) * bank.scaling_factor
-    latents = latents[torch.arange(draws) % len(latents)].to(model.device, model.dtype)
-    generator = torch.Generator("cpu").manual_seed(0)
-    noise = torch.randn(latents.shape, generator=generator)
+    if survivors is not None and survivors < 2:
+        raise ValueError("the rerank needs at least 2 survivors to compare")
+    chunk = chunk or samples_per_call(model.resolution)
     steps = model.pipeline.scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0.05 * steps, 0.95 * steps, draws).long()  # spread over the schedule
-    prompts = [_prompts(w, model.family)[0] for w in words]
-    text = model.encode_text(prompts)
-    per_call = max(1, chunk // draws)  # words per UNet call: the same draws for each, in one batch
-    out = []
-    for i in range(0, len(prompts), per_call):
-        k = min(per_call, len(prompts) - i)
+    draw_sets, texts = [], []
+    for images, words in zip(image_sets, word_lists, strict=True):
+        aug = AugmentConfig(resolution=model.resolution, flip_p=0.0)
+        bank = build_bank(model, list(images), aug, seed=0)
+        latents = (bank.mean - bank.shift_factor) * bank.scaling_factor
+        latents = latents[torch.arange(draws) % len(latents)].to(model.device, model.dtype)
+        noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(0))
+        draw_sets.append((latents, noise))
+        texts.append(_conditioning(model, [_prompts(w, model.family)[0] for w in words], cache))
 
-        pooled = None if text.pooled is None else text.pooled[i : i + k].repeat_interleave(draws, 0)
-        cond = TextConditioning(text.hidden_states[i : i + k].repeat_interleave(draws, 0), pooled)
-        losses = denoising_loss(
-            model, latents.repeat(k, 1, 1, 1), cond, None, timesteps.repeat(k), noise.repeat(k, 1, 1, 1)
-        )
-        out += list(losses.float().cpu().view(k, draws))
-    return torch.stack(out)
+    def run(pairs: list[tuple[int, int]], cols: Tensor) -> list[Tensor]:
+        """The losses of each (concept, word) pair on draws ``cols``."""
+        n, out = len(cols), []
+        per_call = max(1, chunk // n)  # pairs per UNet call
+        for i in range(0, len(pairs), per_call):
+            part = pairs[i : i + per_call]
+            latents = torch.cat([draw_sets[c][0][cols] for c, _ in part])
+            noise = torch.cat([draw_sets[c][1][cols] for c, _ in part])
+            hidden = torch.cat([texts[c].hidden_states[w : w + 1].expand(n, -1, -1) for c, w in part])
+            pooled = None
+            if texts[0].pooled is not None:
+                pooled = torch.cat([texts[c].pooled[w : w + 1].expand(n, -1) for c, w in part])
+            losses = denoising_loss(
+                model,
+                latents,
+                TextConditioning(hidden, pooled),
+                None,
+                timesteps[cols].repeat(len(part)),
+                noise,
+            )
+            out += list(losses.float().cpu().view(len(part), n))
+        return out
+
+    out = [torch.full((len(words), draws), float("inf")) for words in word_lists]
+    pairs = [(c, w) for c, words in enumerate(word_lists) for w in range(len(words))]
+    halve = survivors is not None and draws >= 2 and any(survivors < len(ws) for ws in word_lists)
+    first = torch.arange(0, draws, 2) if halve else torch.arange(draws)
+    for (c, w), row in zip(pairs, run(pairs, first)):
+        out[c][w, first] = row
+    if halve:
+        second = torch.arange(1, draws, 2)
+        kept = [(c, int(w)) for c in range(len(out)) for w in out[c][:, first].mean(1).argsort()[:survivors]]
+        kept.sort()
+        for (c, w), row in zip(kept, run(kept, second)):
+            out[c][w, second] = row
+    return out
 
 
 def choose_inits(
@@ -217,15 +302,19 @@ def choose_inits(
     shortlist: int = SHORTLIST,
     draws: int = DRAWS,
     cache: dict | None = None,
+    survivors: int | None = None,
 ) -> list[InitChoice]:
-    """The initializer of each concept among ``words``: CLIP's ``shortlist``, reranked by ``model``."""
+    """The initializer of each concept among ``words``: CLIP's ``shortlist``, reranked by ``model``
+    (``survivors``: see :func:`denoising_losses`)."""
     if len(words) < 2:
         raise ValueError("zero-shot needs at least two candidate words")
     probs = clip_probabilities(space, image_sets, words, model.family, cache)
+    shorts = [torch.topk(p, min(max(2, shortlist), len(words))).indices.tolist() for p in probs]
+    per_concept = rerank_losses(
+        model, image_sets, [[words[k] for k in short] for short in shorts], draws, None, survivors, cache
+    )
     choices = []
-    for images, p in zip(image_sets, probs):
-        short = torch.topk(p, min(max(2, shortlist), len(words))).indices.tolist()
-        losses = denoising_losses(model, images, [words[k] for k in short], draws)
+    for p, short, losses in zip(probs, shorts, per_concept):
         order = losses.mean(1).argsort().tolist()
         best, second = order[0], order[1]
         win = float((losses[best] < losses[second]).float().mean())
@@ -243,10 +332,11 @@ def resolve_inits(
     names: Sequence[str] | None = None,
     cache: dict | None = None,
     draws: int = DRAWS,
+    survivors: int | None = None,
 ) -> list[InitChoice]:
     """Each concept's initializer: its ``given`` word, or (where ``None`` or ``auto``) the
-    zero-shot choice (``draws`` noise draws per shortlisted word); a low-confidence choice is
-    logged as a warning."""
+    zero-shot choice (``draws`` noise draws per shortlisted word, the second half of them for
+    ``survivors`` words only when given); a low-confidence choice is logged as a warning."""
     todo = [i for i, w in enumerate(given) if w is None or w == AUTO]
     out: list[InitChoice | None] = [
         None if i in todo else InitChoice(str(given[i]), "given") for i in range(len(given))
@@ -258,7 +348,9 @@ def resolve_inits(
             words = candidate_words(model, vocab)
             if cache is not None:
                 cache[key] = words
-        chosen = choose_inits(space, model, [image_sets[i] for i in todo], words, draws=draws, cache=cache)
+        chosen = choose_inits(
+            space, model, [image_sets[i] for i in todo], words, draws=draws, cache=cache, survivors=survivors
+        )
         for i, choice in zip(todo, chosen):
             out[i] = choice
             if choice.low_confidence:

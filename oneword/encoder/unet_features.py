@@ -44,6 +44,9 @@ from oneword.inversion.loss import unet_forward
 TIMESTEP = 0
 """UNet timestep of the clean reference latents (t=0 and t=200 probe alike on the toy model)."""
 BATCH = 8
+"""Images per UNet pass at 512 px and above; smaller models take more per pass (up to
+:data:`MAX_BATCH`), since a pass of a few small images is mostly fixed cost."""
+MAX_BATCH = 64
 MAP_SIDE = 64
 """The finest map is average-pooled down to at most this many positions a side (the toy's is 16;
 SD 1.5's 2x view would give 128), which bounds the trained head's memory and compute."""
@@ -77,6 +80,12 @@ def unet_feature_dim(unet, layout: str = "blocks") -> int:
 def unet_map_channels(unet) -> int:
     """Channels of the map :func:`unet_features_and_map` returns (the first down block's width)."""
     return int(unet.config.block_out_channels[0])
+
+
+def pass_size(resolution: int) -> int:
+    """Images per UNet pass for a model of this resolution: :data:`BATCH` at 512 px, as many
+    more as the pixels allow below it, at most :data:`MAX_BATCH`."""
+    return max(BATCH, min(MAX_BATCH, BATCH * (512 // max(1, resolution)) ** 2))
 
 
 def _pool(h: Tensor, layout: str) -> Tensor:
@@ -128,8 +137,9 @@ def _run(model, images: Sequence[Image.Image], layout: str, keep_map: bool) -> t
         with vae_in_safe_dtype(vae) as vae_dtype:  # SDXL's VAE overflows in fp16
             empty = model.encode_text([""])
             parts, maps = [], []
-            for i in range(0, len(images), BATCH):
-                chunk = images[i : i + BATCH]
+            batch = pass_size(model.resolution)
+            for i in range(0, len(images), batch):
+                chunk = images[i : i + batch]
                 x = torch.stack([image_to_tensor(resize_and_crop(im, model.resolution)) for im in chunk])
                 cond = type(empty)(
                     empty.hidden_states.expand(len(chunk), -1, -1),

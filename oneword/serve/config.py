@@ -59,6 +59,10 @@ class ServeSettings:
     """Noise draws per shortlisted word when a request's initializer is chosen zero-shot (``ti
     encode`` uses 16). On 84 held-out toy concepts 8 draws choose as well as 16 (84/84) in half
     the time, which the provisional word's latency needs."""
+    init_survivors: int = 3
+    """Shortlisted words that get the second half of those draws (the rest are out after the
+    first half); 0 gives every word all of them. The three best of the first half keep the
+    choice on held-out toy concepts (docs/experiments/2026-12-05-serve.md) at less cost."""
     drain_seconds: float = 30.0
     """On SIGTERM: the most time given to checkpoint running words before the process exits."""
     max_attempts: int = 5
@@ -94,5 +98,7 @@ class ServeSettings:
             raise ValueError(
                 f"db is a postgresql:// URL (or nothing, for SQLite in the data folder), got {self.db!r}"
             )
+        if self.init_survivors == 1 or self.init_survivors < 0:
+            raise ValueError(f"init_survivors is 0 (all) or at least 2, got {self.init_survivors}")
         if self.save_every < 0 or self.drain_seconds <= 0 or self.lease_seconds <= 0:
             raise ValueError("save_every must be 0 or more, drain_seconds and lease_seconds above 0")

@@ -224,6 +224,7 @@ class Worker(threading.Thread):
                 names=[job.id for job, _ in ready],
                 cache=world.cache,
                 draws=self.settings.init_draws,
+                survivors=self.settings.init_survivors or None,
             )
             starts = predict_embeddings(
                 world.encoder, world.model, [imgs for _, imgs in ready], [c.word for c in choices]

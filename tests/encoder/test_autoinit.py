@@ -16,6 +16,7 @@ from oneword.encoder.autoinit import (
     choose_inits,
     denoising_losses,
     read_vocab,
+    rerank_losses,
     resolve_inits,
     single_token_words,
 )
@@ -58,6 +59,51 @@ def test_the_rerank_uses_the_same_draws_for_every_word(tiny_dirs, concept_dir):
     assert a.shape == (3, 6) and torch.isfinite(a).all()
     assert torch.equal(a[0], a[2])  # same word, same draws: same losses
     assert torch.equal(denoising_losses(model, images, ["cat"], draws=6)[0], a[1])  # seeded
+
+
+def test_survivors_get_the_full_draws_and_the_others_half(tiny_dirs, concept_dir):
+    """The halved rerank: every word's first-half losses and each survivor's whole row are the
+    full run's; the rest sit out the second half (inf), so they cannot be chosen."""
+    from oneword.data.images import load_folder
+
+    _, model = tiny_encoder("sd1")
+    images = [im.image for im in load_folder(concept_dir)]
+    words = ["dog", "cat", "car", "disc"]
+    full = denoising_losses(model, images, words, draws=6)
+    cache: dict = {}
+    half = denoising_losses(model, images, words, draws=6, survivors=2, cache=cache)
+    first = full[:, ::2]
+    torch.testing.assert_close(half[:, ::2], first)
+    kept = first.mean(1).argsort()[:2].tolist()
+    for i in range(4):
+        if i in kept:
+            torch.testing.assert_close(half[i], full[i])
+        else:
+            assert torch.isinf(half[i, 1::2]).all()
+    again = denoising_losses(model, images, words, draws=6, survivors=2, cache=cache)  # cached text
+    torch.testing.assert_close(again, half, rtol=1e-5, atol=1e-6)
+    assert len(cache[("rerank_text", id(model))]) == 4
+    with pytest.raises(ValueError, match="at least 2 survivors"):
+        denoising_losses(model, images, words, draws=6, survivors=1)
+    encoder, _ = tiny_encoder("sd1")
+    choice = choose_inits(encoder.space, model, [images], words, draws=6, survivors=2)[0]
+    assert choice.word in [words[k] for k in kept] and choice.runner_up in [words[k] for k in kept]
+
+
+def test_concepts_reranked_together_score_as_alone(tiny_dirs, concept_dir):
+    """Several concepts share the UNet calls (a small chunk forces calls that mix them), and each
+    concept's losses are the ones it gets alone, halved or not."""
+    from oneword.data.images import load_folder
+
+    _, model = tiny_encoder("sd1")
+    images = [im.image for im in load_folder(concept_dir)]
+    sets, lists = [images, images[:2]], [["dog", "cat", "car"], ["car", "disc"]]
+    for survivors in (None, 2):
+        together = rerank_losses(model, sets, lists, draws=4, chunk=6, survivors=survivors)
+        for imgs, words, got in zip(sets, lists, together):
+            alone = denoising_losses(model, imgs, words, draws=4, survivors=survivors)
+            torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(together[0][2], together[1][0])  # "car" on other images: other losses
 
 
 def test_resolve_keeps_given_words_and_warns_when_unsure(tiny_dirs, concept_dir, caplog, monkeypatch):

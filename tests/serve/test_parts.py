@@ -135,7 +135,7 @@ def test_settings_check_themselves():
     from oneword.serve.config import ServeSettings
 
     for bad in ({"group": 0}, {"min_files": 5, "max_files": 2}, {"refine": 2000}, {"drain_seconds": 0},
-                {"db": "mysql://db/oneword"}):  # fmt: skip
+                {"db": "mysql://db/oneword"}, {"init_survivors": 1}, {"init_survivors": -2}):  # fmt: skip
         with pytest.raises(ValueError):
             ServeSettings(**bad)
 
