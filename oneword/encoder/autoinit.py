@@ -237,6 +237,7 @@ def rerank_losses(
     ``survivors`` words with the lowest mean loss there get the second; the others'
     second-half losses are ``inf``. A survivor's row is the one the full run gives. ``cache``
     keeps the prompts' text conditioning between calls."""
+    from oneword.encoder.unet_features import pass_size
     from oneword.inversion.bank import AugmentConfig, build_bank
     from oneword.inversion.loss import denoising_loss
     from oneword.models import TextConditioning
@@ -246,11 +247,14 @@ def rerank_losses(
     chunk = chunk or samples_per_call(model.resolution)
     steps = model.pipeline.scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0.05 * steps, 0.95 * steps, draws).long()  # spread over the schedule
-    draw_sets, texts = [], []
+    # one VAE pass for every concept: without augmentation an image's view is its centre crop
+    aug = AugmentConfig(resolution=model.resolution, flip_p=0.0)
+    flat = [im for images in image_sets for im in images]
+    bank = build_bank(model, flat, aug, seed=0, chunk=pass_size(model.resolution))
+    every = (bank.mean - bank.shift_factor) * bank.scaling_factor
+    draw_sets, texts, start = [], [], 0
     for images, words in zip(image_sets, word_lists, strict=True):
-        aug = AugmentConfig(resolution=model.resolution, flip_p=0.0)
-        bank = build_bank(model, list(images), aug, seed=0)
-        latents = (bank.mean - bank.shift_factor) * bank.scaling_factor
+        latents, start = every[start : start + len(images)], start + len(images)
         latents = latents[torch.arange(draws) % len(latents)].to(model.device, model.dtype)
         noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(0))
         draw_sets.append((latents, noise))

@@ -5,7 +5,7 @@ the job store instead of a dataset. Each turn of its loop, in order of who waits
 impatiently:
 
 1. stops canceled words between steps (keeping their last vectors);
-2. gives newly accepted jobs, in waves of up to 4, their initializer word and the encoder's
+2. gives newly accepted jobs, in waves of up to 8, their initializer word and the encoder's
    prediction in one batched pass each, and stores that prediction at once as a usable
    ``provisional`` word (a short piece of work per word, so it goes first);
 3. draws one pipeline call of waiting images (requests with the same steps and guidance share
@@ -49,8 +49,9 @@ POLL_SECONDS = 1.0
 #: burst of new words between them instead of the first to look taking them all.
 ADMIT_PER_STEP = 4
 
-#: New jobs given their provisional word per pass (small waves: the first word comes sooner).
-ENCODE_WAVE = 4
+#: New jobs given their provisional word per pass: larger waves share more of each pass's fixed
+#: cost (the last word of a burst of 16 comes sooner), smaller ones give the first word sooner.
+ENCODE_WAVE = 8
 
 
 @dataclass
