@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = ("8x16", "8x8", "8x8/3", "8x8/2", "8x4", "8x16/3")
+SETTINGS = ("8x16", "8x16/3", "8x8", "8x8/3", "8x6/3", "6x8/3", "8x4")
 """``SHORTLISTxDRAWS[/SURVIVORS]``."""
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--draws", type=int, nargs="+", default=list(range(7)), help="12-concept held-out draws")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    p.add_argument("--wave", type=int, default=4, help="concepts per call (the service's encode wave)")
+    p.add_argument("--wave", type=int, default=8, help="concepts per call (the service's encode wave)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the service uses all cores)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench" / "rerank_settings.json"))
     args = p.parse_args()

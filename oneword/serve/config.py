@@ -58,7 +58,7 @@ class ServeSettings:
     init_draws: int = 6
     """Noise draws per shortlisted word when a request's initializer is chosen zero-shot (``ti
     encode`` uses 16). On 84 held-out toy concepts 6 draws with 3 survivors choose as 16 do (84/84)
-    in a quarter of the time, which the provisional word's latency needs."""
+    in under a third of the time, which the provisional word's latency needs."""
     init_survivors: int = 3
     """Shortlisted words that get the second half of those draws (the rest are out after the
     first half); 0 gives every word all of them."""
