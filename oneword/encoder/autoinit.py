@@ -179,7 +179,9 @@ def clip_probabilities(
 
 
 def _conditioning(model, prompts: Sequence[str], cache: dict | None):
-    """The prompts' text conditioning; ``cache`` keeps each prompt's row between calls."""
+    """The prompts' text conditioning; ``cache`` keeps each prompt's row between calls (in CPU
+    memory). A cache belongs to one model, and its prompts name no placeholder token of it (the
+    candidates' prompts are plain words)."""
     from oneword.models import TextConditioning
 
     if cache is None:
@@ -189,10 +191,11 @@ def _conditioning(model, prompts: Sequence[str], cache: dict | None):
     if todo:
         text = model.encode_text(todo)
         for i, prompt in enumerate(todo):
-            known[prompt] = (text.hidden_states[i], None if text.pooled is None else text.pooled[i])
+            pooled = None if text.pooled is None else text.pooled[i].cpu()
+            known[prompt] = (text.hidden_states[i].cpu(), pooled)
     rows = [known[p] for p in prompts]
-    pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
-    return TextConditioning(torch.stack([r[0] for r in rows]), pooled)
+    pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows]).to(model.device)
+    return TextConditioning(torch.stack([r[0] for r in rows]).to(model.device), pooled)
 
 
 @torch.no_grad()
@@ -230,12 +233,13 @@ def rerank_losses(
     """Per concept, ``[words, draws]`` denoising losses of its images under each of its words'
     prompts. A concept's draws (latents, noise, timesteps) are seeded and the same for each of
     its words, so its losses do not depend on the other concepts, which only share the UNet calls
-    (up to ``chunk`` samples each; default :func:`samples_per_call`).
+    (up to ``chunk`` samples each; default :func:`samples_per_call`): exactly so on a CPU, to the
+    last bits of a batched kernel elsewhere.
 
     With ``survivors`` (at least 2), the draws run in two halves, each spread over the schedule
     (the even draws, then the odd ones): every word gets the first half, and only each concept's
     ``survivors`` words with the lowest mean loss there get the second; the others'
-    second-half losses are ``inf``. A survivor's row is the one the full run gives. ``cache``
+    second-half losses are ``inf``. A survivor's row is the one the full run gives (as above). ``cache``
     keeps the prompts' text conditioning between calls."""
     from oneword.encoder.unet_features import pass_size
     from oneword.inversion.bank import AugmentConfig, build_bank

@@ -58,7 +58,8 @@ def test_the_rerank_uses_the_same_draws_for_every_word(tiny_dirs, concept_dir):
     a = denoising_losses(model, images, ["dog", "cat", "dog"], draws=6)
     assert a.shape == (3, 6) and torch.isfinite(a).all()
     assert torch.equal(a[0], a[2])  # same word, same draws: same losses
-    assert torch.equal(denoising_losses(model, images, ["cat"], draws=6)[0], a[1])  # seeded
+    alone = denoising_losses(model, images, ["cat"], draws=6)[0]  # seeded; another batch size
+    torch.testing.assert_close(alone, a[1], rtol=1e-5, atol=1e-6)
 
 
 def test_survivors_get_the_full_draws_and_the_others_half(tiny_dirs, concept_dir):
