@@ -215,9 +215,11 @@ def denoising_losses(
 
 
 def samples_per_call(resolution: int) -> int:
-    """Rerank samples per UNet call: 64 at 512 px and above, more below (up to 512), where a call
-    is mostly fixed cost."""
-    return max(64, min(512, 64 * (512 // max(1, resolution)) ** 2))
+    """Rerank samples per UNet call: 8 images' worth of the encoder's passes (64 at 512 px and
+    above, up to 512 below, where a call is mostly fixed cost)."""
+    from oneword.encoder.unet_features import pass_size
+
+    return 8 * pass_size(resolution)
 
 
 @torch.no_grad()
@@ -313,7 +315,7 @@ def choose_inits(
     survivors: int | None = None,
 ) -> list[InitChoice]:
     """The initializer of each concept among ``words``: CLIP's ``shortlist``, reranked by ``model``
-    (``survivors``: see :func:`denoising_losses`)."""
+    (``survivors``: see :func:`rerank_losses`)."""
     if len(words) < 2:
         raise ValueError("zero-shot needs at least two candidate words")
     probs = clip_probabilities(space, image_sets, words, model.family, cache)
