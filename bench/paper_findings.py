@@ -10,6 +10,10 @@ reference rows. The findings and their checks are :data:`oneword.eval.findings.p
     python bench/paper_findings.py --shard 1/2
     python bench/paper_findings.py --report         # merge the shards, judge, write docs/bench/paper_findings/
 
+``--tone 0.5`` draws the references in shades no caption word names (fill and outline colours half
+way to a neighbouring colour; :func:`oneword.toy.render.toned_rgb`): concepts with detail beyond
+the toy vocabulary, as real objects have. Its report goes to docs/bench/paper_findings_toned/.
+
 Each shard saves its rows after every concept (``progress-<i>of<n>.json`` in ``--out``) with the
 provenance of every session that added to it: rerunning a shard measures only what is missing.
 """
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PUBLISHED = ROOT / "docs" / "bench" / "paper_findings"
+PUBLISHED_TONED = ROOT / "docs" / "bench" / "paper_findings_toned"
 
 
 def progress_path(out: Path, shard: int, shards: int) -> Path:
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     concepts, base, methods, encoder_name, plan = plan_of(args, p)
     out = Path(args.out)
     if args.report:
-        return report(args, plan, out, Path(args.publish), encoder_name)
+        publish = args.publish or (PUBLISHED_TONED if args.tone else PUBLISHED)
+        return report(args, plan, out, Path(publish), encoder_name)
 
     from oneword.eval.findings import group_rows
     from oneword.eval.protocol import EvalSettings, Scorer
@@ -152,7 +158,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--report", action="store_true", help="merge the shards in --out, judge and write --publish"
     )
-    p.add_argument("--publish", default=str(PUBLISHED), help=f"where --report writes (default: {PUBLISHED})")
+    p.add_argument(
+        "--tone",
+        type=float,
+        default=0.0,
+        help="draw the references' fill and outline colours this far (0 to 1) toward a neighbouring "
+        "colour, in shades no caption names (default: 0, the vocabulary's own)",
+    )
+    p.add_argument(
+        "--publish",
+        default=None,
+        help="where --report writes (default: docs/bench/paper_findings, or "
+        "docs/bench/paper_findings_toned with --tone)",
+    )
     p.add_argument(
         "--only",
         nargs="+",
@@ -180,7 +198,7 @@ def plan_of(args, p: argparse.ArgumentParser):
     from oneword.toy.concepts import load_bench_concepts
 
     try:
-        concepts = load_bench_concepts(args.concepts, args.draw)
+        concepts = load_bench_concepts(args.concepts, args.draw, args.tone)
     except ValueError as err:
         p.error(str(err))
     base = InversionConfig(template="toy", batch_size=4, views_per_image=8, steps=args.steps)
@@ -198,6 +216,8 @@ def plan_of(args, p: argparse.ArgumentParser):
         "methods": [[m.name, m.overrides] for m in methods],
         "encoder": sha256_file(SHIPPED) if encoder_name else None,
     }
+    if args.tone:  # absent at 0, so that progress files made before the option still match
+        plan["tone"] = args.tone
     if args.only:
         plan["only"] = sorted(args.only)
     return concepts, base, methods, encoder_name, plan

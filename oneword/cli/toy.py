@@ -21,6 +21,13 @@ def _render_parser(prog: str):
         action="store_true",
         help="draw concepts from the training split instead of the held-out one",
     )
+    r.add_argument(
+        "--tone",
+        type=float,
+        default=0.0,
+        help="draw the fill and outline colours this far (0 to 1) toward a neighbouring colour: "
+        "shades no caption word names (default: 0)",
+    )
     return r
 
 
@@ -121,8 +128,10 @@ def _render(args) -> int:
 
     if args.concepts < 1 or args.images < 1:
         raise OneWordError("--concepts and --images must be at least 1")
+    if not 0.0 <= args.tone <= 1.0:
+        raise OneWordError(f"--tone must be in [0, 1], got {args.tone}")
     folders, sheet = write_concepts(
-        Path(args.out), args.concepts, args.images, args.seed, held_out=not args.train_split
+        Path(args.out), args.concepts, args.images, args.seed, held_out=not args.train_split, tone=args.tone
     )
     for folder in folders:
         print(folder)

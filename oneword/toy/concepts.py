@@ -32,13 +32,15 @@ def _spacing(pool_size: int, n: int) -> int:
 
 
 def write_concept_folder(
-    concept: Concept, out: Path, n_images: int = 5, seed: int = 0, size: int = 64
+    concept: Concept, out: Path, n_images: int = 5, seed: int = 0, size: int = 64, tone: float = 0.0
 ) -> tuple[Path, list[tuple[Image.Image, str]]]:
     """``out/<slug>/`` with ``n_images`` reference PNGs and ``concept.json`` (its attributes);
-    returns the folder and the rendered ``(image, background)`` pairs."""
+    returns the folder and the rendered ``(image, background)`` pairs. ``tone`` draws the
+    concept's colours off the vocabulary (:func:`~oneword.toy.render.toned_rgb`); its
+    ``concept.json`` still names the vocabulary's words, the nearest a caption can say."""
     folder = out / concept.slug
     folder.mkdir(parents=True, exist_ok=True)
-    renders = render_concept_images(concept, n_images, seed=seed, size=size)
+    renders = render_concept_images(concept, n_images, seed=seed, size=size, tone=tone)
     for i, (img, _bg) in enumerate(renders):
         with atomic_path(folder / f"{concept.slug}-{i}.png") as tmp:
             img.save(tmp, format="PNG")
@@ -46,37 +48,44 @@ def write_concept_folder(
     return folder, list(renders)
 
 
-def write_bench_concepts(n: int, out: Path, draw: int = 0) -> list[Path]:
+def write_bench_concepts(n: int, out: Path, draw: int = 0, tone: float = 0.0) -> list[Path]:
     """The benchmarks' held-out concepts: :func:`pick_concepts` ``(n, seed=1 + draw)``, 5
     references of 64 px each (seed 7), written under ``out``; the same folders for every bench
     script. Draws ``0 .. len(held_out) // n - 2`` are disjoint sets of ``n`` (e.g. to choose a
-    setting on one draw and report it on draw 0)."""
+    setting on one draw and report it on draw 0). ``tone``: see :func:`write_concept_folder`."""
     step = _spacing(len(split_concepts()[1]), n)
     if draw < 0 or (draw and draw + 1 >= step):
         raise ValueError(f"draw must be in 0..{max(0, step - 2)} for {n} held-out concepts, got {draw}")
     return [
-        write_concept_folder(c, out, n_images=5, seed=7, size=64)[0]
+        write_concept_folder(c, out, n_images=5, seed=7, size=64, tone=tone)[0]
         for c in pick_concepts(n, held_out=True, seed=1 + draw)
     ]
 
 
-def load_bench_concepts(n: int, draw: int = 0) -> list:
+def load_bench_concepts(n: int, draw: int = 0, tone: float = 0.0) -> list:
     """:func:`write_bench_concepts` into a temporary folder, loaded into memory (one
     :class:`~oneword.eval.protocol.ConceptRef` each); the folder is removed afterwards."""
     from oneword.data.concepts import load_concept
 
     with tempfile.TemporaryDirectory(prefix="oneword-bench-") as tmp:
-        return [load_concept(f) for f in write_bench_concepts(n, Path(tmp), draw)]
+        return [load_concept(f) for f in write_bench_concepts(n, Path(tmp), draw, tone)]
 
 
 def write_concepts(
-    out: Path, n_concepts: int, n_images: int = 5, seed: int = 0, held_out: bool = True, size: int = 64
+    out: Path,
+    n_concepts: int,
+    n_images: int = 5,
+    seed: int = 0,
+    held_out: bool = True,
+    size: int = 64,
+    tone: float = 0.0,
 ) -> tuple[list[Path], Path]:
-    """Concept folders plus ``contact_sheet.png`` (one row per concept)."""
+    """Concept folders plus ``contact_sheet.png`` (one row per concept); ``tone``: see
+    :func:`write_concept_folder`."""
     concepts = pick_concepts(n_concepts, held_out=held_out, seed=seed)
     folders, images, labels = [], [], []
     for c in concepts:
-        folder, renders = write_concept_folder(c, out, n_images, seed, size)
+        folder, renders = write_concept_folder(c, out, n_images, seed, size, tone)
         folders.append(folder)
         for i, (img, bg) in enumerate(renders):
             images.append(img)

@@ -1,7 +1,7 @@
 """Procedural renderer of the toy world: one object per image, defined by discrete attributes.
 
 An object (a :class:`Concept`) is a shape with a fill colour, a pattern drawn inside it in a darker
-(or, for dark fills, lighter) tone of the fill, and an outline colour. It is drawn on a background
+(or, for dark fills, lighter) shade of the fill, and an outline colour. It is drawn on a background
 colour with a random :class:`Pose` (position, size, rotation). The background is not part of the
 concept: a concept's reference images vary it, as photographs of one object vary their setting.
 
@@ -11,6 +11,11 @@ its fill. Every vocabulary word is a single token of the CLIP tokenizer.
 
 Images are drawn at 4x with :mod:`PIL.ImageDraw` and downsampled with LANCZOS, so edges are smooth;
 rendering is deterministic (the same arguments give the same pixels).
+
+A ``tone`` above 0 draws a concept in shades no caption word names: its fill and outline colours
+are blended that far toward a neighbouring colour of their vocabulary (:func:`toned_rgb`), as a
+real object's colour is rarely exactly the one its name stands for. The toy model was trained at
+tone 0 only.
 """
 
 from __future__ import annotations
@@ -264,7 +269,7 @@ def _sharp_vertices(shape: str, min_turn_deg: float = 12.0) -> tuple[int, ...]:
 
 
 _STRIPE_PERIOD = 0.7
-_STRIPE_WIDTH = 0.3  # the tone covers ~43%: the fill stays the main colour
+_STRIPE_WIDTH = 0.3  # the shade covers ~43%: the fill stays the main colour
 _DOT_PERIOD = 0.68
 _DOT_RADIUS = 0.2
 _CHECK_CELL = 0.55
@@ -312,9 +317,10 @@ _DARKEN = 0.35
 _LIGHTEN = 0.65
 
 
-def pattern_rgb(fill: str) -> tuple[int, int, int]:
-    """The tone a pattern is drawn in: the fill darkened, or lightened for dark fills."""
-    r, g, b = FILL_RGB[fill]
+def pattern_rgb(fill: str, tone: float = 0.0) -> tuple[int, int, int]:
+    """The shade a pattern is drawn in: the fill (toned by ``tone``, :func:`toned_rgb`) darkened,
+    or lightened for dark fills."""
+    r, g, b = toned_rgb("fill", fill, tone)
     if fill in _LIGHTER_PATTERN:
         return (
             round(r + (255 - r) * _LIGHTEN),
@@ -322,6 +328,37 @@ def pattern_rgb(fill: str) -> tuple[int, int, int]:
             round(b + (255 - b) * _LIGHTEN),
         )
     return (round(r * _DARKEN), round(g * _DARKEN), round(b * _DARKEN))
+
+
+#: The colour a fill's tone moves toward: its neighbour on the hue wheel (white has no hue).
+FILL_TONE_TOWARD: dict[str, str] = {
+    "red": "orange",
+    "orange": "yellow",
+    "yellow": "green",
+    "green": "blue",
+    "blue": "purple",
+    "purple": "pink",
+    "pink": "red",
+    "white": "white",
+}
+#: The colour an outline's tone moves toward: the next outline colour.
+OUTLINE_TONE_TOWARD: dict[str, str] = {
+    name: OUTLINES[(i + 1) % len(OUTLINES)] for i, name in enumerate(OUTLINES)
+}
+
+
+def toned_rgb(part: str, name: str, tone: float = 0.0) -> tuple[int, int, int]:
+    """The RGB of a concept's ``part`` (``"fill"`` or ``"outline"``) of colour ``name``, blended
+    ``tone`` (0 to 1) of the way toward :data:`FILL_TONE_TOWARD` / :data:`OUTLINE_TONE_TOWARD`:
+    at 0.5 a red fill is drawn vermilion and a gold outline khaki."""
+    tables = {"fill": (FILL_RGB, FILL_TONE_TOWARD), "outline": (OUTLINE_RGB, OUTLINE_TONE_TOWARD)}
+    if part not in tables:
+        raise ValueError(f"part must be 'fill' or 'outline', got {part!r}")
+    if not 0.0 <= tone <= 1.0:
+        raise ValueError(f"tone must be in [0, 1], got {tone}")
+    table, toward = tables[part]
+    a, b = table[name], table[toward[name]]
+    return tuple(round(x + (y - x) * tone) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
 def color_rgb(name: str) -> tuple[int, int, int]:
@@ -387,8 +424,11 @@ def _outline_width(pose: Pose, side: int) -> int:
     return max(round(1.25 * SUPERSAMPLE), round(0.13 * radius))
 
 
-def render(concept: Concept, background: str, pose: Pose = CENTERED, size: int = 64) -> Image.Image:
-    """Draw ``concept`` on ``background`` at ``pose`` as a ``size`` x ``size`` RGB image."""
+def render(
+    concept: Concept, background: str, pose: Pose = CENTERED, size: int = 64, tone: float = 0.0
+) -> Image.Image:
+    """Draw ``concept`` on ``background`` at ``pose`` as a ``size`` x ``size`` RGB image, its fill
+    and outline colours toned by ``tone`` (:func:`toned_rgb`; 0: the vocabulary's own)."""
     if background not in BACKGROUND_RGB:
         raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
     if not isinstance(concept, Concept):
@@ -400,7 +440,7 @@ def render(concept: Concept, background: str, pose: Pose = CENTERED, size: int =
     draw = ImageDraw.Draw(canvas)
     poly = _transform(shape_polygon(concept.shape), pose, side)
     poly_list = [tuple(p) for p in poly.tolist()]
-    fill = FILL_RGB[concept.fill]
+    fill = toned_rgb("fill", concept.fill, tone)
 
     if concept.pattern == "solid":
         draw.polygon(poly_list, fill=fill)
@@ -415,23 +455,23 @@ def render(concept: Concept, background: str, pose: Pose = CENTERED, size: int =
         mask = Image.new("L", (w, h), 0)
         ImageDraw.Draw(mask).polygon([(x - x0, y - y0) for x, y in poly_list], fill=255)
         ldraw = ImageDraw.Draw(layer)
-        tone = pattern_rgb(concept.fill)
+        shade = pattern_rgb(concept.fill, tone)
         offset = np.array([x0, y0], dtype=np.float64)
         if concept.pattern == "dots":
             centres = _transform(_dot_centres(), pose, side) - offset
             r = _DOT_RADIUS * 0.5 * pose.scale * side
             for cx, cy in centres.tolist():
-                ldraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tone)
+                ldraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=shade)
         else:
             quads = _transform(_pattern_quads(concept.pattern), pose, side) - offset
             for q in quads.tolist():
-                ldraw.polygon([tuple(p) for p in q], fill=tone)
+                ldraw.polygon([tuple(p) for p in q], fill=shade)
         canvas.paste(layer, (x0, y0), mask)
 
     # The outline straddles the shape's edge; round caps only where the edge turns sharply
     # (PIL's joint="curve" at every vertex of the smooth shapes would cost more than the rest).
     width = _outline_width(pose, side)
-    ink = OUTLINE_RGB[concept.outline]
+    ink = toned_rgb("outline", concept.outline, tone)
     draw.line(poly_list + poly_list[:1], fill=ink, width=width)
     r = width / 2
     for i in _sharp_vertices(concept.shape):
@@ -447,8 +487,10 @@ def render_concept_images(
     seed: int,
     size: int = 64,
     backgrounds: Sequence[str] | None = None,
+    tone: float = 0.0,
 ) -> list[tuple[Image.Image, str]]:
-    """``n`` reference images of ``concept`` with random poses and varied backgrounds.
+    """``n`` reference images of ``concept`` with random poses and varied backgrounds (and its
+    colours toned by ``tone``: :func:`toned_rgb`).
 
     Backgrounds cycle through a seeded shuffle of ``backgrounds`` (default: every background the
     concept stands out from), so ``n`` images use ``min(n, len(backgrounds))`` distinct ones.
@@ -470,7 +512,7 @@ def render_concept_images(
             order = pool[:]
             rng.shuffle(order)
         bg = order.pop()
-        out.append((render(concept, bg, sample_pose(rng), size=size), bg))
+        out.append((render(concept, bg, sample_pose(rng), size=size, tone=tone), bg))
     return out
 
 

@@ -303,6 +303,15 @@ def test_toy_render(tmp_path, capsys):
             "pattern",
             "outline",
         }
+    toned = tmp_path / "toned"
+    assert (
+        main(["toy", "render", "--out", str(toned), "--concepts", "2", "--images", "3", "--tone", "0.5"]) == 0
+    )
+    for folder in folders:
+        plain_png = sorted(folder.glob("*.png"))[0]
+        assert (toned / folder.name / plain_png.name).read_bytes() != plain_png.read_bytes()
+    assert main(["toy", "render", "--out", str(toned), "--tone", "2"]) != 0
+    assert "--tone must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_toy_train_from_a_model_needs_an_out_folder(tmp_path, capsys):

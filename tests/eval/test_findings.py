@@ -192,3 +192,27 @@ def test_paper_findings_report_takes_rows_measured_again(tmp_path):
     progressive = [r["recon_clip"] for r in doc["rows"] if r["method"] == "progressive 3 vectors"]
     assert progressive == [0.9, 0.9, 0.9] and doc["settings"]["seconds"] == 3.0
     assert [r["recon_clip"] for r in doc["rows"] if r["method"] == "1 vector"] == [0.5, 0.5, 0.5]
+
+
+def test_paper_findings_tone_is_part_of_the_plan_and_publishes_apart(tmp_path):
+    """`--tone`: the toned concepts' progress files never mix with the plain ones', and their
+    report goes to its own folder unless --publish says otherwise."""
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "paper_findings.py"))
+    p = bench["parser"]()
+    plain = bench["plan_of"](p.parse_args(["--steps", "9"]), p)[-1]
+    toned = bench["plan_of"](p.parse_args(["--steps", "9", "--tone", "0.5"]), p)[-1]
+    assert "tone" not in plain and toned == {**plain, "tone": 0.5}
+    out = tmp_path / "out"
+    rows = [
+        {"method": "1 vector", "concept": c, "steps": 9, "recon_clip": 0.5} for c in plain["concepts"][:2]
+    ]
+    bench["save_shard"](out / "progress-0of1.json", {"plan": plain, "rows": rows, "seconds": 1.0, "runs": []})
+    with pytest.raises(ValueError, match="other concepts or settings"):
+        bench["load_shard"](out / "progress-0of1.json", toned)
+    bench["save_shard"](out / "progress-0of1.json", {"plan": toned, "rows": rows, "seconds": 1.0, "runs": []})
+    bench["main"].__globals__["PUBLISHED_TONED"] = tmp_path / "toned"
+    assert bench["main"](["--steps", "9", "--tone", "0.5", "--report", "--out", str(out)]) == 0
+    assert (tmp_path / "toned" / "findings.json").is_file()

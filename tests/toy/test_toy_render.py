@@ -191,6 +191,45 @@ def test_patterns_show_fill_and_tone(pattern, fill):
     assert fill_frac > tone_frac * (0.6 if pattern == "checks" else 1.0)
 
 
+@pytest.mark.parametrize("fill, outline", [("red", "gold"), ("blue", "black"), ("white", "turquoise")])
+def test_a_tone_draws_the_fill_and_outline_off_the_vocabulary(fill, outline):
+    from oneword.toy.render import FILL_TONE_TOWARD, OUTLINE_TONE_TOWARD, toned_rgb
+
+    concept = Concept("square", fill, "stripes", outline)
+    assert render(concept, "navy", BIG, tone=0.0).tobytes() == render(concept, "navy", BIG).tobytes()
+    half_fill, half_ink = toned_rgb("fill", fill, 0.5), toned_rgb("outline", outline, 0.5)
+    for name, part, table, toward in (
+        (fill, half_fill, FILL_RGB, FILL_TONE_TOWARD),
+        (outline, half_ink, OUTLINE_RGB, OUTLINE_TONE_TOWARD),
+    ):  # half way between the colour and its neighbour
+        for a, b, mid in zip(table[name], table[toward[name]], part):
+            assert min(a, b) <= mid <= max(a, b) and abs(mid - (a + b) / 2) <= 0.5
+    arr = _px(render(concept, "navy", BIG, tone=0.5))
+    fg = _foreground(arr, "navy")
+    assert _near(arr, half_fill)[fg].mean() > 0.2
+    assert _near(arr, half_ink, tol=10).sum() >= 40
+    assert _near(arr, pattern_rgb(fill, 0.5))[fg].mean() > 0.08
+    if fill != "white":  # white has no hue to move: its fill stays white
+        assert _near(arr, FILL_RGB[fill])[fg].mean() < 0.01
+    assert _near(arr, OUTLINE_RGB[outline], tol=10).sum() < 40
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="tone must be"):
+            render(concept, "navy", BIG, tone=bad)
+
+
+def test_toned_bench_concepts_differ_only_in_colour(tmp_path):
+    from oneword.toy.concepts import load_bench_concepts
+
+    plain, toned = load_bench_concepts(3, draw=1), load_bench_concepts(3, draw=1, tone=0.5)
+    assert [c.name for c in plain] == [c.name for c in toned]
+    assert [c.attributes for c in plain] == [c.attributes for c in toned]  # the words a caption can say
+    for a, b in zip(plain, toned):
+        for x, y in zip(a.images, b.images):
+            diff = np.abs(_px(x.image) - _px(y.image)).max(axis=-1)
+            assert 0.02 < (diff > 0).mean() < 0.9  # the object's colours, not the background or pose
+            assert diff[0, 0] == diff[0, -1] == diff[-1, 0] == diff[-1, -1] == 0  # the background
+
+
 def test_patterns_differ_from_each_other():
     arrs = {p: _px(render(Concept("square", "green", p, "gold"), "brown", BIG)) for p in PATTERNS}
     for a, b in combinations(PATTERNS, 2):
