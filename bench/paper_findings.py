@@ -11,8 +11,8 @@ reference rows. The findings and their checks are :data:`oneword.eval.findings.p
     python bench/paper_findings.py --report         # merge the shards, judge, write docs/bench/paper_findings/
 
 ``--tone 0.5`` draws the references in shades no caption word names (fill and outline colours half
-way to a neighbouring colour; :func:`oneword.toy.render.toned_rgb`): concepts with detail beyond
-the toy vocabulary, as real objects have. Its report goes to docs/bench/paper_findings_toned/.
+way to a neighbouring colour, white fills excepted; :func:`oneword.toy.render.toned_rgb`): concepts
+with detail beyond the toy vocabulary, as real objects have. Its report goes to docs/bench/paper_findings_toned/.
 
 Each shard saves its rows after every concept (``progress-<i>of<n>.json`` in ``--out``) with the
 provenance of every session that added to it: rerunning a shard measures only what is missing.
@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
         "--tone",
         type=float,
         default=0.0,
-        help="draw the references' fill and outline colours this far (0 to 1) toward a neighbouring "
+        help="draw the references' fill and outline colours this far (0 to 0.5) toward a neighbouring "
         "colour, in shades no caption names (default: 0, the vocabulary's own)",
     )
     p.add_argument(

@@ -25,7 +25,7 @@ def _render_parser(prog: str):
         "--tone",
         type=float,
         default=0.0,
-        help="draw the fill and outline colours this far (0 to 1) toward a neighbouring colour: "
+        help="draw the fill and outline colours this far (0 to 0.5) toward a neighbouring colour: "
         "shades no caption word names (default: 0)",
     )
     return r
@@ -125,11 +125,12 @@ def run(args) -> int:
 
 def _render(args) -> int:
     from oneword.toy.concepts import write_concepts
+    from oneword.toy.render import MAX_TONE
 
     if args.concepts < 1 or args.images < 1:
         raise OneWordError("--concepts and --images must be at least 1")
-    if not 0.0 <= args.tone <= 1.0:
-        raise OneWordError(f"--tone must be in [0, 1], got {args.tone}")
+    if not 0.0 <= args.tone <= MAX_TONE:
+        raise OneWordError(f"--tone must be in [0, {MAX_TONE}], got {args.tone}")
     folders, sheet = write_concepts(
         Path(args.out), args.concepts, args.images, args.seed, held_out=not args.train_split, tone=args.tone
     )

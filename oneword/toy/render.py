@@ -15,7 +15,8 @@ rendering is deterministic (the same arguments give the same pixels).
 A ``tone`` above 0 draws a concept in shades no caption word names: its fill and outline colours
 are blended that far toward a neighbouring colour of their vocabulary (:func:`toned_rgb`), as a
 real object's colour is rarely exactly the one its name stands for. The toy model was trained at
-tone 0 only.
+tone 0 only. :func:`backgrounds_for` checks contrast with the vocabulary's colours, not the toned
+ones: at tone 0.5 a turquoise outline is 6 Delta E from the teal background.
 """
 
 from __future__ import annotations
@@ -330,6 +331,8 @@ def pattern_rgb(fill: str, tone: float = 0.0) -> tuple[int, int, int]:
     return (round(r * _DARKEN), round(g * _DARKEN), round(b * _DARKEN))
 
 
+#: The largest tone: half way, where the colour's own word and its neighbour's are equally near.
+MAX_TONE = 0.5
 #: The colour a fill's tone moves toward: its neighbour on the hue wheel (white has no hue).
 FILL_TONE_TOWARD: dict[str, str] = {
     "red": "orange",
@@ -349,13 +352,14 @@ OUTLINE_TONE_TOWARD: dict[str, str] = {
 
 def toned_rgb(part: str, name: str, tone: float = 0.0) -> tuple[int, int, int]:
     """The RGB of a concept's ``part`` (``"fill"`` or ``"outline"``) of colour ``name``, blended
-    ``tone`` (0 to 1) of the way toward :data:`FILL_TONE_TOWARD` / :data:`OUTLINE_TONE_TOWARD`:
-    at 0.5 a red fill is drawn vermilion and a gold outline khaki."""
+    ``tone`` (0 to :data:`MAX_TONE`) of the way toward :data:`FILL_TONE_TOWARD` /
+    :data:`OUTLINE_TONE_TOWARD`: at 0.5 a red fill is drawn vermilion and a gold outline khaki.
+    Beyond 0.5 the neighbour's word would be the nearer one, so larger tones are refused."""
     tables = {"fill": (FILL_RGB, FILL_TONE_TOWARD), "outline": (OUTLINE_RGB, OUTLINE_TONE_TOWARD)}
     if part not in tables:
         raise ValueError(f"part must be 'fill' or 'outline', got {part!r}")
-    if not 0.0 <= tone <= 1.0:
-        raise ValueError(f"tone must be in [0, 1], got {tone}")
+    if not 0.0 <= tone <= MAX_TONE:
+        raise ValueError(f"tone must be in [0, {MAX_TONE}], got {tone}")
     table, toward = tables[part]
     a, b = table[name], table[toward[name]]
     return tuple(round(x + (y - x) * tone) for x, y in zip(a, b))  # type: ignore[return-value]

@@ -310,8 +310,8 @@ def test_toy_render(tmp_path, capsys):
     for folder in folders:
         plain_png = sorted(folder.glob("*.png"))[0]
         assert (toned / folder.name / plain_png.name).read_bytes() != plain_png.read_bytes()
-    assert main(["toy", "render", "--out", str(toned), "--tone", "2"]) != 0
-    assert "--tone must be in [0, 1]" in capsys.readouterr().err
+    assert main(["toy", "render", "--out", str(toned), "--tone", "0.6"]) != 0
+    assert "--tone must be in [0, 0.5]" in capsys.readouterr().err
 
 
 def test_toy_train_from_a_model_needs_an_out_folder(tmp_path, capsys):

@@ -196,7 +196,11 @@ def test_a_tone_draws_the_fill_and_outline_off_the_vocabulary(fill, outline):
     from oneword.toy.render import FILL_TONE_TOWARD, OUTLINE_TONE_TOWARD, toned_rgb
 
     concept = Concept("square", fill, "stripes", outline)
-    assert render(concept, "navy", BIG, tone=0.0).tobytes() == render(concept, "navy", BIG).tobytes()
+    assert (
+        toned_rgb("fill", fill, 0.0) == FILL_RGB[fill]
+        and toned_rgb("outline", outline, 0) == OUTLINE_RGB[outline]
+    )
+    assert pattern_rgb(fill, 0.0) == pattern_rgb(fill)
     half_fill, half_ink = toned_rgb("fill", fill, 0.5), toned_rgb("outline", outline, 0.5)
     for name, part, table, toward in (
         (fill, half_fill, FILL_RGB, FILL_TONE_TOWARD),
@@ -212,12 +216,14 @@ def test_a_tone_draws_the_fill_and_outline_off_the_vocabulary(fill, outline):
     if fill != "white":  # white has no hue to move: its fill stays white
         assert _near(arr, FILL_RGB[fill])[fg].mean() < 0.01
     assert _near(arr, OUTLINE_RGB[outline], tol=10).sum() < 40
-    for bad in (-0.1, 1.5):
+    for bad in (-0.1, 0.6):
         with pytest.raises(ValueError, match="tone must be"):
             render(concept, "navy", BIG, tone=bad)
+    with pytest.raises(ValueError, match="part must be"):
+        toned_rgb("pattern", fill, 0.5)
 
 
-def test_toned_bench_concepts_differ_only_in_colour(tmp_path):
+def test_toned_bench_concepts_differ_only_in_colour():
     from oneword.toy.concepts import load_bench_concepts
 
     plain, toned = load_bench_concepts(3, draw=1), load_bench_concepts(3, draw=1, tone=0.5)
