@@ -15,8 +15,8 @@ rendering is deterministic (the same arguments give the same pixels).
 A ``tone`` above 0 draws a concept in shades no caption word names: its fill and outline colours
 are blended that far toward a neighbouring colour of their vocabulary (:func:`toned_rgb`), as a
 real object's colour is rarely exactly the one its name stands for. The toy model was trained at
-tone 0 only. :func:`backgrounds_for` checks contrast with the vocabulary's colours, not the toned
-ones: at tone 0.5 a turquoise outline is 6 Delta E from the teal background.
+tone 0 only. A toned concept's references keep to the backgrounds its toned colours stand out
+from (:func:`backgrounds_for`).
 """
 
 from __future__ import annotations
@@ -393,14 +393,16 @@ def color_distance(a: str | Sequence[int], b: str | Sequence[int]) -> float:
 MIN_OUTLINE_CONTRAST = 20.0
 
 
-def backgrounds_for(concept: Concept) -> tuple[str, ...]:
-    """The backgrounds a concept's outline and fill both stand out from (in practice: all)."""
+def backgrounds_for(concept: Concept, tone: float = 0.0) -> tuple[str, ...]:
+    """The backgrounds a concept's outline and fill, toned by ``tone`` (:func:`toned_rgb`), both
+    stand out from (at tone 0, in practice: all; at 0.5, e.g. not teal for a turquoise outline)."""
+    outline, fill = toned_rgb("outline", concept.outline, tone), toned_rgb("fill", concept.fill, tone)
     return (
         tuple(
             bg
             for bg in BACKGROUNDS
-            if color_distance(bg, concept.outline) >= MIN_OUTLINE_CONTRAST
-            and color_distance(bg, concept.fill) >= MIN_OUTLINE_CONTRAST
+            if color_distance(bg, outline) >= MIN_OUTLINE_CONTRAST
+            and color_distance(bg, fill) >= MIN_OUTLINE_CONTRAST
         )
         or BACKGROUNDS
     )
@@ -497,12 +499,12 @@ def render_concept_images(
     colours toned by ``tone``: :func:`toned_rgb`).
 
     Backgrounds cycle through a seeded shuffle of ``backgrounds`` (default: every background the
-    concept stands out from), so ``n`` images use ``min(n, len(backgrounds))`` distinct ones.
+    concept, toned, stands out from), so ``n`` images use ``min(n, len(backgrounds))`` distinct ones.
     Returns ``(image, background)`` pairs; the same ``seed`` gives the same pixels.
     """
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
-    pool = list(backgrounds_for(concept) if backgrounds is None else backgrounds)
+    pool = list(backgrounds_for(concept, tone) if backgrounds is None else backgrounds)
     if not pool:
         raise ValueError("backgrounds must not be empty")
     for bg in pool:

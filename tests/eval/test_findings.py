@@ -204,7 +204,7 @@ def test_paper_findings_tone_is_part_of_the_plan_and_publishes_apart(tmp_path):
     p = bench["parser"]()
     plain = bench["plan_of"](p.parse_args(["--steps", "9"]), p)[-1]
     toned = bench["plan_of"](p.parse_args(["--steps", "9", "--tone", "0.5"]), p)[-1]
-    assert "tone" not in plain and toned == {**plain, "tone": 0.5}
+    assert "tone" not in plain and toned == {**plain, "tone": 0.5, "backgrounds": "toned contrast"}
     out = tmp_path / "out"
     rows = [
         {"method": "1 vector", "concept": c, "steps": 9, "recon_clip": 0.5} for c in plain["concepts"][:2]

@@ -223,17 +223,44 @@ def test_a_tone_draws_the_fill_and_outline_off_the_vocabulary(fill, outline):
         toned_rgb("pattern", fill, 0.5)
 
 
+def test_toned_concepts_keep_to_backgrounds_their_toned_colours_stand_out_from():
+    from oneword.toy.render import MIN_OUTLINE_CONTRAST, backgrounds_for, toned_rgb
+
+    hidden = Concept("circle", "green", "solid", "turquoise")
+    assert "teal" in backgrounds_for(hidden) and "teal" not in backgrounds_for(hidden, 0.5)
+    for c in all_concepts():
+        assert backgrounds_for(c, 0.0) == backgrounds_for(c)
+        for tone in (0.25, 0.5):
+            colours = (toned_rgb("fill", c.fill, tone), toned_rgb("outline", c.outline, tone))
+            allowed = backgrounds_for(c, tone)
+            assert len(allowed) >= 3
+            for bg in allowed:
+                assert min(color_distance(bg, rgb) for rgb in colours) >= MIN_OUTLINE_CONTRAST, (c, tone, bg)
+    pairs = render_concept_images(hidden, 6, seed=0, size=32, tone=0.5)
+    assert {bg for _, bg in pairs} == set(backgrounds_for(hidden, 0.5))
+
+
 def test_toned_bench_concepts_differ_only_in_colour():
     from oneword.toy.concepts import load_bench_concepts
 
-    plain, toned = load_bench_concepts(3, draw=1), load_bench_concepts(3, draw=1, tone=0.5)
+    from oneword.toy.render import backgrounds_for
+
+    plain, toned = load_bench_concepts(3, draw=0), load_bench_concepts(3, draw=0, tone=0.5)
     assert [c.name for c in plain] == [c.name for c in toned]
     assert [c.attributes for c in plain] == [c.attributes for c in toned]  # the words a caption can say
-    for a, b in zip(plain, toned):
+    same_backgrounds = [
+        backgrounds_for(Concept.from_slug(c.name), 0.5) == backgrounds_for(Concept.from_slug(c.name))
+        for c in plain
+    ]
+    assert True in same_backgrounds and False in same_backgrounds  # draw 0 of 3 has both kinds
+    for a, b, same in zip(plain, toned, same_backgrounds):
         for x, y in zip(a.images, b.images):
             diff = np.abs(_px(x.image) - _px(y.image)).max(axis=-1)
-            assert 0.02 < (diff > 0).mean() < 0.9  # the object's colours, not the background or pose
-            assert diff[0, 0] == diff[0, -1] == diff[-1, 0] == diff[-1, -1] == 0  # the background
+            if same:  # the same backgrounds and poses: only the object's colours change
+                assert 0.02 < (diff > 0).mean() < 0.9
+                assert diff[0, 0] == diff[0, -1] == diff[-1, 0] == diff[-1, -1] == 0
+            else:  # fewer backgrounds to cycle through: the references differ everywhere
+                assert (diff > 0).mean() > 0.02
 
 
 def test_patterns_differ_from_each_other():
