@@ -242,7 +242,6 @@ def test_toned_concepts_keep_to_backgrounds_their_toned_colours_stand_out_from()
 
 def test_toned_bench_concepts_differ_only_in_colour():
     from oneword.toy.concepts import load_bench_concepts
-
     from oneword.toy.render import backgrounds_for
 
     plain, toned = load_bench_concepts(3, draw=0), load_bench_concepts(3, draw=0, tone=0.5)
