@@ -38,9 +38,9 @@ def write_concept_folder(
     returns the folder and the rendered ``(image, background)`` pairs. ``tone`` draws the
     concept's colours off the vocabulary (:func:`~oneword.toy.render.toned_rgb`); its
     ``concept.json`` still names the vocabulary's words, the nearest a caption can say."""
-    folder = out / concept.slug
-    folder.mkdir(parents=True, exist_ok=True)
     renders = render_concept_images(concept, n_images, seed=seed, size=size, tone=tone)
+    folder = out / concept.slug  # made once the renders exist: a refused tone leaves nothing
+    folder.mkdir(parents=True, exist_ok=True)
     for i, (img, _bg) in enumerate(renders):
         with atomic_path(folder / f"{concept.slug}-{i}.png") as tmp:
             img.save(tmp, format="PNG")

@@ -240,6 +240,14 @@ def test_toned_concepts_keep_to_backgrounds_their_toned_colours_stand_out_from()
     assert {bg for _, bg in pairs} == set(backgrounds_for(hidden, 0.5))
 
 
+def test_a_refused_tone_writes_no_concept_folder(tmp_path):
+    from oneword.toy.concepts import write_concept_folder
+
+    with pytest.raises(ValueError, match="tone must be"):
+        write_concept_folder(Concept("star", "red", "dots", "gold"), tmp_path, tone=0.7)
+    assert not any(tmp_path.iterdir())
+
+
 def test_toned_bench_concepts_differ_only_in_colour():
     from oneword.toy.concepts import load_bench_concepts
     from oneword.toy.render import backgrounds_for
