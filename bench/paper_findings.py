@@ -12,7 +12,8 @@ reference rows. The findings and their checks are :data:`oneword.eval.findings.p
 
 ``--tone 0.5`` draws the references in shades no caption word names (fill and outline colours half
 way to a neighbouring colour, white fills excepted; :func:`oneword.toy.render.toned_rgb`): concepts
-with detail beyond the toy vocabulary, as real objects have. Its report goes to docs/bench/paper_findings_toned/.
+with detail beyond the toy vocabulary, as real objects have, each on backgrounds its toned colours
+stand out from. Its report goes to docs/bench/paper_findings_toned_contrast/.
 
 Each shard saves its rows after every concept (``progress-<i>of<n>.json`` in ``--out``) with the
 provenance of every session that added to it: rerunning a shard measures only what is missing.
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PUBLISHED = ROOT / "docs" / "bench" / "paper_findings"
-PUBLISHED_TONED = ROOT / "docs" / "bench" / "paper_findings_toned"
+PUBLISHED_TONED = ROOT / "docs" / "bench" / "paper_findings_toned_contrast"
 
 
 def progress_path(out: Path, shard: int, shards: int) -> Path:
@@ -169,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
         "--publish",
         default=None,
         help="where --report writes (default: docs/bench/paper_findings, or "
-        "docs/bench/paper_findings_toned with --tone)",
+        "docs/bench/paper_findings_toned_contrast with --tone)",
     )
     p.add_argument(
         "--only",
