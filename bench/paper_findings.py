@@ -219,8 +219,8 @@ def plan_of(args, p: argparse.ArgumentParser):
     }
     if args.tone:  # absent at 0, so that progress files made before the option still match
         plan["tone"] = args.tone
-        # toned references keep to backgrounds their toned colours stand out from (runs made
-        # before that, at 006a113, drew some on backgrounds that hid part of the object)
+        # toned references keep to backgrounds their toned colours stand out from; the key keeps
+        # progress files drawn on other backgrounds from matching this plan
         plan["backgrounds"] = "toned contrast"
     if args.only:
         plan["only"] = sorted(args.only)
